@@ -1,0 +1,965 @@
+//! The volume engine: POSIX semantics, implemented once, over a [`MetaStore`] and a [`BlobStore`].
+//!
+//! Every operation is one metadata transaction. The engine knows nothing of FUSE, sockets or
+//! HTTP: callers name a volume id, inode numbers and a [`Caller`], and get attributes or an
+//! [`FsError`] carrying the errno to report.
+//!
+//! Invariants:
+//! - A directory's `nlink` is 2 plus its number of subdirectories; the root has no dentry.
+//! - A volume's `used` is the sum of the sizes of its regular files, including files unlinked
+//!   while still open; it never exceeds `cap` (a write or truncate that would pass it fails with
+//!   `EDQUOT` and changes nothing). Sparse files count at their apparent size, which keeps the
+//!   number exact and predictable whatever the host filesystem does with holes.
+//! - An inode whose last name is removed while it is open stays (with `nlink == 0`) until the last
+//!   handle is released; orphans left by a server stop are reclaimed at the next start.
+//! - Permission checks follow POSIX for the caller's uid, gid and supplementary groups (setgid
+//!   directories, sticky bit, owner-only chmod/utimes, root-only chown). They are semantics, not
+//!   security: the attachment's scope, enforced by the server, is the security boundary.
+
+pub mod blob;
+pub mod meta;
+pub mod sqlite;
+
+use crate::fs::*;
+use blob::BlobStore;
+use meta::{MetaStore, MetaTxn, VolId, VolumeRow};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Default volume cap: 2 GiB.
+pub const DEFAULT_CAP: u64 = 2 << 30;
+/// Largest file size (as ext4 with 4 KiB blocks).
+pub const MAX_FILE_SIZE: u64 = 16 << 40;
+const MAX_LINKS: u32 = 65000;
+/// Total bytes of xattr names and values on one inode.
+const XATTR_TOTAL_MAX: usize = 64 << 10;
+const BLOCK: u64 = 4096;
+
+const R: u32 = 4;
+const W: u32 = 2;
+const X: u32 = 1;
+
+pub struct Engine {
+    meta: Box<dyn MetaStore>,
+    blobs: Box<dyn BlobStore>,
+    /// Open handles per inode, across every session and API caller.
+    open: Mutex<HashMap<(VolId, Ino), u32>>,
+}
+
+fn enoent(what: impl std::fmt::Display) -> FsError {
+    FsError::new(libc::ENOENT, format!("{what} does not exist"))
+}
+
+fn stale(ino: Ino) -> FsError {
+    FsError::new(libc::ENOENT, format!("inode {ino} no longer exists"))
+}
+
+fn lossy(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+/// Whether `c` has all of `want` (R/W/X bits) on `a`.
+fn permits(a: &Attr, c: &Caller, want: u32) -> bool {
+    if c.is_root() {
+        // Root may do anything but execute a file that nobody may execute.
+        return want & X == 0 || a.kind == Kind::Dir || a.perm & 0o111 != 0;
+    }
+    let bits = if c.uid == a.uid {
+        (a.perm >> 6) & 7
+    } else if c.in_group(a.gid) {
+        (a.perm >> 3) & 7
+    } else {
+        a.perm & 7
+    };
+    bits & want == want
+}
+
+fn check_access(a: &Attr, c: &Caller, want: u32) -> FsResult<()> {
+    if permits(a, c, want) {
+        return Ok(());
+    }
+    let need = [(R, "read"), (W, "write"), (X, "search/execute")]
+        .iter()
+        .filter(|(b, _)| want & b != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join("+");
+    Err(FsError::new(libc::EACCES, format!("uid {} lacks {need} permission on inode {} (mode {:o}, owner {}:{})", c.uid, a.ino, a.perm, a.uid, a.gid)))
+}
+
+/// The sticky-bit rule: in a sticky directory only the owner of the entry, the owner of the
+/// directory or root may remove or rename it.
+fn check_sticky(dir: &Attr, child: &Attr, c: &Caller) -> FsResult<()> {
+    if dir.perm & libc::S_ISVTX != 0 && !c.is_root() && c.uid != dir.uid && c.uid != child.uid {
+        return Err(FsError::new(libc::EPERM, format!("directory {} is sticky and uid {} owns neither it nor the entry", dir.ino, c.uid)));
+    }
+    Ok(())
+}
+
+/// Parses sizes such as `2GiB`, `512MiB`, `10MB`, `4096`, `1.5GiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|ch: char| !(ch.is_ascii_digit() || ch == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        _ => return Err(format!("invalid size {s:?}: unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit, like 2GiB"))?;
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("invalid size {s:?}: must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Public view of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: VolId,
+    pub name: String,
+    pub cap: u64,
+    pub used: u64,
+    pub inodes: u64,
+    pub created: Timespec,
+}
+
+impl From<VolumeRow> for VolumeInfo {
+    fn from(v: VolumeRow) -> VolumeInfo {
+        VolumeInfo { id: v.id, name: v.name, cap: v.cap, used: v.used, inodes: v.inodes, created: v.created }
+    }
+}
+
+/// Checks a volume or sandbox name: 1–63 characters of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn check_object_name(what: &str, name: &str) -> FsResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(FsError::new(libc::EINVAL, format!("invalid {what} name {name:?}: use 1-63 letters, digits, '.', '-' or '_', not starting with '.'")))
+    }
+}
+
+impl Engine {
+    pub fn new(meta: Box<dyn MetaStore>, blobs: Box<dyn BlobStore>) -> FsResult<Engine> {
+        let engine = Engine { meta, blobs, open: Mutex::new(HashMap::new()) };
+        engine.reclaim_orphans()?;
+        Ok(engine)
+    }
+
+    /// The embedded default: SQLite metadata and local data files under one directory.
+    pub fn open_dir(dir: &Path) -> FsResult<Engine> {
+        std::fs::create_dir_all(dir).map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", dir.display())))?;
+        let meta = sqlite::SqliteMeta::open(&dir.join("meta.db"))?;
+        let blobs = blob::LocalBlobs::open(&dir.join("blobs"))?;
+        Engine::new(Box::new(meta), Box::new(blobs))
+    }
+
+    /// Runs `f` in one metadata transaction.
+    pub fn tx<T>(&self, f: impl FnOnce(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.meta.transact(&mut |t| {
+            let f = f.take().expect("a transaction body runs once");
+            out = Some(f(t)?);
+            Ok(())
+        })?;
+        Ok(out.expect("committed transaction produced a value"))
+    }
+
+    fn reclaim_orphans(&self) -> FsResult<()> {
+        let orphans = self.tx(|t| t.orphans())?;
+        for (vol, ino, _) in orphans {
+            self.purge(vol, ino)?;
+        }
+        Ok(())
+    }
+
+    // ----- volumes -------------------------------------------------------------------------
+
+    pub fn create_volume(&self, name: &str, cap: u64) -> FsResult<VolumeInfo> {
+        check_object_name("volume", name)?;
+        if cap == 0 {
+            return Err(FsError::new(libc::EINVAL, "a volume cap must be at least 1 byte"));
+        }
+        let now = Timespec::now();
+        let info = self.tx(|t| {
+            if t.volume_by_name(name)?.is_some() {
+                return Err(FsError::new(libc::EEXIST, format!("volume `{name}` already exists")));
+            }
+            let id = t.insert_volume(name, cap, now)?;
+            t.put_inode(
+                id,
+                &Attr { ino: ROOT_INO, kind: Kind::Dir, perm: 0o755, nlink: 2, uid: 0, gid: 0, size: 0, atime: now, mtime: now, ctime: now, rdev: 0 },
+            )?;
+            t.volume_by_id(id)?.ok_or_else(|| enoent(format!("volume `{name}`")))
+        })?;
+        Ok(info.into())
+    }
+
+    pub fn list_volumes(&self) -> FsResult<Vec<VolumeInfo>> {
+        Ok(self.tx(|t| t.list_volumes())?.into_iter().map(Into::into).collect())
+    }
+
+    pub fn volume(&self, name: &str) -> FsResult<VolumeInfo> {
+        self.tx(|t| t.volume_by_name(name))?.map(Into::into).ok_or_else(|| FsError::new(libc::ENOENT, format!("volume `{name}` not found")))
+    }
+
+    pub fn volume_by_id(&self, id: VolId) -> FsResult<VolumeInfo> {
+        self.tx(|t| t.volume_by_id(id))?.map(Into::into).ok_or_else(|| FsError::new(libc::ENOENT, format!("volume #{id} not found")))
+    }
+
+    /// Deletes a volume and all its data. Attachments are the caller's business.
+    pub fn delete_volume(&self, id: VolId) -> FsResult<()> {
+        self.tx(|t| t.delete_volume(id))?;
+        self.open.lock().unwrap().retain(|(v, _), _| *v != id);
+        self.blobs.remove_volume(id)
+    }
+
+    // ----- lookups and attributes -----------------------------------------------------------
+
+    fn inode(t: &mut dyn MetaTxn, vol: VolId, ino: Ino) -> FsResult<Attr> {
+        t.get_inode(vol, ino)?.ok_or_else(|| stale(ino))
+    }
+
+    fn dir(t: &mut dyn MetaTxn, vol: VolId, ino: Ino) -> FsResult<Attr> {
+        let a = Self::inode(t, vol, ino)?;
+        if a.kind != Kind::Dir {
+            return Err(FsError::new(libc::ENOTDIR, format!("inode {ino} is not a directory")));
+        }
+        if a.nlink == 0 {
+            return Err(FsError::new(libc::ENOENT, format!("directory {ino} has been removed")));
+        }
+        Ok(a)
+    }
+
+    pub fn getattr(&self, vol: VolId, ino: Ino) -> FsResult<Attr> {
+        self.tx(|t| Self::inode(t, vol, ino))
+    }
+
+    pub fn lookup(&self, vol: VolId, parent: Ino, name: &[u8], c: &Caller) -> FsResult<Attr> {
+        check_name(name)?;
+        self.tx(|t| {
+            let p = Self::dir(t, vol, parent)?;
+            check_access(&p, c, X)?;
+            let (ino, _) = t.get_dentry(vol, parent, name)?.ok_or_else(|| enoent(format!("`{}`", lossy(name))))?;
+            Self::inode(t, vol, ino)
+        })
+    }
+
+    /// The directory containing directory `ino` (the root is its own parent).
+    pub fn dir_parent(&self, vol: VolId, ino: Ino) -> FsResult<Ino> {
+        if ino == ROOT_INO {
+            return Ok(ROOT_INO);
+        }
+        self.tx(|t| t.dir_parent(vol, ino))?.ok_or_else(|| stale(ino))
+    }
+
+    /// Resolves a `/`-separated path from the volume root (no symlinks followed).
+    pub fn resolve(&self, vol: VolId, path: &str, c: &Caller) -> FsResult<Attr> {
+        let mut cur = self.getattr(vol, ROOT_INO)?;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            if part == ".." {
+                return Err(FsError::new(libc::EINVAL, format!("path {path:?} may not contain `..`")));
+            }
+            cur = self.lookup(vol, cur.ino, part.as_bytes(), c).map_err(|e| {
+                if e.errno == libc::ENOENT {
+                    FsError::new(libc::ENOENT, format!("path {path:?} does not exist"))
+                } else {
+                    e
+                }
+            })?;
+        }
+        Ok(cur)
+    }
+
+    pub fn setattr(&self, vol: VolId, ino: Ino, set: &SetAttr, c: &Caller) -> FsResult<Attr> {
+        let now = Timespec::now();
+        self.tx(|t| {
+            let mut a = Self::inode(t, vol, ino)?;
+            let old_size = a.size;
+            let owner = c.is_root() || c.uid == a.uid;
+            if let Some(mode) = set.mode {
+                if !owner {
+                    return Err(FsError::new(libc::EPERM, format!("only the owner (uid {}) or root may chmod inode {ino}", a.uid)));
+                }
+                let mut perm = mode & 0o7777;
+                if !c.is_root() && !c.in_group(a.gid) {
+                    perm &= !libc::S_ISGID;
+                }
+                a.perm = perm;
+            }
+            if set.uid.is_some() || set.gid.is_some() {
+                let new_uid = set.uid.unwrap_or(a.uid);
+                let new_gid = set.gid.unwrap_or(a.gid);
+                if !c.is_root() {
+                    if new_uid != a.uid {
+                        return Err(FsError::new(libc::EPERM, "only root may change a file's owner"));
+                    }
+                    if new_gid != a.gid && !(c.uid == a.uid && c.in_group(new_gid)) {
+                        return Err(FsError::new(libc::EPERM, format!("uid {} may not change the group of inode {ino} to {new_gid}", c.uid)));
+                    }
+                }
+                if (new_uid != a.uid || new_gid != a.gid) && a.kind != Kind::Dir {
+                    a.perm &= !libc::S_ISUID;
+                    if a.perm & libc::S_IXGRP != 0 {
+                        a.perm &= !libc::S_ISGID;
+                    }
+                }
+                a.uid = new_uid;
+                a.gid = new_gid;
+            }
+            for (time, which) in [(set.atime, 0), (set.mtime, 1)] {
+                let Some(time) = time else { continue };
+                let value = match time {
+                    SetTime::Now => {
+                        if !owner && !permits(&a, c, W) {
+                            return Err(FsError::new(libc::EACCES, format!("uid {} may not touch inode {ino}", c.uid)));
+                        }
+                        now
+                    }
+                    SetTime::At(ts) => {
+                        if !owner {
+                            return Err(FsError::new(libc::EPERM, format!("only the owner (uid {}) or root may set times of inode {ino}", a.uid)));
+                        }
+                        ts
+                    }
+                };
+                if which == 0 {
+                    a.atime = value;
+                } else {
+                    a.mtime = value;
+                }
+            }
+            if let Some(size) = set.size {
+                match a.kind {
+                    Kind::File => {}
+                    Kind::Dir => return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory"))),
+                    _ => return Err(FsError::new(libc::EINVAL, format!("inode {ino} is not a regular file"))),
+                }
+                if size > MAX_FILE_SIZE {
+                    return Err(FsError::new(libc::EFBIG, format!("{size} bytes is larger than the largest file ({MAX_FILE_SIZE})")));
+                }
+                Self::charge(t, vol, old_size, size)?;
+                if size != old_size {
+                    a.size = size;
+                    if set.mtime.is_none() {
+                        a.mtime = now;
+                    }
+                }
+                if !c.is_root() {
+                    a.perm &= !libc::S_ISUID;
+                    if a.perm & libc::S_IXGRP != 0 {
+                        a.perm &= !libc::S_ISGID;
+                    }
+                }
+            }
+            a.ctime = now;
+            t.put_inode(vol, &a)?;
+            if let Some(size) = set.size {
+                // Inside the transaction: if the data store fails, the size change is undone.
+                if size > old_size {
+                    // Cut first so that bytes past the old size (left by a crash) read as zeros.
+                    self.blobs.truncate(vol, ino, old_size)?;
+                }
+                self.blobs.truncate(vol, ino, size)?;
+            }
+            Ok(a)
+        })
+    }
+
+    /// Moves the volume's usage from `old` to `new` bytes, refusing to pass the cap.
+    fn charge(t: &mut dyn MetaTxn, vol: VolId, old: u64, new: u64) -> FsResult<()> {
+        if new > old {
+            let v = t.volume_by_id(vol)?.ok_or_else(|| stale(ROOT_INO))?;
+            let grow = new - old;
+            if v.used.saturating_add(grow) > v.cap {
+                return Err(FsError::new(
+                    libc::EDQUOT,
+                    format!("volume `{}` is full: {} of {} bytes used, {grow} more needed", v.name, v.used, v.cap),
+                ));
+            }
+            t.add_used(vol, grow as i64)
+        } else if new < old {
+            t.add_used(vol, -((old - new) as i64))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn readlink(&self, vol: VolId, ino: Ino) -> FsResult<Vec<u8>> {
+        self.tx(|t| {
+            let a = Self::inode(t, vol, ino)?;
+            if a.kind != Kind::Symlink {
+                return Err(FsError::new(libc::EINVAL, format!("inode {ino} is not a symlink")));
+            }
+            t.get_target(vol, ino)
+        })
+    }
+
+    // ----- creating names -------------------------------------------------------------------
+
+    /// Creates a new inode named `name` in `parent`. `perm` is already masked.
+    fn make(&self, vol: VolId, parent: Ino, name: &[u8], kind: Kind, perm: u32, rdev: u32, target: Option<&[u8]>, c: &Caller) -> FsResult<Attr> {
+        check_name(name)?;
+        let now = Timespec::now();
+        self.tx(|t| {
+            let mut p = Self::dir(t, vol, parent)?;
+            check_access(&p, c, W | X)?;
+            if t.get_dentry(vol, parent, name)?.is_some() {
+                return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(name))));
+            }
+            let setgid_dir = p.perm & libc::S_ISGID != 0;
+            let gid = if setgid_dir { p.gid } else { c.gid };
+            let mut perm = perm & 0o7777;
+            if kind == Kind::Dir && setgid_dir {
+                perm |= libc::S_ISGID;
+            } else if kind != Kind::Dir && perm & libc::S_ISGID != 0 && !c.is_root() && !c.in_group(gid) {
+                perm &= !libc::S_ISGID;
+            }
+            let ino = t.next_ino(vol)?;
+            let a = Attr {
+                ino,
+                kind,
+                perm,
+                nlink: if kind == Kind::Dir { 2 } else { 1 },
+                uid: c.uid,
+                gid,
+                size: target.map_or(0, |t| t.len() as u64),
+                atime: now,
+                mtime: now,
+                ctime: now,
+                rdev,
+            };
+            t.put_inode(vol, &a)?;
+            if let Some(target) = target {
+                t.set_target(vol, ino, target)?;
+            }
+            t.insert_dentry(vol, parent, name, ino, kind)?;
+            if kind == Kind::Dir {
+                p.nlink += 1;
+            }
+            p.mtime = now;
+            p.ctime = now;
+            t.put_inode(vol, &p)?;
+            Ok(a)
+        })
+    }
+
+    pub fn mknod(&self, vol: VolId, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u32, c: &Caller) -> FsResult<Attr> {
+        let kind = Kind::from_mode(mode).ok_or_else(|| FsError::new(libc::EINVAL, format!("invalid file type in mode {mode:o}")))?;
+        match kind {
+            Kind::Dir | Kind::Symlink => return Err(FsError::new(libc::EINVAL, "mknod cannot make directories or symlinks")),
+            Kind::CharDev | Kind::BlockDev if !c.is_root() => return Err(FsError::new(libc::EPERM, "only root may make device nodes")),
+            _ => {}
+        }
+        self.make(vol, parent, name, kind, mode & !umask, rdev, None, c)
+    }
+
+    pub fn mkdir(&self, vol: VolId, parent: Ino, name: &[u8], mode: u32, umask: u32, c: &Caller) -> FsResult<Attr> {
+        self.make(vol, parent, name, Kind::Dir, mode & !umask & 0o7777, 0, None, c)
+    }
+
+    pub fn symlink(&self, vol: VolId, parent: Ino, name: &[u8], target: &[u8], c: &Caller) -> FsResult<Attr> {
+        if target.is_empty() || target.len() > SYMLINK_MAX || target.contains(&0) {
+            return Err(FsError::new(libc::ENAMETOOLONG, format!("symlink target must be 1-{SYMLINK_MAX} bytes without NUL")));
+        }
+        self.make(vol, parent, name, Kind::Symlink, 0o777, 0, Some(target), c)
+    }
+
+    /// Creates and opens a regular file (the caller must `release` it).
+    pub fn create(&self, vol: VolId, parent: Ino, name: &[u8], mode: u32, umask: u32, c: &Caller) -> FsResult<Attr> {
+        let a = self.make(vol, parent, name, Kind::File, mode & !umask, 0, None, c)?;
+        self.hold(vol, a.ino);
+        Ok(a)
+    }
+
+    pub fn link(&self, vol: VolId, ino: Ino, new_parent: Ino, new_name: &[u8], c: &Caller) -> FsResult<Attr> {
+        check_name(new_name)?;
+        let now = Timespec::now();
+        self.tx(|t| {
+            let mut a = Self::inode(t, vol, ino)?;
+            if a.kind == Kind::Dir {
+                return Err(FsError::new(libc::EPERM, "hard links to directories are not allowed"));
+            }
+            if a.nlink == 0 {
+                return Err(FsError::new(libc::ENOENT, format!("inode {ino} has been removed")));
+            }
+            if a.nlink >= MAX_LINKS {
+                return Err(FsError::new(libc::EMLINK, format!("inode {ino} has {MAX_LINKS} links already")));
+            }
+            let mut p = Self::dir(t, vol, new_parent)?;
+            check_access(&p, c, W | X)?;
+            if t.get_dentry(vol, new_parent, new_name)?.is_some() {
+                return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(new_name))));
+            }
+            t.insert_dentry(vol, new_parent, new_name, ino, a.kind)?;
+            a.nlink += 1;
+            a.ctime = now;
+            t.put_inode(vol, &a)?;
+            p.mtime = now;
+            p.ctime = now;
+            t.put_inode(vol, &p)?;
+            Ok(a)
+        })
+    }
+
+    // ----- removing names -------------------------------------------------------------------
+
+    /// Drops one link of `child` (its dentry is already gone). Returns true if the inode must be
+    /// purged now (no links and no open handles).
+    fn drop_link(&self, t: &mut dyn MetaTxn, vol: VolId, child: &mut Attr, now: Timespec) -> FsResult<bool> {
+        child.nlink = if child.kind == Kind::Dir { 0 } else { child.nlink.saturating_sub(1) };
+        child.ctime = now;
+        t.put_inode(vol, child)?;
+        Ok(child.nlink == 0 && !self.is_open(vol, child.ino))
+    }
+
+    /// Deletes an inode that has neither names nor handles: its row, xattrs, data and usage.
+    fn purge(&self, vol: VolId, ino: Ino) -> FsResult<()> {
+        let gone = self.tx(|t| {
+            let Some(a) = t.get_inode(vol, ino)? else { return Ok(false) };
+            if a.nlink != 0 {
+                return Ok(false);
+            }
+            if a.kind == Kind::File {
+                t.add_used(vol, -(a.size as i64))?;
+            }
+            t.delete_inode(vol, ino)?;
+            Ok(true)
+        })?;
+        if gone {
+            self.blobs.remove(vol, ino)?;
+        }
+        Ok(())
+    }
+
+    pub fn unlink(&self, vol: VolId, parent: Ino, name: &[u8], c: &Caller) -> FsResult<()> {
+        self.remove(vol, parent, name, false, c)
+    }
+
+    pub fn rmdir(&self, vol: VolId, parent: Ino, name: &[u8], c: &Caller) -> FsResult<()> {
+        self.remove(vol, parent, name, true, c)
+    }
+
+    fn remove(&self, vol: VolId, parent: Ino, name: &[u8], dir: bool, c: &Caller) -> FsResult<()> {
+        check_name(name)?;
+        let now = Timespec::now();
+        let purge = self.tx(|t| {
+            let mut p = Self::dir(t, vol, parent)?;
+            check_access(&p, c, W | X)?;
+            let (ino, _) = t.get_dentry(vol, parent, name)?.ok_or_else(|| enoent(format!("`{}`", lossy(name))))?;
+            let mut child = Self::inode(t, vol, ino)?;
+            check_sticky(&p, &child, c)?;
+            if dir {
+                if child.kind != Kind::Dir {
+                    return Err(FsError::new(libc::ENOTDIR, format!("`{}` is not a directory", lossy(name))));
+                }
+                if t.has_dentries(vol, ino)? {
+                    return Err(FsError::new(libc::ENOTEMPTY, format!("directory `{}` is not empty", lossy(name))));
+                }
+                p.nlink -= 1;
+            } else if child.kind == Kind::Dir {
+                return Err(FsError::new(libc::EISDIR, format!("`{}` is a directory", lossy(name))));
+            }
+            t.delete_dentry(vol, parent, name)?;
+            p.mtime = now;
+            p.ctime = now;
+            t.put_inode(vol, &p)?;
+            Ok(self.drop_link(t, vol, &mut child, now)?.then_some(ino))
+        })?;
+        if let Some(ino) = purge {
+            self.purge(vol, ino)?;
+        }
+        Ok(())
+    }
+
+    /// Whether directory `dir` is `ancestor` or lies below it.
+    fn is_within(t: &mut dyn MetaTxn, vol: VolId, mut dir: Ino, ancestor: Ino) -> FsResult<bool> {
+        for _ in 0..4096 {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == ROOT_INO {
+                return Ok(false);
+            }
+            match t.dir_parent(vol, dir)? {
+                Some(p) => dir = p,
+                None => return Ok(false),
+            }
+        }
+        Err(FsError::new(libc::ELOOP, "directory tree too deep"))
+    }
+
+    pub fn rename(&self, vol: VolId, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32, c: &Caller) -> FsResult<()> {
+        check_name(name)?;
+        check_name(new_name)?;
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
+            return Err(FsError::new(libc::EINVAL, format!("unsupported rename flags {flags:#x}")));
+        }
+        let now = Timespec::now();
+        let purge = self.tx(|t| {
+            let mut sp = Self::dir(t, vol, parent)?;
+            check_access(&sp, c, W | X)?;
+            let mut dp = if new_parent == parent { sp.clone() } else { Self::dir(t, vol, new_parent)? };
+            check_access(&dp, c, W | X)?;
+            let (src_ino, _) = t.get_dentry(vol, parent, name)?.ok_or_else(|| enoent(format!("`{}`", lossy(name))))?;
+            let mut src = Self::inode(t, vol, src_ino)?;
+            check_sticky(&sp, &src, c)?;
+            let dst = t.get_dentry(vol, new_parent, new_name)?;
+            if src.kind == Kind::Dir && new_parent != parent {
+                if Self::is_within(t, vol, new_parent, src_ino)? {
+                    return Err(FsError::new(libc::EINVAL, "cannot move a directory into itself"));
+                }
+                // Moving a directory rewrites its `..`.
+                check_access(&src, c, W)?;
+            }
+            if flags & RENAME_EXCHANGE != 0 {
+                let (dst_ino, _) = dst.ok_or_else(|| enoent(format!("`{}`", lossy(new_name))))?;
+                let mut other = Self::inode(t, vol, dst_ino)?;
+                check_sticky(&dp, &other, c)?;
+                if other.kind == Kind::Dir && new_parent != parent {
+                    if Self::is_within(t, vol, parent, dst_ino)? {
+                        return Err(FsError::new(libc::EINVAL, "cannot move a directory into itself"));
+                    }
+                    check_access(&other, c, W)?;
+                }
+                t.delete_dentry(vol, parent, name)?;
+                t.delete_dentry(vol, new_parent, new_name)?;
+                t.insert_dentry(vol, parent, name, dst_ino, other.kind)?;
+                t.insert_dentry(vol, new_parent, new_name, src_ino, src.kind)?;
+                if new_parent != parent {
+                    let (sd, od) = ((src.kind == Kind::Dir) as u32, (other.kind == Kind::Dir) as u32);
+                    sp.nlink = sp.nlink + od - sd;
+                    dp.nlink = dp.nlink + sd - od;
+                }
+                src.ctime = now;
+                other.ctime = now;
+                t.put_inode(vol, &src)?;
+                t.put_inode(vol, &other)?;
+                Self::touch_parents(t, vol, &mut sp, &mut dp, now)?;
+                return Ok(None);
+            }
+            let mut purge = None;
+            if let Some((dst_ino, _)) = dst {
+                if dst_ino == src_ino {
+                    // Two names of one inode: POSIX says do nothing.
+                    return Ok(None);
+                }
+                if flags & RENAME_NOREPLACE != 0 {
+                    return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(new_name))));
+                }
+                let mut victim = Self::inode(t, vol, dst_ino)?;
+                check_sticky(&dp, &victim, c)?;
+                match (src.kind == Kind::Dir, victim.kind == Kind::Dir) {
+                    (true, false) => return Err(FsError::new(libc::ENOTDIR, format!("`{}` is not a directory", lossy(new_name)))),
+                    (false, true) => return Err(FsError::new(libc::EISDIR, format!("`{}` is a directory", lossy(new_name)))),
+                    (true, true) => {
+                        if t.has_dentries(vol, dst_ino)? {
+                            return Err(FsError::new(libc::ENOTEMPTY, format!("directory `{}` is not empty", lossy(new_name))));
+                        }
+                        dp.nlink -= 1;
+                    }
+                    (false, false) => {}
+                }
+                t.delete_dentry(vol, new_parent, new_name)?;
+                if self.drop_link(t, vol, &mut victim, now)? {
+                    purge = Some(dst_ino);
+                }
+            }
+            t.delete_dentry(vol, parent, name)?;
+            t.insert_dentry(vol, new_parent, new_name, src_ino, src.kind)?;
+            if src.kind == Kind::Dir && new_parent != parent {
+                sp.nlink -= 1;
+                dp.nlink += 1;
+            }
+            src.ctime = now;
+            t.put_inode(vol, &src)?;
+            Self::touch_parents(t, vol, &mut sp, &mut dp, now)?;
+            Ok(purge)
+        })?;
+        if let Some(ino) = purge {
+            self.purge(vol, ino)?;
+        }
+        Ok(())
+    }
+
+    fn touch_parents(t: &mut dyn MetaTxn, vol: VolId, sp: &mut Attr, dp: &mut Attr, now: Timespec) -> FsResult<()> {
+        sp.mtime = now;
+        sp.ctime = now;
+        if sp.ino == dp.ino {
+            // One directory: only `dp` carries link-count changes (a replaced subdirectory).
+            sp.nlink = dp.nlink;
+            return t.put_inode(vol, sp);
+        }
+        dp.mtime = now;
+        dp.ctime = now;
+        t.put_inode(vol, sp)?;
+        t.put_inode(vol, dp)
+    }
+
+    // ----- open files and data ---------------------------------------------------------------
+
+    fn hold(&self, vol: VolId, ino: Ino) {
+        *self.open.lock().unwrap().entry((vol, ino)).or_insert(0) += 1;
+    }
+
+    fn is_open(&self, vol: VolId, ino: Ino) -> bool {
+        self.open.lock().unwrap().contains_key(&(vol, ino))
+    }
+
+    /// Checks access for `flags` (as open(2)) and takes a handle on the inode.
+    pub fn open(&self, vol: VolId, ino: Ino, flags: i32, c: &Caller) -> FsResult<Attr> {
+        let a = self.getattr(vol, ino)?;
+        let want = match flags & libc::O_ACCMODE {
+            libc::O_RDONLY => R,
+            libc::O_WRONLY => W,
+            _ => R | W,
+        } | if flags & libc::O_TRUNC != 0 { W } else { 0 };
+        if a.kind == Kind::Dir && want & W != 0 {
+            return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory")));
+        }
+        check_access(&a, c, want)?;
+        self.hold(vol, ino);
+        Ok(a)
+    }
+
+    /// Opens a directory for listing.
+    pub fn opendir(&self, vol: VolId, ino: Ino, c: &Caller) -> FsResult<Attr> {
+        let a = self.tx(|t| Self::dir(t, vol, ino))?;
+        check_access(&a, c, R)?;
+        self.hold(vol, ino);
+        Ok(a)
+    }
+
+    /// Drops a handle taken by `open`, `opendir` or `create`; the last one of an unlinked inode
+    /// frees it.
+    pub fn release(&self, vol: VolId, ino: Ino) -> FsResult<()> {
+        let last = {
+            let mut open = self.open.lock().unwrap();
+            match open.get_mut(&(vol, ino)) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    open.remove(&(vol, ino));
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.purge(vol, ino)?;
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, vol: VolId, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let a = self.getattr(vol, ino)?;
+        match a.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory"))),
+            _ => return Err(FsError::new(libc::EINVAL, format!("inode {ino} is not a regular file"))),
+        }
+        if offset >= a.size {
+            return Ok(Vec::new());
+        }
+        let n = (a.size - offset).min(size as u64) as usize;
+        let mut buf = vec![0u8; n];
+        self.blobs.read(vol, ino, offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset` (or at the end when `append`); returns the offset written at.
+    pub fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<u64> {
+        let now = Timespec::now();
+        self.tx(|t| {
+            let mut a = Self::inode(t, vol, ino)?;
+            match a.kind {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory"))),
+                _ => return Err(FsError::new(libc::EINVAL, format!("inode {ino} is not a regular file"))),
+            }
+            let offset = if append { a.size } else { offset };
+            let end = offset
+                .checked_add(data.len() as u64)
+                .filter(|e| *e <= MAX_FILE_SIZE)
+                .ok_or_else(|| FsError::new(libc::EFBIG, format!("a write ending past {MAX_FILE_SIZE} bytes")))?;
+            if end > a.size {
+                Self::charge(t, vol, a.size, end)?;
+                a.size = end;
+            }
+            a.mtime = now;
+            a.ctime = now;
+            if !c.is_root() && a.perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                a.perm &= !libc::S_ISUID;
+                if a.perm & libc::S_IXGRP != 0 {
+                    a.perm &= !libc::S_ISGID;
+                }
+            }
+            // Data first, inside the transaction: if it fails, the size change is rolled back.
+            self.blobs.write(vol, ino, offset, data)?;
+            t.put_inode(vol, &a)?;
+            Ok(offset)
+        })
+    }
+
+    /// Makes the inode's data and all committed metadata durable on the host.
+    pub fn fsync(&self, vol: VolId, ino: Ino, datasync: bool) -> FsResult<()> {
+        let a = self.getattr(vol, ino)?;
+        if a.kind == Kind::File {
+            self.blobs.sync(vol, ino)?;
+        }
+        let _ = datasync;
+        self.meta.sync()
+    }
+
+    // ----- directories -----------------------------------------------------------------------
+
+    /// Lists entries after `cookie`, including `.` (cookie 1) and `..` (cookie 2). With `plus`,
+    /// each entry carries its attributes.
+    pub fn readdir(&self, vol: VolId, ino: Ino, cookie: u64, limit: u32, plus: bool) -> FsResult<Vec<DirEntry>> {
+        let limit = limit.clamp(1, 4096);
+        self.tx(|t| {
+            let d = Self::dir(t, vol, ino)?;
+            let mut out = Vec::new();
+            if cookie < 1 {
+                out.push(DirEntry { name: b".".to_vec(), ino, kind: Kind::Dir, cookie: 1, attr: plus.then(|| d.clone()) });
+            }
+            if cookie < 2 {
+                let pino = if ino == ROOT_INO { ROOT_INO } else { t.dir_parent(vol, ino)?.unwrap_or(ROOT_INO) };
+                let pattr = if plus { t.get_inode(vol, pino)? } else { None };
+                out.push(DirEntry { name: b"..".to_vec(), ino: pino, kind: Kind::Dir, cookie: 2, attr: pattr });
+            }
+            let after = cookie.saturating_sub(2);
+            let rows = t.list_dentries(vol, ino, after, limit.saturating_sub(out.len() as u32).max(1))?;
+            for r in rows {
+                let attr = if plus {
+                    match t.get_inode(vol, r.ino)? {
+                        Some(a) => Some(a),
+                        None => continue,
+                    }
+                } else {
+                    None
+                };
+                out.push(DirEntry { name: r.name, ino: r.ino, kind: r.kind, cookie: r.cookie + 2, attr });
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn statfs(&self, vol: VolId) -> FsResult<StatFs> {
+        let v = self.volume_by_id(vol)?;
+        let blocks = v.cap / BLOCK;
+        let free = v.cap.saturating_sub(v.used) / BLOCK;
+        let files = 1u64 << 32;
+        Ok(StatFs {
+            blocks,
+            bfree: free,
+            bavail: free,
+            files,
+            ffree: files.saturating_sub(v.inodes),
+            bsize: BLOCK as u32,
+            namelen: NAME_MAX as u32,
+            frsize: BLOCK as u32,
+        })
+    }
+
+    // ----- extended attributes ---------------------------------------------------------------
+
+    fn xattr_access(a: &Attr, name: &[u8], c: &Caller, write: bool) -> FsResult<()> {
+        if name.is_empty() || name.len() > XATTR_NAME_MAX {
+            return Err(FsError::new(libc::ERANGE, format!("xattr names are 1-{XATTR_NAME_MAX} bytes")));
+        }
+        if name.starts_with(b"user.") {
+            if !matches!(a.kind, Kind::File | Kind::Dir) {
+                return Err(FsError::new(libc::EPERM, "user xattrs are only allowed on files and directories"));
+            }
+            return check_access(a, c, if write { W } else { R });
+        }
+        if name.starts_with(b"trusted.") {
+            return if c.is_root() { Ok(()) } else { Err(FsError::new(libc::EPERM, "trusted xattrs need root")) };
+        }
+        if name.starts_with(b"security.") {
+            return if !write || c.is_root() || c.uid == a.uid { Ok(()) } else { Err(FsError::new(libc::EPERM, "security xattrs need the owner or root")) };
+        }
+        Err(FsError::new(libc::ENOTSUP, format!("xattr namespace of {:?} is not supported (user., trusted., security.)", lossy(name))))
+    }
+
+    pub fn setxattr(&self, vol: VolId, ino: Ino, name: &[u8], value: &[u8], flags: i32, c: &Caller) -> FsResult<()> {
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(FsError::new(libc::E2BIG, format!("xattr values are at most {XATTR_SIZE_MAX} bytes")));
+        }
+        self.tx(|t| {
+            let mut a = Self::inode(t, vol, ino)?;
+            Self::xattr_access(&a, name, c, true)?;
+            let existing = t.list_xattrs(vol, ino)?;
+            let old = existing.iter().find(|(n, _)| n == name);
+            if flags & XATTR_CREATE != 0 && old.is_some() {
+                return Err(FsError::new(libc::EEXIST, format!("xattr {:?} exists", lossy(name))));
+            }
+            if flags & XATTR_REPLACE != 0 && old.is_none() {
+                return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
+            }
+            let total: usize = existing.iter().filter(|(n, _)| n != name).map(|(n, l)| n.len() + l).sum::<usize>() + name.len() + value.len();
+            if total > XATTR_TOTAL_MAX {
+                return Err(FsError::new(libc::ENOSPC, format!("xattrs of inode {ino} would exceed {XATTR_TOTAL_MAX} bytes")));
+            }
+            t.set_xattr(vol, ino, name, value)?;
+            a.ctime = Timespec::now();
+            t.put_inode(vol, &a)
+        })
+    }
+
+    pub fn getxattr(&self, vol: VolId, ino: Ino, name: &[u8], c: &Caller) -> FsResult<Vec<u8>> {
+        self.tx(|t| {
+            let a = Self::inode(t, vol, ino)?;
+            Self::xattr_access(&a, name, c, false)?;
+            t.get_xattr(vol, ino, name)?.ok_or_else(|| FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))))
+        })
+    }
+
+    /// Names, each followed by a NUL, as listxattr(2) returns them.
+    pub fn listxattr(&self, vol: VolId, ino: Ino, c: &Caller) -> FsResult<Vec<u8>> {
+        self.tx(|t| {
+            Self::inode(t, vol, ino)?;
+            let mut out = Vec::new();
+            for (name, _) in t.list_xattrs(vol, ino)? {
+                if name.starts_with(b"trusted.") && !c.is_root() {
+                    continue;
+                }
+                out.extend_from_slice(&name);
+                out.push(0);
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn removexattr(&self, vol: VolId, ino: Ino, name: &[u8], c: &Caller) -> FsResult<()> {
+        self.tx(|t| {
+            let mut a = Self::inode(t, vol, ino)?;
+            Self::xattr_access(&a, name, c, true)?;
+            if !t.remove_xattr(vol, ino, name)? {
+                return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
+            }
+            a.ctime = Timespec::now();
+            t.put_inode(vol, &a)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

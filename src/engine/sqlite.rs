@@ -1,0 +1,438 @@
+//! [`MetaStore`] on SQLite: the embedded default.
+//!
+//! One database file in WAL mode with `synchronous=NORMAL`: a commit is a write to the WAL
+//! without an fsync, so metadata operations cost microseconds. Durability on demand (fsync from a
+//! guest) is an fdatasync of the WAL file, which holds every committed transaction since the last
+//! checkpoint; a checkpoint itself syncs the database. One connection behind a mutex: SQLite has
+//! one writer anyway, and the engine's transactions are short.
+
+use super::meta::*;
+use crate::fs::{Attr, FsError, FsResult, Ino, Kind, Timespec};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub struct SqliteMeta {
+    conn: Mutex<Connection>,
+    wal: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS volumes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    cap INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    next_ino INTEGER NOT NULL DEFAULT 2,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inodes (
+    vol INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    perm INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    atime INTEGER NOT NULL,
+    mtime INTEGER NOT NULL,
+    ctime INTEGER NOT NULL,
+    rdev INTEGER NOT NULL,
+    target BLOB,
+    PRIMARY KEY (vol, ino)
+);
+CREATE INDEX IF NOT EXISTS inodes_orphans ON inodes (nlink) WHERE nlink = 0;
+CREATE TABLE IF NOT EXISTS dentries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vol INTEGER NOT NULL,
+    parent INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    ino INTEGER NOT NULL,
+    kind INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS dentries_name ON dentries (vol, parent, name);
+CREATE INDEX IF NOT EXISTS dentries_ino ON dentries (vol, ino);
+CREATE TABLE IF NOT EXISTS xattrs (
+    vol INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (vol, ino, name)
+);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    name TEXT PRIMARY KEY,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attachments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sandbox TEXT NOT NULL,
+    vol INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    read_only INTEGER NOT NULL,
+    subpath TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+";
+
+fn db_err(e: rusqlite::Error) -> FsError {
+    FsError::new(libc::EIO, format!("metadata store: {e}"))
+}
+
+impl SqliteMeta {
+    pub fn open(path: &Path) -> FsResult<SqliteMeta> {
+        let conn = Connection::open(path).map_err(db_err)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=OFF; PRAGMA busy_timeout=5000;")
+            .map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        Ok(SqliteMeta { conn: Mutex::new(conn), wal: PathBuf::from(wal) })
+    }
+}
+
+impl MetaStore for SqliteMeta {
+    fn transact(&self, f: &mut dyn FnMut(&mut dyn MetaTxn) -> FsResult<()>) -> FsResult<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction().map_err(db_err)?;
+        let mut t = SqliteTxn { tx };
+        f(&mut t)?;
+        t.tx.commit().map_err(db_err)
+    }
+
+    fn sync(&self) -> FsResult<()> {
+        match std::fs::File::open(&self.wal) {
+            Ok(f) => f.sync_data().map_err(FsError::from),
+            // No WAL file: everything is already in the (synced) database.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+struct SqliteTxn<'a> {
+    tx: Transaction<'a>,
+}
+
+fn row_volume(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
+    Ok(VolumeRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        cap: r.get::<_, i64>(2)? as u64,
+        used: r.get::<_, i64>(3)? as u64,
+        inodes: r.get::<_, i64>(4)? as u64,
+        created: Timespec::from_nanos(r.get(5)?),
+    })
+}
+
+const VOLUME_COLS: &str =
+    "id, name, cap, used, (SELECT COUNT(*) FROM inodes WHERE inodes.vol = volumes.id), created";
+
+fn row_attr(r: &Row<'_>) -> rusqlite::Result<Attr> {
+    let kind: i64 = r.get(1)?;
+    Ok(Attr {
+        ino: r.get::<_, i64>(0)? as u64,
+        kind: Kind::from_code(kind).unwrap_or(Kind::File),
+        perm: r.get::<_, i64>(2)? as u32,
+        nlink: r.get::<_, i64>(3)? as u32,
+        uid: r.get::<_, i64>(4)? as u32,
+        gid: r.get::<_, i64>(5)? as u32,
+        size: r.get::<_, i64>(6)? as u64,
+        atime: Timespec::from_nanos(r.get(7)?),
+        mtime: Timespec::from_nanos(r.get(8)?),
+        ctime: Timespec::from_nanos(r.get(9)?),
+        rdev: r.get::<_, i64>(10)? as u32,
+    })
+}
+
+fn row_attachment(r: &Row<'_>) -> rusqlite::Result<AttachmentRow> {
+    let state: String = r.get(6)?;
+    Ok(AttachmentRow {
+        id: r.get::<_, i64>(0)? as u64,
+        sandbox: r.get(1)?,
+        volume: r.get(2)?,
+        path: r.get(3)?,
+        read_only: r.get::<_, i64>(4)? != 0,
+        subpath: r.get(5)?,
+        state: AttachState::parse(&state).unwrap_or(AttachState::Failed),
+        reason: r.get(7)?,
+    })
+}
+
+const ATTACHMENT_COLS: &str = "id, sandbox, vol, path, read_only, subpath, state, reason";
+
+impl MetaTxn for SqliteTxn<'_> {
+    fn volume_by_name(&mut self, name: &str) -> FsResult<Option<VolumeRow>> {
+        let sql = format!("SELECT {VOLUME_COLS} FROM volumes WHERE name = ?1");
+        self.tx.query_row(&sql, params![name], row_volume).optional().map_err(db_err)
+    }
+
+    fn volume_by_id(&mut self, id: VolId) -> FsResult<Option<VolumeRow>> {
+        let sql = format!("SELECT {VOLUME_COLS} FROM volumes WHERE id = ?1");
+        self.tx.query_row(&sql, params![id], row_volume).optional().map_err(db_err)
+    }
+
+    fn list_volumes(&mut self) -> FsResult<Vec<VolumeRow>> {
+        let sql = format!("SELECT {VOLUME_COLS} FROM volumes ORDER BY name");
+        let mut st = self.tx.prepare_cached(&sql).map_err(db_err)?;
+        let rows = st.query_map([], row_volume).map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
+    fn insert_volume(&mut self, name: &str, cap: u64, now: Timespec) -> FsResult<VolId> {
+        self.tx
+            .execute("INSERT INTO volumes (name, cap, created) VALUES (?1, ?2, ?3)", params![name, cap as i64, now.to_nanos()])
+            .map_err(db_err)?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    fn delete_volume(&mut self, id: VolId) -> FsResult<()> {
+        for table in ["inodes", "dentries", "xattrs"] {
+            self.tx.execute(&format!("DELETE FROM {table} WHERE vol = ?1"), params![id]).map_err(db_err)?;
+        }
+        self.tx.execute("DELETE FROM volumes WHERE id = ?1", params![id]).map_err(db_err)?;
+        Ok(())
+    }
+
+    fn add_used(&mut self, id: VolId, delta: i64) -> FsResult<()> {
+        self.tx
+            .prepare_cached("UPDATE volumes SET used = MAX(0, used + ?2) WHERE id = ?1")
+            .and_then(|mut st| st.execute(params![id, delta]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn next_ino(&mut self, vol: VolId) -> FsResult<Ino> {
+        let ino: i64 = self
+            .tx
+            .prepare_cached("UPDATE volumes SET next_ino = next_ino + 1 WHERE id = ?1 RETURNING next_ino - 1")
+            .and_then(|mut st| st.query_row(params![vol], |r| r.get(0)))
+            .map_err(db_err)?;
+        Ok(ino as u64)
+    }
+
+    fn get_inode(&mut self, vol: VolId, ino: Ino) -> FsResult<Option<Attr>> {
+        self.tx
+            .prepare_cached(
+                "SELECT ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev FROM inodes WHERE vol = ?1 AND ino = ?2",
+            )
+            .and_then(|mut st| st.query_row(params![vol, ino as i64], row_attr).optional())
+            .map_err(db_err)
+    }
+
+    fn put_inode(&mut self, vol: VolId, a: &Attr) -> FsResult<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO inodes (vol, ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT (vol, ino) DO UPDATE SET kind = excluded.kind, perm = excluded.perm,
+                   nlink = excluded.nlink, uid = excluded.uid, gid = excluded.gid, size = excluded.size,
+                   atime = excluded.atime, mtime = excluded.mtime, ctime = excluded.ctime, rdev = excluded.rdev",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    vol,
+                    a.ino as i64,
+                    a.kind.code(),
+                    a.perm as i64,
+                    a.nlink as i64,
+                    a.uid as i64,
+                    a.gid as i64,
+                    a.size as i64,
+                    a.atime.to_nanos(),
+                    a.mtime.to_nanos(),
+                    a.ctime.to_nanos(),
+                    a.rdev as i64
+                ])
+            })
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn delete_inode(&mut self, vol: VolId, ino: Ino) -> FsResult<()> {
+        self.tx.execute("DELETE FROM inodes WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64]).map_err(db_err)?;
+        self.tx.execute("DELETE FROM xattrs WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64]).map_err(db_err)?;
+        Ok(())
+    }
+
+    fn get_target(&mut self, vol: VolId, ino: Ino) -> FsResult<Vec<u8>> {
+        let t: Option<Option<Vec<u8>>> = self
+            .tx
+            .query_row("SELECT target FROM inodes WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64], |r| r.get(0))
+            .optional()
+            .map_err(db_err)?;
+        Ok(t.flatten().unwrap_or_default())
+    }
+
+    fn set_target(&mut self, vol: VolId, ino: Ino, target: &[u8]) -> FsResult<()> {
+        self.tx
+            .execute("UPDATE inodes SET target = ?3 WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64, target])
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn orphans(&mut self) -> FsResult<Vec<(VolId, Ino, u64)>> {
+        let mut st = self.tx.prepare("SELECT vol, ino, size FROM inodes WHERE nlink = 0").map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
+            .map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
+    fn get_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8]) -> FsResult<Option<(Ino, Kind)>> {
+        self.tx
+            .prepare_cached("SELECT ino, kind FROM dentries WHERE vol = ?1 AND parent = ?2 AND name = ?3")
+            .and_then(|mut st| {
+                st.query_row(params![vol, parent as i64, name], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, Kind::from_code(r.get(1)?).unwrap_or(Kind::File)))
+                })
+                .optional()
+            })
+            .map_err(db_err)
+    }
+
+    fn insert_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8], ino: Ino, kind: Kind) -> FsResult<()> {
+        self.tx
+            .prepare_cached("INSERT INTO dentries (vol, parent, name, ino, kind) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .and_then(|mut st| st.execute(params![vol, parent as i64, name, ino as i64, kind.code()]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn delete_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.tx
+            .prepare_cached("DELETE FROM dentries WHERE vol = ?1 AND parent = ?2 AND name = ?3")
+            .and_then(|mut st| st.execute(params![vol, parent as i64, name]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn list_dentries(&mut self, vol: VolId, parent: Ino, after: u64, limit: u32) -> FsResult<Vec<DentryRow>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT id, name, ino, kind FROM dentries WHERE vol = ?1 AND parent = ?2 AND id > ?3 ORDER BY id LIMIT ?4")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map(params![vol, parent as i64, after as i64, limit as i64], |r| {
+                Ok(DentryRow {
+                    cookie: r.get::<_, i64>(0)? as u64,
+                    name: r.get(1)?,
+                    ino: r.get::<_, i64>(2)? as u64,
+                    kind: Kind::from_code(r.get(3)?).unwrap_or(Kind::File),
+                })
+            })
+            .map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
+    fn has_dentries(&mut self, vol: VolId, parent: Ino) -> FsResult<bool> {
+        self.tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM dentries WHERE vol = ?1 AND parent = ?2)")
+            .and_then(|mut st| st.query_row(params![vol, parent as i64], |r| r.get(0)))
+            .map_err(db_err)
+    }
+
+    fn dir_parent(&mut self, vol: VolId, ino: Ino) -> FsResult<Option<Ino>> {
+        self.tx
+            .prepare_cached("SELECT parent FROM dentries WHERE vol = ?1 AND ino = ?2 LIMIT 1")
+            .and_then(|mut st| st.query_row(params![vol, ino as i64], |r| Ok(r.get::<_, i64>(0)? as u64)).optional())
+            .map_err(db_err)
+    }
+
+    fn get_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
+        self.tx
+            .query_row("SELECT value FROM xattrs WHERE vol = ?1 AND ino = ?2 AND name = ?3", params![vol, ino as i64, name], |r| r.get(0))
+            .optional()
+            .map_err(db_err)
+    }
+
+    fn set_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8], value: &[u8]) -> FsResult<()> {
+        self.tx
+            .execute(
+                "INSERT INTO xattrs (vol, ino, name, value) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (vol, ino, name) DO UPDATE SET value = excluded.value",
+                params![vol, ino as i64, name, value],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn list_xattrs(&mut self, vol: VolId, ino: Ino) -> FsResult<Vec<(Vec<u8>, usize)>> {
+        let mut st = self.tx.prepare_cached("SELECT name, length(value) FROM xattrs WHERE vol = ?1 AND ino = ?2 ORDER BY name").map_err(db_err)?;
+        let rows = st.query_map(params![vol, ino as i64], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize))).map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
+    fn remove_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8]) -> FsResult<bool> {
+        let n = self
+            .tx
+            .execute("DELETE FROM xattrs WHERE vol = ?1 AND ino = ?2 AND name = ?3", params![vol, ino as i64, name])
+            .map_err(db_err)?;
+        Ok(n > 0)
+    }
+
+    fn insert_sandbox(&mut self, name: &str, now: Timespec) -> FsResult<()> {
+        self.tx.execute("INSERT INTO sandboxes (name, created) VALUES (?1, ?2)", params![name, now.to_nanos()]).map_err(db_err)?;
+        Ok(())
+    }
+
+    fn get_sandbox(&mut self, name: &str) -> FsResult<Option<SandboxRow>> {
+        self.tx
+            .query_row("SELECT name, created FROM sandboxes WHERE name = ?1", params![name], |r| {
+                Ok(SandboxRow { name: r.get(0)?, created: Timespec::from_nanos(r.get(1)?) })
+            })
+            .optional()
+            .map_err(db_err)
+    }
+
+    fn list_sandboxes(&mut self) -> FsResult<Vec<SandboxRow>> {
+        let mut st = self.tx.prepare("SELECT name, created FROM sandboxes ORDER BY name").map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| Ok(SandboxRow { name: r.get(0)?, created: Timespec::from_nanos(r.get(1)?) }))
+            .map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
+    fn delete_sandbox(&mut self, name: &str) -> FsResult<()> {
+        self.tx.execute("DELETE FROM attachments WHERE sandbox = ?1", params![name]).map_err(db_err)?;
+        self.tx.execute("DELETE FROM sandboxes WHERE name = ?1", params![name]).map_err(db_err)?;
+        Ok(())
+    }
+
+    fn insert_attachment(&mut self, a: &AttachmentRow) -> FsResult<u64> {
+        self.tx
+            .execute(
+                "INSERT INTO attachments (sandbox, vol, path, read_only, subpath, state, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![a.sandbox, a.volume, a.path, a.read_only as i64, a.subpath, a.state.name(), a.reason],
+            )
+            .map_err(db_err)?;
+        Ok(self.tx.last_insert_rowid() as u64)
+    }
+
+    fn list_attachments(&mut self, sandbox: Option<&str>, volume: Option<VolId>) -> FsResult<Vec<AttachmentRow>> {
+        let sql = format!(
+            "SELECT {ATTACHMENT_COLS} FROM attachments WHERE (?1 IS NULL OR sandbox = ?1) AND (?2 IS NULL OR vol = ?2) ORDER BY id"
+        );
+        let mut st = self.tx.prepare_cached(&sql).map_err(db_err)?;
+        let rows = st.query_map(params![sandbox, volume], row_attachment).map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
+    fn get_attachment(&mut self, id: u64) -> FsResult<Option<AttachmentRow>> {
+        let sql = format!("SELECT {ATTACHMENT_COLS} FROM attachments WHERE id = ?1");
+        self.tx.query_row(&sql, params![id as i64], row_attachment).optional().map_err(db_err)
+    }
+
+    fn set_attachment_state(&mut self, id: u64, state: AttachState, reason: &str) -> FsResult<()> {
+        self.tx
+            .execute("UPDATE attachments SET state = ?2, reason = ?3 WHERE id = ?1", params![id as i64, state.name(), reason])
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn delete_attachment(&mut self, id: u64) -> FsResult<()> {
+        self.tx.execute("DELETE FROM attachments WHERE id = ?1", params![id as i64]).map_err(db_err)?;
+        Ok(())
+    }
+}

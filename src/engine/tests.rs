@@ -1,0 +1,288 @@
+//! Engine semantics without FUSE: each test drives the engine the way the server does and checks
+//! bytes, attributes and errnos.
+
+use super::*;
+
+struct Fixture {
+    engine: Engine,
+    vol: VolId,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture(cap: u64) -> Fixture {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "volumefs-engine-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let engine = Engine::open_dir(&dir).unwrap();
+    let vol = engine.create_volume("v", cap).unwrap().id;
+    Fixture { engine, vol, dir }
+}
+
+fn root() -> Caller {
+    Caller::root()
+}
+
+fn user(uid: u32) -> Caller {
+    Caller { uid, gid: uid, groups: vec![] }
+}
+
+fn errno<T: std::fmt::Debug>(r: FsResult<T>) -> i32 {
+    r.expect_err("expected an error").errno
+}
+
+fn names(e: &Engine, vol: VolId, dir: Ino) -> Vec<String> {
+    e.readdir(vol, dir, 0, 4096, false).unwrap().into_iter().map(|d| String::from_utf8(d.name).unwrap()).collect()
+}
+
+#[test]
+fn write_read_sparse_truncate() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v) = (&f.engine, f.vol);
+    let a = e.create(v, ROOT_INO, b"f", 0o644, 0o022, &root()).unwrap();
+    assert_eq!(a.perm, 0o644);
+    e.write(v, a.ino, 0, b"hello world", false, &root()).unwrap();
+    e.write(v, a.ino, 6, b"WORLD", false, &root()).unwrap();
+    assert_eq!(e.read(v, a.ino, 0, 100).unwrap(), b"hello WORLD");
+    // A write past the end leaves a hole that reads as zeros.
+    e.write(v, a.ino, 1 << 20, b"x", false, &root()).unwrap();
+    let attr = e.getattr(v, a.ino).unwrap();
+    assert_eq!(attr.size, (1 << 20) + 1);
+    assert!(e.read(v, a.ino, 100, 4096).unwrap().iter().all(|b| *b == 0));
+    // Append writes at the end whatever the offset.
+    assert_eq!(e.write(v, a.ino, 0, b"y", true, &root()).unwrap(), (1 << 20) + 1);
+    // Shrink, then grow again: the regrown part is zeros.
+    e.setattr(v, a.ino, &SetAttr { size: Some(5), ..Default::default() }, &root()).unwrap();
+    e.setattr(v, a.ino, &SetAttr { size: Some(10), ..Default::default() }, &root()).unwrap();
+    assert_eq!(e.read(v, a.ino, 0, 100).unwrap(), b"hello\0\0\0\0\0");
+    e.release(v, a.ino).unwrap();
+}
+
+#[test]
+fn quota_is_exact_and_returns_on_delete() {
+    let f = fixture(10_000);
+    let (e, v) = (&f.engine, f.vol);
+    let a = e.create(v, ROOT_INO, b"a", 0o644, 0, &root()).unwrap();
+    e.write(v, a.ino, 0, &[1u8; 6000], false, &root()).unwrap();
+    assert_eq!(errno(e.write(v, a.ino, 6000, &[2u8; 4001], false, &root())), libc::EDQUOT);
+    // Nothing already stored is lost, and usage did not move.
+    assert_eq!(e.read(v, a.ino, 0, 10_000).unwrap(), vec![1u8; 6000]);
+    assert_eq!(e.volume("v").unwrap().used, 6000);
+    // Exactly filling the volume works; one more byte does not, by truncate either.
+    e.write(v, a.ino, 6000, &[2u8; 4000], false, &root()).unwrap();
+    assert_eq!(errno(e.setattr(v, a.ino, &SetAttr { size: Some(10_001), ..Default::default() }, &root())), libc::EDQUOT);
+    assert_eq!(e.statfs(v).unwrap().bfree, 0);
+    e.release(v, a.ino).unwrap();
+    e.unlink(v, ROOT_INO, b"a", &root()).unwrap();
+    assert_eq!(e.volume("v").unwrap().used, 0);
+}
+
+#[test]
+fn unlinked_open_file_lives_until_release() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v) = (&f.engine, f.vol);
+    let a = e.create(v, ROOT_INO, b"tmp", 0o600, 0, &root()).unwrap();
+    e.write(v, a.ino, 0, b"still here", false, &root()).unwrap();
+    e.unlink(v, ROOT_INO, b"tmp", &root()).unwrap();
+    assert_eq!(errno(e.lookup(v, ROOT_INO, b"tmp", &root())), libc::ENOENT);
+    assert_eq!(e.read(v, a.ino, 0, 100).unwrap(), b"still here");
+    e.write(v, a.ino, 10, b"!", false, &root()).unwrap();
+    assert_eq!(e.volume("v").unwrap().used, 11);
+    e.release(v, a.ino).unwrap();
+    assert_eq!(errno(e.getattr(v, a.ino)), libc::ENOENT);
+    assert_eq!(e.volume("v").unwrap().used, 0);
+}
+
+#[test]
+fn rename_semantics() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    let d1 = e.mkdir(v, ROOT_INO, b"d1", 0o755, 0, &c).unwrap();
+    let d2 = e.mkdir(v, ROOT_INO, b"d2", 0o755, 0, &c).unwrap();
+    assert_eq!(e.getattr(v, ROOT_INO).unwrap().nlink, 4);
+    let a = e.create(v, d1.ino, b"a", 0o644, 0, &c).unwrap();
+    e.write(v, a.ino, 0, b"AAA", false, &c).unwrap();
+    e.release(v, a.ino).unwrap();
+    let b = e.create(v, d2.ino, b"b", 0o644, 0, &c).unwrap();
+    e.write(v, b.ino, 0, b"BB", false, &c).unwrap();
+    e.release(v, b.ino).unwrap();
+    // Replace over an existing file across directories: the victim is freed.
+    e.rename(v, d1.ino, b"a", d2.ino, b"b", 0, &c).unwrap();
+    assert_eq!(e.lookup(v, d2.ino, b"b", &c).unwrap().ino, a.ino);
+    assert_eq!(errno(e.getattr(v, b.ino)), libc::ENOENT);
+    assert_eq!(e.volume("v").unwrap().used, 3);
+    // NOREPLACE and EXCHANGE.
+    let x = e.create(v, d1.ino, b"x", 0o644, 0, &c).unwrap();
+    e.release(v, x.ino).unwrap();
+    assert_eq!(errno(e.rename(v, d1.ino, b"x", d2.ino, b"b", RENAME_NOREPLACE, &c)), libc::EEXIST);
+    e.rename(v, d1.ino, b"x", d2.ino, b"b", RENAME_EXCHANGE, &c).unwrap();
+    assert_eq!(e.lookup(v, d2.ino, b"b", &c).unwrap().ino, x.ino);
+    assert_eq!(e.lookup(v, d1.ino, b"x", &c).unwrap().ino, a.ino);
+    // Directories: into itself, over a non-empty directory, over a file.
+    let sub = e.mkdir(v, d1.ino, b"sub", 0o755, 0, &c).unwrap();
+    assert_eq!(errno(e.rename(v, ROOT_INO, b"d1", sub.ino, b"loop", 0, &c)), libc::EINVAL);
+    assert_eq!(errno(e.rename(v, ROOT_INO, b"d2", ROOT_INO, b"d1", 0, &c)), libc::ENOTEMPTY);
+    assert_eq!(errno(e.rename(v, d1.ino, b"sub", d2.ino, b"b", 0, &c)), libc::ENOTDIR);
+    assert_eq!(errno(e.rename(v, d2.ino, b"b", d1.ino, b"sub", 0, &c)), libc::EISDIR);
+    // Moving a directory across parents fixes both link counts.
+    e.rename(v, d1.ino, b"sub", d2.ino, b"sub", 0, &c).unwrap();
+    assert_eq!(e.getattr(v, d1.ino).unwrap().nlink, 2);
+    assert_eq!(e.getattr(v, d2.ino).unwrap().nlink, 3);
+    assert_eq!(e.dir_parent(v, sub.ino).unwrap(), d2.ino);
+    // Replacing an empty directory in the same parent.
+    let empty = e.mkdir(v, ROOT_INO, b"empty", 0o755, 0, &c).unwrap();
+    let n = e.getattr(v, ROOT_INO).unwrap().nlink;
+    e.rename(v, ROOT_INO, b"d1", ROOT_INO, b"empty", 0, &c).unwrap();
+    assert_eq!(e.getattr(v, ROOT_INO).unwrap().nlink, n - 1);
+    assert_eq!(errno(e.getattr(v, empty.ino)), libc::ENOENT);
+}
+
+#[test]
+fn links_symlinks_and_listing() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    let a = e.create(v, ROOT_INO, b"a", 0o644, 0, &c).unwrap();
+    e.release(v, a.ino).unwrap();
+    let l = e.link(v, a.ino, ROOT_INO, b"b", &c).unwrap();
+    assert_eq!((l.ino, l.nlink), (a.ino, 2));
+    let s = e.symlink(v, ROOT_INO, b"s", b"a", &c).unwrap();
+    assert_eq!(e.readlink(v, s.ino).unwrap(), b"a");
+    assert_eq!(s.size, 1);
+    e.unlink(v, ROOT_INO, b"a", &c).unwrap();
+    assert_eq!(e.getattr(v, a.ino).unwrap().nlink, 1);
+    let mut listed = names(e, v, ROOT_INO);
+    listed.sort();
+    assert_eq!(listed, [".", "..", "b", "s"]);
+    // Listing resumes from a cookie without repeating or skipping.
+    for i in 0..50 {
+        e.mknod(v, ROOT_INO, format!("n{i}").as_bytes(), libc::S_IFIFO | 0o644, 0, 0, &c).unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut cookie = 0;
+    loop {
+        let page = e.readdir(v, ROOT_INO, cookie, 7, true).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        cookie = page.last().unwrap().cookie;
+        seen.extend(page.into_iter().map(|d| d.name));
+    }
+    assert_eq!(seen.len(), 54);
+    assert_eq!(errno(e.rmdir(v, ROOT_INO, b"b", &c)), libc::ENOTDIR);
+    assert_eq!(errno(e.unlink(v, ROOT_INO, b"nope", &c)), libc::ENOENT);
+    assert_eq!(errno(e.mkdir(v, ROOT_INO, b"b", 0o755, 0, &c)), libc::EEXIST);
+    assert_eq!(errno(e.lookup(v, ROOT_INO, b"..", &c)), libc::EINVAL);
+    assert_eq!(errno(e.lookup(v, ROOT_INO, &[b'x'; 256], &c)), libc::ENAMETOOLONG);
+}
+
+#[test]
+fn permissions_for_non_root_callers() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v) = (&f.engine, f.vol);
+    let r = root();
+    let alice = Caller { uid: 1000, gid: 1000, groups: vec![2000] };
+    let bob = user(1001);
+    let tmp = e.mkdir(v, ROOT_INO, b"tmp", 0o1777, 0, &r).unwrap();
+    // Root-owned 0644 file: others may read but not write.
+    let rf = e.create(v, ROOT_INO, b"rootfile", 0o644, 0, &r).unwrap();
+    e.release(v, rf.ino).unwrap();
+    assert_eq!(errno(e.open(v, rf.ino, libc::O_WRONLY, &alice)), libc::EACCES);
+    e.open(v, rf.ino, libc::O_RDONLY, &alice).unwrap();
+    e.release(v, rf.ino).unwrap();
+    // Creating in a root-owned 0755 directory is refused.
+    assert_eq!(errno(e.create(v, ROOT_INO, b"x", 0o644, 0, &alice)), libc::EACCES);
+    // Sticky directory: bob cannot remove alice's file, alice can.
+    let af = e.create(v, tmp.ino, b"alice", 0o666, 0, &alice).unwrap();
+    e.release(v, af.ino).unwrap();
+    assert_eq!((af.uid, af.gid), (1000, 1000));
+    assert_eq!(errno(e.unlink(v, tmp.ino, b"alice", &bob)), libc::EPERM);
+    assert_eq!(errno(e.rename(v, tmp.ino, b"alice", tmp.ino, b"bob", 0, &bob)), libc::EPERM);
+    // chmod by a non-owner, chown by a non-root.
+    assert_eq!(errno(e.setattr(v, af.ino, &SetAttr { mode: Some(0o600), ..Default::default() }, &bob)), libc::EPERM);
+    assert_eq!(errno(e.setattr(v, af.ino, &SetAttr { uid: Some(1001), ..Default::default() }, &alice)), libc::EPERM);
+    // The owner may give the file to a group she is in, not to another.
+    e.setattr(v, af.ino, &SetAttr { gid: Some(2000), ..Default::default() }, &alice).unwrap();
+    assert_eq!(errno(e.setattr(v, af.ino, &SetAttr { gid: Some(3000), ..Default::default() }, &alice)), libc::EPERM);
+    // Explicit times need the owner; "now" needs write permission.
+    let t = Timespec { sec: 1_600_000_000, nsec: 123_456_789 };
+    assert_eq!(errno(e.setattr(v, af.ino, &SetAttr { mtime: Some(SetTime::At(t)), ..Default::default() }, &bob)), libc::EPERM);
+    let set = e.setattr(v, af.ino, &SetAttr { mtime: Some(SetTime::At(t)), atime: Some(SetTime::At(t)), ..Default::default() }, &alice).unwrap();
+    assert_eq!((set.mtime, set.atime), (t, t));
+    e.setattr(v, af.ino, &SetAttr { mtime: Some(SetTime::Now), ..Default::default() }, &bob).unwrap();
+    e.unlink(v, tmp.ino, b"alice", &alice).unwrap();
+    // Supplementary groups grant group permissions.
+    let shared = e.mkdir(v, ROOT_INO, b"shared", 0o2775, 0, &r).unwrap();
+    e.setattr(v, shared.ino, &SetAttr { gid: Some(2000), ..Default::default() }, &r).unwrap();
+    let g = e.create(v, shared.ino, b"g", 0o664, 0, &alice).unwrap();
+    e.release(v, g.ino).unwrap();
+    assert_eq!(g.gid, 2000, "setgid directory hands down its group");
+    let sub = e.mkdir(v, shared.ino, b"sub", 0o755, 0, &alice).unwrap();
+    assert_eq!((sub.gid, sub.perm & libc::S_ISGID), (2000, libc::S_ISGID));
+    assert_eq!(errno(e.create(v, shared.ino, b"b", 0o644, 0, &bob)), libc::EACCES);
+}
+
+#[test]
+fn xattrs() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    let a = e.create(v, ROOT_INO, b"a", 0o644, 0, &c).unwrap();
+    e.setxattr(v, a.ino, b"user.k", b"v1", 0, &c).unwrap();
+    assert_eq!(errno(e.setxattr(v, a.ino, b"user.k", b"v2", XATTR_CREATE, &c)), libc::EEXIST);
+    e.setxattr(v, a.ino, b"user.k", b"v2", XATTR_REPLACE, &c).unwrap();
+    assert_eq!(e.getxattr(v, a.ino, b"user.k", &c).unwrap(), b"v2");
+    assert_eq!(e.listxattr(v, a.ino, &c).unwrap(), b"user.k\0");
+    e.removexattr(v, a.ino, b"user.k", &c).unwrap();
+    assert_eq!(errno(e.getxattr(v, a.ino, b"user.k", &c)), libc::ENODATA);
+    assert_eq!(errno(e.setxattr(v, a.ino, b"user.new", b"x", XATTR_REPLACE, &c)), libc::ENODATA);
+    assert_eq!(errno(e.setxattr(v, a.ino, b"trusted.x", b"x", 0, &user(5))), libc::EPERM);
+    e.release(v, a.ino).unwrap();
+}
+
+#[test]
+fn state_survives_reopen_and_orphans_are_reclaimed() {
+    let dir = std::env::temp_dir().join(format!("volumefs-engine-reopen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ino, orphan) = {
+        let e = Engine::open_dir(&dir).unwrap();
+        let v = e.create_volume("keep", 1 << 20).unwrap().id;
+        let a = e.create(v, ROOT_INO, b"a", 0o644, 0, &root()).unwrap();
+        e.write(v, a.ino, 0, b"durable", false, &root()).unwrap();
+        e.fsync(v, a.ino, false).unwrap();
+        e.release(v, a.ino).unwrap();
+        let o = e.create(v, ROOT_INO, b"o", 0o644, 0, &root()).unwrap();
+        e.write(v, o.ino, 0, b"orphan", false, &root()).unwrap();
+        e.unlink(v, ROOT_INO, b"o", &root()).unwrap();
+        (a.ino, o.ino)
+        // Dropped with `o` still open, as a crashed server would.
+    };
+    let e = Engine::open_dir(&dir).unwrap();
+    let v = e.volume("keep").unwrap();
+    assert_eq!(v.used, 7, "the orphan's bytes were given back");
+    assert_eq!(e.read(v.id, ino, 0, 100).unwrap(), b"durable");
+    assert_eq!(errno(e.getattr(v.id, orphan)), libc::ENOENT);
+    drop(e);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn volume_names_and_sizes() {
+    let f = fixture(DEFAULT_CAP);
+    assert_eq!(errno(f.engine.create_volume("v", 1)), libc::EEXIST);
+    assert_eq!(errno(f.engine.create_volume("../x", 1)), libc::EINVAL);
+    assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+    assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+    assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
+    assert_eq!(parse_size("4096").unwrap(), 4096);
+    assert!(parse_size("12parsecs").is_err());
+    assert!(parse_size("0").is_err());
+    assert!(parse_size("").is_err());
+}

@@ -1,0 +1,386 @@
+//! The FUSE adapter: each `fuser::Filesystem` callback turns the kernel's request into an
+//! [`Op`], sends it through the [`MountClient`] and replies from the callback when the host
+//! answers. Nothing here blocks a FUSE thread on the network, and nothing here decides policy:
+//! permissions, scope and quota are the host's (the kernel's `default_permissions` check is a
+//! fast path for clear errors, not the line of defence).
+
+use super::client::MountClient;
+use crate::fs::{Attr, Caller, FsError, Kind, SetAttr, SetTime, Timespec};
+use crate::proto::{Op, Reply, MAX_IO};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// How long the kernel may trust names and attributes without asking. Other sandboxes' changes
+/// are pushed as invalidations, so this bounds staleness only if a push is lost.
+const TTL: Duration = Duration::from_secs(1);
+/// Entries asked for per readdir round trip.
+const DIR_BATCH: u32 = 256;
+
+pub struct VolumeFs {
+    client: Arc<MountClient>,
+    read_only: bool,
+}
+
+impl VolumeFs {
+    pub fn new(client: Arc<MountClient>, read_only: bool) -> VolumeFs {
+        VolumeFs { client, read_only }
+    }
+
+    fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
+        self.client.call_async(caller(req), op, Box::new(done));
+    }
+}
+
+/// The requesting process's credentials, with supplementary groups read from /proc (FUSE only
+/// passes uid and gid). Root needs no groups: it passes every check anyway.
+fn caller(req: &Request) -> Caller {
+    let (uid, gid) = (req.uid(), req.gid());
+    let groups = if uid == 0 { Vec::new() } else { proc_groups(req.pid()) };
+    Caller { uid, gid, groups }
+}
+
+fn proc_groups(pid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return Vec::new() };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno)
+}
+
+fn kind(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks(),
+        atime: a.atime.to_system_time(),
+        mtime: a.mtime.to_system_time(),
+        ctime: a.ctime.to_system_time(),
+        crtime: a.ctime.to_system_time(),
+        kind: kind(a.kind),
+        perm: (a.perm & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(st) => SetTime::At(Timespec::from_system_time(st)),
+    }
+}
+
+fn unexpected(r: Reply) -> Errno {
+    log::error!("unexpected reply from the host: {r:?}");
+    Errno::EIO
+}
+
+fn entry_reply(reply: ReplyEntry) -> impl FnOnce(Result<Reply, FsError>) + Send {
+    move |r| match r {
+        Ok(Reply::Entry(a)) => reply.entry(&TTL, &attr(&a), Generation(0)),
+        Ok(other) => reply.error(unexpected(other)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn empty_reply(reply: ReplyEmpty) -> impl FnOnce(Result<Reply, FsError>) + Send {
+    move |r| match r {
+        Ok(_) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn attr_reply(reply: ReplyAttr) -> impl FnOnce(Result<Reply, FsError>) + Send {
+    move |r| match r {
+        Ok(Reply::Attr(a)) => reply.attr(&TTL, &attr(&a)),
+        Ok(other) => reply.error(unexpected(other)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn open_reply(reply: ReplyOpen, flags: FopenFlags) -> impl FnOnce(Result<Reply, FsError>) + Send {
+    move |r| match r {
+        Ok(Reply::Opened { fh }) => reply.opened(FileHandle(fh), flags),
+        Ok(other) => reply.error(unexpected(other)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32) -> impl FnOnce(Result<Reply, FsError>) + Send {
+    move |r| match r {
+        Ok(Reply::Xattr(v)) if size == 0 => reply.size(v.len() as u32),
+        Ok(Reply::Xattr(v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(Reply::Xattr(v)) => reply.data(&v),
+        Ok(other) => reply.error(unexpected(other)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+impl Filesystem for VolumeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let mut wanted = InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_AUTO_INVAL_DATA
+            | InitFlags::FUSE_MAX_PAGES;
+        if !self.read_only {
+            // The kernel keeps dirty pages and sends large writes; close and fsync flush them.
+            wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        for flag in wanted.iter() {
+            let _ = config.add_capabilities(flag);
+        }
+        let _ = config.set_max_write(MAX_IO).or_else(|max| config.set_max_write(max));
+        let _ = config.set_max_readahead(MAX_IO).or_else(|max| config.set_max_readahead(max));
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.send(req, Op::Lookup { parent: parent.0, name: name.as_bytes().to_vec() }, entry_reply(reply));
+    }
+
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
+        self.client.call_async(caller(req), Op::Forget { items: vec![(ino.0, nlookup)] }, Box::new(|_| {}));
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.send(req, Op::GetAttr { ino: ino.0 }, attr_reply(reply));
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr { mode, uid, gid, size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
+        self.send(req, Op::SetAttr { ino: ino.0, set }, attr_reply(reply));
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.send(req, Op::ReadLink { ino: ino.0 }, move |r| match r {
+            Ok(Reply::Data(d)) => reply.data(&d),
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let op = Op::MkNod { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask, rdev };
+        self.send(req, op, entry_reply(reply));
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.send(req, Op::MkDir { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask }, entry_reply(reply));
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.send(req, Op::Unlink { parent: parent.0, name: name.as_bytes().to_vec() }, empty_reply(reply));
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.send(req, Op::RmDir { parent: parent.0, name: name.as_bytes().to_vec() }, empty_reply(reply));
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let op = Op::Symlink { parent: parent.0, name: link_name.as_bytes().to_vec(), target: target.as_os_str().as_bytes().to_vec() };
+        self.send(req, op, entry_reply(reply));
+    }
+
+    fn rename(&self, req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        let op = Op::Rename {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            new_parent: newparent.0,
+            new_name: newname.as_bytes().to_vec(),
+            flags: flags.bits(),
+        };
+        self.send(req, op, empty_reply(reply));
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let op = Op::Link { ino: ino.0, new_parent: newparent.0, new_name: newname.as_bytes().to_vec() };
+        self.send(req, op, entry_reply(reply));
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // No FOPEN_KEEP_CACHE: each open drops cached pages, which gives close-to-open
+        // consistency with other sandboxes.
+        self.send(req, Op::Open { ino: ino.0, flags: flags.0 }, open_reply(reply, FopenFlags::empty()));
+    }
+
+    fn read(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        self.send(req, Op::Read { ino: ino.0, fh: fh.0, offset, size }, move |r| match r {
+            Ok(Reply::Data(d)) => reply.data(&d),
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.send(req, Op::Write { ino: ino.0, fh: fh.0, offset, data: data.to_vec() }, move |r| match r {
+            Ok(Reply::Written(n)) => reply.written(n),
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Writes reach the host synchronously; the kernel has already written back dirty pages.
+        reply.ok();
+    }
+
+    fn release(&self, req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        self.send(req, Op::Release { ino: ino.0, fh: fh.0 }, empty_reply(reply));
+    }
+
+    fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.send(req, Op::Fsync { ino: ino.0, fh: fh.0, datasync }, empty_reply(reply));
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.send(req, Op::OpenDir { ino: ino.0 }, open_reply(reply, FopenFlags::empty()));
+    }
+
+    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let op = Op::ReadDir { ino: ino.0, fh: fh.0, cookie: offset, plus: false, max_entries: DIR_BATCH };
+        self.send(req, op, move |r| match r {
+            Ok(Reply::Dir(entries)) => {
+                for d in entries {
+                    if reply.add(INodeNo(d.ino), d.cookie, kind(d.kind), OsStr::from_bytes(&d.name)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let op = Op::ReadDir { ino: ino.0, fh: fh.0, cookie: offset, plus: true, max_entries: DIR_BATCH };
+        let client = self.client.clone();
+        let who = caller(req);
+        self.send(req, op, move |r| match r {
+            Ok(Reply::Dir(entries)) => {
+                let mut unsent = Vec::new();
+                let mut full = false;
+                for d in entries {
+                    let dots = d.name == b"." || d.name == b"..";
+                    let Some(a) = d.attr.as_ref() else { continue };
+                    if !full && reply.add(INodeNo(d.ino), d.cookie, OsStr::from_bytes(&d.name), &TTL, &attr(a), Generation(0)) {
+                        full = true;
+                    }
+                    if full && !dots {
+                        // The host counted this entry as looked up, but the kernel never saw it.
+                        unsent.push((d.ino, 1));
+                    }
+                }
+                reply.ok();
+                if !unsent.is_empty() {
+                    client.call_async(who, Op::Forget { items: unsent }, Box::new(|_| {}));
+                }
+            }
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn releasedir(&self, req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.send(req, Op::ReleaseDir { ino: ino.0, fh: fh.0 }, empty_reply(reply));
+    }
+
+    fn fsyncdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.send(req, Op::Fsync { ino: ino.0, fh: fh.0, datasync }, empty_reply(reply));
+    }
+
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.send(req, Op::StatFs, move |r| match r {
+            Ok(Reply::StatFs(s)) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        let op = Op::SetXattr { ino: ino.0, name: name.as_bytes().to_vec(), value: value.to_vec(), flags };
+        self.send(req, op, empty_reply(reply));
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.send(req, Op::GetXattr { ino: ino.0, name: name.as_bytes().to_vec() }, xattr_reply(reply, size));
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.send(req, Op::ListXattr { ino: ino.0 }, xattr_reply(reply, size));
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.send(req, Op::RemoveXattr { ino: ino.0, name: name.as_bytes().to_vec() }, empty_reply(reply));
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let op = Op::Create { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask, flags };
+        self.send(req, op, move |r| match r {
+            Ok(Reply::Created { attr: a, fh }) => reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+}

@@ -1,0 +1,253 @@
+//! The guest ⇄ host wire protocol.
+//!
+//! A connection carries frames: a `u32` little-endian body length, then a bincode-2 body. A body
+//! longer than [`MAX_FRAME`] or one that does not decode is a protocol violation: the receiver
+//! closes that one connection and nothing else.
+//!
+//! The first frame from the guest is a [`Hello`]; the server answers with a [`Welcome`] that says
+//! what this connection may do. The guest never chooses its volume, mode or subpath: the listener
+//! the connection arrived on names the sandbox, and the server looks the rest up.
+//!
+//! After that the guest sends [`Request`]s, each with its own id; many may be in flight and the
+//! server answers with [`ServerMsg::Reply`] in any order. The server may also push
+//! [`ServerMsg::Notify`] at any time (cache invalidations), on the same connection, in order with
+//! the replies: an invalidation pushed before a reply is seen before that reply.
+//!
+//! Inode numbers on a mount connection are the volume's own, except that the mount's root (the
+//! attachment's subpath directory) is always [`crate::fs::ROOT_INO`], which is what FUSE expects.
+//!
+//! Mutating requests carry a per-session sequence number `seq` (non-zero) so that a request
+//! replayed after a reconnect is recognised and answered from the server's record instead of
+//! being applied twice.
+
+use crate::fs::{Attr, Caller, DirEntry, FsError, Ino, SetAttr, StatFs};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+/// Protocol version spoken by this build. The server accepts exactly the versions it knows.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest read or write carried by one request (the FUSE max_write / max_read).
+pub const MAX_IO: u32 = 1 << 20;
+
+/// Largest frame body either side accepts: one maximal write plus generous headroom.
+pub const MAX_FRAME: usize = MAX_IO as usize + (64 << 10);
+
+/// The guest's first frame on every connection.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u32,
+    pub role: Role,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The agent asking which attachments its sandbox has.
+    Control,
+    /// One mount of one attachment. `resume` names a session this guest held before a
+    /// reconnect so that its open handles and replay record carry over.
+    Mount { attachment: u64, resume: Option<u64> },
+}
+
+/// What an attachment is, as the guest needs to know it to mount it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentSpec {
+    pub id: u64,
+    pub volume: String,
+    pub path: String,
+    pub read_only: bool,
+    pub subpath: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Welcome {
+    Control { sandbox: String, attachments: Vec<AttachmentSpec> },
+    Mount { session: u64, read_only: bool, volume: String, max_io: u32 },
+    Refused(FsError),
+}
+
+/// One request from the guest.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: u64,
+    /// Non-zero on mutating requests: this session's sequence number for exactly-once replay.
+    pub seq: u64,
+    pub caller: Caller,
+    pub op: Op,
+}
+
+/// Filesystem operations, shaped after FUSE / 9P2000.L. Names are raw bytes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Lookup { parent: Ino, name: Vec<u8> },
+    /// Batched forget: (inode, number of lookups to drop).
+    Forget { items: Vec<(Ino, u64)> },
+    GetAttr { ino: Ino },
+    SetAttr { ino: Ino, set: SetAttr },
+    ReadLink { ino: Ino },
+    MkNod { parent: Ino, name: Vec<u8>, mode: u32, umask: u32, rdev: u32 },
+    MkDir { parent: Ino, name: Vec<u8>, mode: u32, umask: u32 },
+    Symlink { parent: Ino, name: Vec<u8>, target: Vec<u8> },
+    Link { ino: Ino, new_parent: Ino, new_name: Vec<u8> },
+    Unlink { parent: Ino, name: Vec<u8> },
+    RmDir { parent: Ino, name: Vec<u8> },
+    Rename { parent: Ino, name: Vec<u8>, new_parent: Ino, new_name: Vec<u8>, flags: u32 },
+    Open { ino: Ino, flags: i32 },
+    Create { parent: Ino, name: Vec<u8>, mode: u32, umask: u32, flags: i32 },
+    Read { ino: Ino, fh: u64, offset: u64, size: u32 },
+    Write { ino: Ino, fh: u64, offset: u64, data: Vec<u8> },
+    Fsync { ino: Ino, fh: u64, datasync: bool },
+    Release { ino: Ino, fh: u64 },
+    OpenDir { ino: Ino },
+    /// Entries after `cookie`; `plus` asks for attributes too (and counts as a lookup of each).
+    ReadDir { ino: Ino, fh: u64, cookie: u64, plus: bool, max_entries: u32 },
+    ReleaseDir { ino: Ino, fh: u64 },
+    StatFs,
+    SetXattr { ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: i32 },
+    GetXattr { ino: Ino, name: Vec<u8> },
+    ListXattr { ino: Ino },
+    RemoveXattr { ino: Ino, name: Vec<u8> },
+    /// Keep this session's lease alive.
+    Renew,
+}
+
+impl Op {
+    /// Whether this op changes the volume (refused on read-only attachments, sequenced for
+    /// exactly-once replay).
+    pub fn is_mutation(&self) -> bool {
+        matches!(
+            self,
+            Op::SetAttr { .. }
+                | Op::MkNod { .. }
+                | Op::MkDir { .. }
+                | Op::Symlink { .. }
+                | Op::Link { .. }
+                | Op::Unlink { .. }
+                | Op::RmDir { .. }
+                | Op::Rename { .. }
+                | Op::Create { .. }
+                | Op::Write { .. }
+                | Op::SetXattr { .. }
+                | Op::RemoveXattr { .. }
+        )
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Empty,
+    /// A new reference to an inode (counts as one lookup).
+    Entry(Attr),
+    Attr(Attr),
+    Data(Vec<u8>),
+    Written(u32),
+    Opened { fh: u64 },
+    Created { attr: Attr, fh: u64 },
+    Dir(Vec<DirEntry>),
+    StatFs(StatFs),
+    Xattr(Vec<u8>),
+}
+
+/// Pushed by the server: something this session has cached changed elsewhere.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Attributes and data of an inode changed.
+    InvalInode { ino: Ino },
+    /// A name in a directory was added, removed or now points elsewhere.
+    InvalEntry { parent: Ino, name: Vec<u8> },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ServerMsg {
+    Reply { id: u64, result: Result<Reply, FsError> },
+    Notify(Notice),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Encodes a frame body (without the length prefix).
+pub fn encode<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4];
+    bincode::serde::encode_into_std_write(msg, &mut buf, config())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let len = buf.len() - 4;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds the maximum of {MAX_FRAME}")));
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(buf)
+}
+
+/// Writes one whole frame (length prefix included) in one `write_all`.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> {
+    w.write_all(&encode(msg)?)
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream before a frame starts.
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len[..1]) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    r.read_exact(&mut len[1..])?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds the maximum of {MAX_FRAME}")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    let (msg, used) = bincode::serde::decode_from_slice(&body, config())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed frame: {e}")))?;
+    if used != len {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed frame: trailing bytes"));
+    }
+    Ok(Some(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::Caller;
+
+    #[test]
+    fn frames_round_trip() {
+        let req = Request { id: 7, seq: 3, caller: Caller::root(), op: Op::Write { ino: 5, fh: 1, offset: 9, data: vec![1, 2, 3] } };
+        let buf = encode(&req).unwrap();
+        let back: Request = read_frame(&mut &buf[..]).unwrap().unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let mut buf = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+        buf.extend_from_slice(&[0; 16]);
+        let err = read_frame::<Request>(&mut &buf[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn garbage_body_is_refused() {
+        let mut buf = 8u32.to_le_bytes().to_vec();
+        buf.extend_from_slice(&[0xff; 8]);
+        assert_eq!(read_frame::<Request>(&mut &buf[..]).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_vec_claiming_more_than_the_frame_is_refused() {
+        // A Write whose data length prefix claims far more bytes than the frame holds.
+        let req = Request { id: 1, seq: 1, caller: Caller::root(), op: Op::Write { ino: 1, fh: 1, offset: 0, data: vec![0; 4] } };
+        let mut buf = encode(&req).unwrap();
+        let n = buf.len();
+        // Corrupt the trailing varint length of `data` into a huge u64 marker.
+        buf.truncate(n - 5);
+        buf.extend_from_slice(&[253, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        let len = (buf.len() - 4) as u32;
+        buf[..4].copy_from_slice(&len.to_le_bytes());
+        assert!(read_frame::<Request>(&mut &buf[4 - 4..]).is_err());
+    }
+}

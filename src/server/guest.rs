@@ -1,0 +1,156 @@
+//! Guest connections: the handshake on each sandbox listener and the request loop of a mount.
+//!
+//! A connection's reader thread decodes frames and hands each request to the shared worker pool,
+//! so many requests are in flight and replies go out in whatever order they finish. A frame that
+//! is too large or does not decode ends that connection only.
+
+use super::session::{self, Conn, Session};
+use super::{SandboxRt, Server};
+use crate::engine::meta::AttachState;
+use crate::fs::{Caller, FsError, Kind};
+use crate::proto::{self, AttachmentSpec, Hello, Request, Role, ServerMsg, Welcome, PROTOCOL_VERSION};
+use crate::transport::Stream;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Requests one connection may have in flight before its reader stops reading.
+const WINDOW: usize = 64;
+/// A guest must say hello this quickly.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer that does not drain its socket for this long is cut off.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn accept_loop(server: Weak<Server>, rt: Arc<SandboxRt>) {
+    loop {
+        let stream = match rt.listener.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) => {
+                log::warn!("sandbox {}: accept: {e}", rt.name);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(_) => return, // listener shut down
+        };
+        let Some(srv) = server.upgrade() else { return };
+        if let Ok(clone) = stream.try_clone() {
+            let mut conns = rt.conns.lock().unwrap();
+            conns.push(clone);
+        }
+        let rt = rt.clone();
+        let _ = std::thread::Builder::new().name(format!("conn-{}", rt.name)).spawn(move || {
+            if let Err(e) = serve(&srv, &rt, stream) {
+                log::info!("sandbox {}: connection ended: {e}", rt.name);
+            }
+        });
+    }
+}
+
+fn serve(server: &Arc<Server>, rt: &SandboxRt, mut stream: Stream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let hello: Hello = match proto::read_frame(&mut stream)? {
+        Some(h) => h,
+        None => return Ok(()),
+    };
+    stream.set_read_timeout(None)?;
+    if hello.version != PROTOCOL_VERSION {
+        let refusal = FsError::new(
+            libc::EPROTO,
+            format!("protocol version {} is not supported (server speaks {PROTOCOL_VERSION})", hello.version),
+        );
+        proto::write_frame(&mut stream, &Welcome::Refused(refusal))?;
+        return Ok(());
+    }
+    match hello.role {
+        Role::Control => {
+            let welcome = match control_welcome(server, &rt.name) {
+                Ok(w) => w,
+                Err(e) => Welcome::Refused(e),
+            };
+            proto::write_frame(&mut stream, &welcome)
+        }
+        Role::Mount { attachment, resume } => {
+            let s = match open_session(server, &rt.name, attachment, resume) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = server.engine.tx(|t| match t.get_attachment(attachment)? {
+                        Some(a) if a.sandbox == rt.name => t.set_attachment_state(attachment, AttachState::Failed, &e.to_string()),
+                        _ => Ok(()),
+                    });
+                    return proto::write_frame(&mut stream, &Welcome::Refused(e));
+                }
+            };
+            let welcome = Welcome::Mount {
+                session: s.id,
+                read_only: s.read_only,
+                volume: server.engine.volume_by_id(s.vol).map(|v| v.name).unwrap_or_default(),
+                max_io: proto::MAX_IO,
+            };
+            proto::write_frame(&mut stream, &welcome)?;
+            mount_loop(server, &s, stream)
+        }
+    }
+}
+
+fn control_welcome(server: &Server, sandbox: &str) -> Result<Welcome, FsError> {
+    let attachments = server
+        .attachments(Some(sandbox))?
+        .into_iter()
+        .map(|a| AttachmentSpec {
+            id: a.row.id,
+            volume: a.volume_name,
+            path: a.row.path,
+            read_only: a.row.read_only,
+            subpath: a.row.subpath,
+        })
+        .collect();
+    Ok(Welcome::Control { sandbox: sandbox.to_string(), attachments })
+}
+
+/// Finds or makes the session for a mount of `attachment` by `sandbox`.
+fn open_session(server: &Arc<Server>, sandbox: &str, attachment: u64, resume: Option<u64>) -> Result<Arc<Session>, FsError> {
+    let row = server
+        .engine
+        .tx(|t| t.get_attachment(attachment))?
+        .filter(|a| a.sandbox == sandbox)
+        .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no attachment {attachment}")))?;
+    if let Some(id) = resume {
+        if let Some(s) = server.session(id).filter(|s| s.sandbox == sandbox && s.attachment == attachment) {
+            server.engine.tx(|t| t.set_attachment_state(attachment, AttachState::Mounted, ""))?;
+            return Ok(s);
+        }
+    }
+    let root = server.engine.resolve(row.volume, &row.subpath, &Caller::root())?;
+    if root.kind != Kind::Dir {
+        return Err(FsError::new(libc::ENOTDIR, format!("subpath {} is not a directory", row.subpath)));
+    }
+    let s = Arc::new(Session::new(server.new_session_id(), sandbox, attachment, row.volume, root.ino, row.read_only));
+    server.register_session(s.clone());
+    server.engine.tx(|t| t.set_attachment_state(attachment, AttachState::Mounted, ""))?;
+    Ok(s)
+}
+
+fn mount_loop(server: &Arc<Server>, s: &Arc<Session>, mut stream: Stream) -> std::io::Result<()> {
+    let conn = Arc::new(Conn { writer: std::sync::Mutex::new(stream.try_clone()?) });
+    s.bind(conn.clone());
+    let window = Arc::new(super::pool::Window::new(WINDOW));
+    let result = loop {
+        let req: Request = match proto::read_frame(&mut stream) {
+            Ok(Some(r)) => r,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        window.acquire();
+        let (server2, s2, conn2, window2) = (server.clone(), s.clone(), conn.clone(), window.clone());
+        server.pool.run(move || {
+            let id = req.id;
+            let result = session::handle(&server2, &s2, req);
+            let _ = conn2.send(&ServerMsg::Reply { id, result });
+            window2.release();
+        });
+    };
+    stream.shutdown();
+    s.unbind(&conn);
+    result
+}

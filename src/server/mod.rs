@@ -1,0 +1,313 @@
+//! The host storage server: it owns the engine, the sandbox registry and one guest listener per
+//! sandbox, and serves the HTTP API.
+//!
+//! The security boundary lives here. A guest connection arrives on its sandbox's own listener,
+//! which is the only thing that names the sandbox; a mount connection then names an attachment
+//! of that sandbox, and from there on every inode number the guest sends is checked against the
+//! set this session has been handed (see [`session`]), and every mutation against the
+//! attachment's mode.
+
+pub mod guest;
+pub mod http;
+pub mod pool;
+pub mod session;
+
+use crate::engine::meta::{AttachState, AttachmentRow, VolId};
+use crate::engine::{check_object_name, Engine};
+use crate::fs::{Caller, FsError, FsResult, Kind, Timespec};
+use crate::transport::{Listener, GUEST_SERVER_PORT};
+use session::Session;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+pub struct Config {
+    pub data: PathBuf,
+    /// How long a session may go without its guest before its lease lapses.
+    pub lease_ttl: Duration,
+}
+
+/// A sandbox's live pieces: its guest listener and the connections that came through it.
+pub struct SandboxRt {
+    pub name: String,
+    pub socket: PathBuf,
+    listener: Listener,
+    conns: Mutex<Vec<crate::transport::Stream>>,
+}
+
+impl SandboxRt {
+    /// Closes every connection of this sandbox from the host side, as a snapshot restore does.
+    pub fn reset_connections(&self) -> usize {
+        let conns = std::mem::take(&mut *self.conns.lock().unwrap());
+        for c in &conns {
+            c.shutdown();
+        }
+        conns.len()
+    }
+}
+
+pub struct Server {
+    pub engine: Engine,
+    pub config: Config,
+    pub token: String,
+    pool: pool::Pool,
+    sandboxes: Mutex<HashMap<String, Arc<SandboxRt>>>,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    by_volume: Mutex<HashMap<VolId, Vec<Weak<Session>>>>,
+    next_session: AtomicU64,
+}
+
+/// What the API reports of an attachment.
+#[derive(Debug, Clone)]
+pub struct AttachmentInfo {
+    pub row: AttachmentRow,
+    pub volume_name: String,
+}
+
+fn random_token() -> FsResult<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Reads the API token, creating it (mode 0600) on first start.
+fn load_token(dir: &Path) -> FsResult<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("api-token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let token = random_token()?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    Ok(token)
+}
+
+impl Server {
+    pub fn open(config: Config) -> FsResult<Arc<Server>> {
+        std::fs::create_dir_all(&config.data)
+            .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", config.data.display())))?;
+        let engine = Engine::open_dir(&config.data)?;
+        let token = load_token(&config.data)?;
+        let server = Arc::new(Server {
+            engine,
+            config,
+            token,
+            pool: pool::Pool::new(8),
+            sandboxes: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            by_volume: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        });
+        // Nothing is mounted until a guest says so again: leases do not outlive the server.
+        let attachments = server.engine.tx(|t| t.list_attachments(None, None))?;
+        for a in attachments.iter().filter(|a| a.state == AttachState::Mounted) {
+            server.engine.tx(|t| t.set_attachment_state(a.id, AttachState::Released, "server restarted"))?;
+        }
+        for sb in server.engine.tx(|t| t.list_sandboxes())? {
+            server.start_listener(&sb.name)?;
+        }
+        session::start_reaper(&server);
+        Ok(server)
+    }
+
+    // ----- sandboxes ------------------------------------------------------------------------
+
+    pub fn sandbox_dir(&self, name: &str) -> PathBuf {
+        self.config.data.join("sandboxes").join(name)
+    }
+
+    fn start_listener(self: &Arc<Self>, name: &str) -> FsResult<Arc<SandboxRt>> {
+        let dir = self.sandbox_dir(name);
+        std::fs::create_dir_all(&dir)?;
+        // Firecracker's hybrid vsock: the VM's uds is `<dir>/vsock`; a guest connecting to the
+        // host on port P reaches `<dir>/vsock_P`.
+        let socket = dir.join(format!("vsock_{GUEST_SERVER_PORT}"));
+        let listener = Listener::bind_unix(&socket)
+            .map_err(|e| FsError::new(libc::EIO, format!("cannot listen on {}: {e}", socket.display())))?;
+        let rt = Arc::new(SandboxRt { name: name.to_string(), socket, listener, conns: Mutex::new(Vec::new()) });
+        self.sandboxes.lock().unwrap().insert(name.to_string(), rt.clone());
+        let server = Arc::downgrade(self);
+        let rt2 = rt.clone();
+        std::thread::Builder::new()
+            .name(format!("listen-{name}"))
+            .spawn(move || guest::accept_loop(server, rt2))
+            .map_err(FsError::from)?;
+        Ok(rt)
+    }
+
+    pub fn sandbox_rt(&self, name: &str) -> FsResult<Arc<SandboxRt>> {
+        self.sandboxes.lock().unwrap().get(name).cloned().ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{name}` not found")))
+    }
+
+    pub fn create_sandbox(self: &Arc<Self>, name: &str) -> FsResult<Arc<SandboxRt>> {
+        check_object_name("sandbox", name)?;
+        self.engine.tx(|t| {
+            if t.get_sandbox(name)?.is_some() {
+                return Err(FsError::new(libc::EEXIST, format!("sandbox `{name}` already exists")));
+            }
+            t.insert_sandbox(name, Timespec::now())
+        })?;
+        self.start_listener(name)
+    }
+
+    pub fn delete_sandbox(&self, name: &str) -> FsResult<()> {
+        self.engine.tx(|t| {
+            t.get_sandbox(name)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{name}` not found")))?;
+            t.delete_sandbox(name)
+        })?;
+        if let Some(rt) = self.sandboxes.lock().unwrap().remove(name) {
+            rt.listener.shutdown();
+            rt.reset_connections();
+        }
+        for s in self.sessions_where(|s| s.sandbox == name) {
+            self.end_session(&s, AttachState::Released, "sandbox deleted");
+        }
+        let _ = std::fs::remove_dir_all(self.sandbox_dir(name));
+        Ok(())
+    }
+
+    pub fn list_sandboxes(&self) -> FsResult<Vec<(String, PathBuf)>> {
+        let rows = self.engine.tx(|t| t.list_sandboxes())?;
+        let live = self.sandboxes.lock().unwrap();
+        Ok(rows.into_iter().map(|r| {
+            let sock = live.get(&r.name).map(|rt| rt.socket.clone()).unwrap_or_default();
+            (r.name, sock)
+        }).collect())
+    }
+
+    // ----- attachments ----------------------------------------------------------------------
+
+    /// Records "volume at path in sandbox" after checking that it can be honoured.
+    pub fn attach(&self, sandbox: &str, volume: &str, path: &str, read_only: bool, subpath: &str) -> FsResult<AttachmentInfo> {
+        if !path.starts_with('/') || path.split('/').any(|p| p == ".." || p == ".") || path.len() > 1024 {
+            return Err(FsError::new(libc::EINVAL, format!("mount path {path:?} must be absolute, without `.` or `..`")));
+        }
+        let path = normalize(path);
+        let subpath = normalize(if subpath.is_empty() { "/" } else { subpath });
+        let vol = self.engine.volume(volume)?;
+        let root = self.engine.resolve(vol.id, &subpath, &Caller::root())?;
+        if root.kind != Kind::Dir {
+            return Err(FsError::new(libc::ENOTDIR, format!("subpath {subpath:?} of volume `{volume}` is not a directory")));
+        }
+        let row = self.engine.tx(|t| {
+            t.get_sandbox(sandbox)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` not found")))?;
+            if let Some(other) = t.list_attachments(Some(sandbox), None)?.into_iter().find(|a| a.path == path) {
+                return Err(FsError::new(libc::EBUSY, format!("sandbox `{sandbox}` already has a volume at {path} (attachment {})", other.id)));
+            }
+            let mut row = AttachmentRow {
+                id: 0,
+                sandbox: sandbox.to_string(),
+                volume: vol.id,
+                path: path.clone(),
+                read_only,
+                subpath: subpath.clone(),
+                state: AttachState::Attached,
+                reason: String::new(),
+            };
+            row.id = t.insert_attachment(&row)?;
+            Ok(row)
+        })?;
+        Ok(AttachmentInfo { row, volume_name: vol.name })
+    }
+
+    pub fn attachments(&self, sandbox: Option<&str>) -> FsResult<Vec<AttachmentInfo>> {
+        let rows = self.engine.tx(|t| {
+            if let Some(sb) = sandbox {
+                t.get_sandbox(sb)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sb}` not found")))?;
+            }
+            t.list_attachments(sandbox, None)
+        })?;
+        let names: HashMap<VolId, String> = self.engine.list_volumes()?.into_iter().map(|v| (v.id, v.name)).collect();
+        Ok(rows.into_iter().map(|row| {
+            let volume_name = names.get(&row.volume).cloned().unwrap_or_default();
+            AttachmentInfo { row, volume_name }
+        }).collect())
+    }
+
+    pub fn detach(&self, sandbox: &str, path: &str) -> FsResult<()> {
+        let path = normalize(path);
+        let row = self
+            .engine
+            .tx(|t| t.list_attachments(Some(sandbox), None))?
+            .into_iter()
+            .find(|a| a.path == path)
+            .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no volume at {path}")))?;
+        for s in self.sessions_where(|s| s.attachment == row.id) {
+            self.end_session(&s, AttachState::Released, "detached");
+        }
+        self.engine.tx(|t| t.delete_attachment(row.id))
+    }
+
+    /// Deletes a volume; refused while attached unless `force`, which detaches it everywhere.
+    pub fn delete_volume(&self, name: &str, force: bool) -> FsResult<()> {
+        let vol = self.engine.volume(name)?;
+        let attached = self.engine.tx(|t| t.list_attachments(None, Some(vol.id)))?;
+        if !attached.is_empty() && !force {
+            let list: Vec<String> = attached.iter().map(|a| format!("{}:{}", a.sandbox, a.path)).collect();
+            return Err(FsError::new(
+                libc::EBUSY,
+                format!("volume `{name}` is attached to {} (use --force to detach and delete)", list.join(", ")),
+            ));
+        }
+        for a in &attached {
+            for s in self.sessions_where(|s| s.attachment == a.id) {
+                self.end_session(&s, AttachState::Released, "volume deleted");
+            }
+            self.engine.tx(|t| t.delete_attachment(a.id))?;
+        }
+        self.engine.delete_volume(vol.id)
+    }
+
+    // ----- sessions -------------------------------------------------------------------------
+
+    fn sessions_where(&self, f: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
+        self.sessions.lock().unwrap().values().filter(|s| f(s)).cloned().collect()
+    }
+
+    fn register_session(&self, s: Arc<Session>) {
+        self.by_volume.lock().unwrap().entry(s.vol).or_default().push(Arc::downgrade(&s));
+        self.sessions.lock().unwrap().insert(s.id, s);
+    }
+
+    fn new_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn session(&self, id: u64) -> Option<Arc<Session>> {
+        self.sessions.lock().unwrap().get(&id).cloned()
+    }
+
+    /// Other live sessions on `vol` (for cache invalidations).
+    fn peers(&self, vol: VolId, except: u64) -> Vec<Arc<Session>> {
+        let mut map = self.by_volume.lock().unwrap();
+        let Some(list) = map.get_mut(&vol) else { return Vec::new() };
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().filter_map(|w| w.upgrade()).filter(|s| s.id != except).collect()
+    }
+
+    /// Ends a session: drops its handles (freeing unlinked files), closes its connection and
+    /// records why in the attachment.
+    pub fn end_session(&self, s: &Arc<Session>, state: AttachState, reason: &str) {
+        self.sessions.lock().unwrap().remove(&s.id);
+        s.close(&self.engine);
+        let _ = self.engine.tx(|t| match t.get_attachment(s.attachment)? {
+            Some(_) => t.set_attachment_state(s.attachment, state, reason),
+            None => Ok(()),
+        });
+    }
+}
+
+/// `/a//b/` → `/a/b`.
+pub fn normalize(path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    format!("/{}", parts.join("/"))
+}

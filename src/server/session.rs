@@ -1,0 +1,425 @@
+//! A mount session: one guest mount of one attachment, the unit that holds a lease.
+//!
+//! The session, not the connection, owns the state that must survive a reconnect: the set of
+//! inodes the guest has been handed (with their lookup counts), its open handles, and the replay
+//! record of recent mutations. A connection attaches to a session; when it drops, the session
+//! waits for its guest to come back until the lease TTL runs out, then it is ended and its
+//! handles are released.
+//!
+//! Scope rules, checked for every request:
+//! - The guest's inode 1 is the attachment's root (its subpath); every other inode number must be
+//!   one this session was handed by a lookup, create or readdirplus and has not forgotten.
+//!   Anything else is `ESTALE`: a forged number reaches nothing.
+//! - Names are single components (no `/`, no `.` or `..`), so lookups only walk down.
+//! - A read-only attachment refuses every mutation, and every open for writing, with `EROFS`.
+
+use super::Server;
+use crate::engine::meta::{AttachState, VolId};
+use crate::engine::Engine;
+use crate::fs::{Attr, FsError, FsResult, Ino, ROOT_INO};
+use crate::proto::{Notice, Op, Reply, Request, ServerMsg};
+use crate::transport::Stream;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// How many recent mutation results a session keeps for replay after a reconnect.
+const REPLAY_KEEP: usize = 4096;
+
+struct Handle {
+    ino: Ino,
+    writable: bool,
+    dir: bool,
+}
+
+/// The connection a session currently speaks through.
+pub struct Conn {
+    pub writer: Mutex<Stream>,
+}
+
+impl Conn {
+    pub fn send(&self, msg: &ServerMsg) -> std::io::Result<()> {
+        let buf = crate::proto::encode(msg)?;
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        std::io::Write::write_all(&mut *w, &buf).inspect_err(|_| w.shutdown())
+    }
+}
+
+/// Results of recent mutations by sequence number; `None` while the first copy still runs.
+#[derive(Default)]
+struct Replay {
+    done: HashMap<u64, Option<FsResult<Reply>>>,
+    order: VecDeque<u64>,
+}
+
+pub struct Session {
+    pub id: u64,
+    pub sandbox: String,
+    pub attachment: u64,
+    pub vol: VolId,
+    /// The real inode of the mount's root.
+    pub root: Ino,
+    pub read_only: bool,
+    known: Mutex<HashMap<Ino, u64>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    replay: Mutex<Replay>,
+    replayed: Condvar,
+    conn: Mutex<Option<Arc<Conn>>>,
+    /// When the guest was last heard from; with `conn == None`, when it went away.
+    last_seen: Mutex<Instant>,
+}
+
+impl Session {
+    pub fn new(id: u64, sandbox: &str, attachment: u64, vol: VolId, root: Ino, read_only: bool) -> Session {
+        Session {
+            id,
+            sandbox: sandbox.to_string(),
+            attachment,
+            vol,
+            root,
+            read_only,
+            known: Mutex::new(HashMap::from([(root, 1)])),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            replay: Mutex::new(Replay::default()),
+            replayed: Condvar::new(),
+            conn: Mutex::new(None),
+            last_seen: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn bind(&self, conn: Arc<Conn>) {
+        *self.conn.lock().unwrap() = Some(conn);
+        self.touch();
+    }
+
+    /// The connection ended; the lease clock starts unless another connection took over.
+    pub fn unbind(&self, conn: &Arc<Conn>) {
+        let mut cur = self.conn.lock().unwrap();
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *cur = None;
+            self.touch();
+        }
+    }
+
+    pub fn touch(&self) {
+        *self.last_seen.lock().unwrap() = Instant::now();
+    }
+
+    fn connected(&self) -> bool {
+        self.conn.lock().unwrap().is_some()
+    }
+
+    /// Releases every handle and closes the connection.
+    pub fn close(&self, engine: &Engine) {
+        if let Some(c) = self.conn.lock().unwrap().take() {
+            c.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+        }
+        let handles: Vec<Handle> = self.handles.lock().unwrap().drain().map(|(_, h)| h).collect();
+        for h in handles {
+            let _ = engine.release(self.vol, h.ino);
+        }
+    }
+
+    fn to_real(&self, wire: Ino) -> FsResult<Ino> {
+        let real = if wire == ROOT_INO { self.root } else { wire };
+        if self.known.lock().unwrap().contains_key(&real) {
+            Ok(real)
+        } else {
+            Err(FsError::new(libc::ESTALE, format!("inode {wire} is not known to this mount")))
+        }
+    }
+
+    fn to_wire(&self, real: Ino) -> Ino {
+        if real == self.root {
+            ROOT_INO
+        } else {
+            real
+        }
+    }
+
+    fn wire_attr(&self, mut a: Attr) -> Attr {
+        a.ino = self.to_wire(a.ino);
+        a
+    }
+
+    /// Hands an inode to the guest: one more lookup reference.
+    fn grant(&self, a: Attr) -> Attr {
+        *self.known.lock().unwrap().entry(a.ino).or_insert(0) += 1;
+        self.wire_attr(a)
+    }
+
+    fn forget(&self, real: Ino, n: u64) {
+        if real == self.root {
+            return;
+        }
+        let mut known = self.known.lock().unwrap();
+        if let Some(c) = known.get_mut(&real) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                known.remove(&real);
+            }
+        }
+    }
+
+    fn handle(&self, fh: u64, ino: Ino, write: bool) -> FsResult<()> {
+        match self.handles.lock().unwrap().get(&fh) {
+            Some(h) if h.ino == ino && !h.dir && (!write || h.writable) => Ok(()),
+            Some(h) if h.ino == ino && write && !h.writable => Err(FsError::new(libc::EBADF, format!("handle {fh} is not open for writing"))),
+            _ => Err(FsError::new(libc::EBADF, format!("no open handle {fh} for inode {ino}"))),
+        }
+    }
+
+    fn add_handle(&self, ino: Ino, writable: bool, dir: bool) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, Handle { ino, writable, dir });
+        fh
+    }
+
+    fn take_handle(&self, fh: u64, ino: Ino) -> FsResult<()> {
+        let mut handles = self.handles.lock().unwrap();
+        match handles.get(&fh) {
+            Some(h) if h.ino == ino => {
+                handles.remove(&fh);
+                Ok(())
+            }
+            _ => Err(FsError::new(libc::EBADF, format!("no open handle {fh} for inode {ino}"))),
+        }
+    }
+
+    fn push(&self, n: Notice) {
+        let conn = self.conn.lock().unwrap().clone();
+        if let Some(c) = conn {
+            let _ = c.send(&ServerMsg::Notify(n));
+        }
+    }
+
+    /// Tells this session that `ino` changed, if it has it cached.
+    fn invalidate_inode(&self, real: Ino) {
+        if self.known.lock().unwrap().contains_key(&real) {
+            self.push(Notice::InvalInode { ino: self.to_wire(real) });
+        }
+    }
+
+    fn invalidate_entry(&self, parent: Ino, name: &[u8]) {
+        if self.known.lock().unwrap().contains_key(&parent) {
+            let wire = self.to_wire(parent);
+            self.push(Notice::InvalEntry { parent: wire, name: name.to_vec() });
+            self.push(Notice::InvalInode { ino: wire });
+        }
+    }
+}
+
+/// What a mutation changed, for invalidating other sessions' caches.
+enum Changed {
+    Nothing,
+    Inode(Ino),
+    Entries(Vec<(Ino, Vec<u8>)>),
+}
+
+/// Runs one request for `s`, with replay of already-applied mutations.
+pub fn handle(server: &Server, s: &Session, req: Request) -> FsResult<Reply> {
+    s.touch();
+    if req.seq != 0 {
+        let mut replay = s.replay.lock().unwrap();
+        loop {
+            match replay.done.get(&req.seq) {
+                Some(Some(r)) => return r.clone(),
+                // The first copy (from before a reconnect) is still running: wait for its result.
+                Some(None) => replay = s.replayed.wait(replay).unwrap(),
+                None => break,
+            }
+        }
+        replay.done.insert(req.seq, None);
+        replay.order.push_back(req.seq);
+        while replay.order.len() > REPLAY_KEEP {
+            match replay.order.pop_front() {
+                Some(old) if old != req.seq => {
+                    replay.done.remove(&old);
+                }
+                _ => break,
+            }
+        }
+    }
+    let (result, changed) = match execute(server, s, &req) {
+        Ok((reply, changed)) => (Ok(reply), changed),
+        Err(e) => (Err(e), Changed::Nothing),
+    };
+    if req.seq != 0 {
+        let mut replay = s.replay.lock().unwrap();
+        if let Some(slot) = replay.done.get_mut(&req.seq) {
+            *slot = Some(result.clone());
+        }
+        s.replayed.notify_all();
+    }
+    match changed {
+        Changed::Nothing => {}
+        Changed::Inode(ino) => {
+            for p in server.peers(s.vol, s.id) {
+                p.invalidate_inode(ino);
+            }
+        }
+        Changed::Entries(entries) => {
+            for p in server.peers(s.vol, s.id) {
+                for (parent, name) in &entries {
+                    p.invalidate_entry(*parent, name);
+                }
+            }
+        }
+    }
+    result
+}
+
+fn erofs(s: &Session) -> FsError {
+    FsError::new(libc::EROFS, format!("attachment {} of sandbox `{}` is read-only", s.attachment, s.sandbox))
+}
+
+fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Changed)> {
+    let e = &server.engine;
+    let v = s.vol;
+    let c = &req.caller;
+    if s.read_only && req.op.is_mutation() {
+        return Err(erofs(s));
+    }
+    let entry = |parent: Ino, name: &[u8]| Changed::Entries(vec![(parent, name.to_vec())]);
+    Ok(match &req.op {
+        Op::Lookup { parent, name } => (Reply::Entry(s.grant(e.lookup(v, s.to_real(*parent)?, name, c)?)), Changed::Nothing),
+        Op::Forget { items } => {
+            for (ino, n) in items {
+                let real = if *ino == ROOT_INO { s.root } else { *ino };
+                s.forget(real, *n);
+            }
+            (Reply::Empty, Changed::Nothing)
+        }
+        Op::GetAttr { ino } => (Reply::Attr(s.wire_attr(e.getattr(v, s.to_real(*ino)?)?)), Changed::Nothing),
+        Op::SetAttr { ino, set } => {
+            let real = s.to_real(*ino)?;
+            (Reply::Attr(s.wire_attr(e.setattr(v, real, set, c)?)), Changed::Inode(real))
+        }
+        Op::ReadLink { ino } => (Reply::Data(e.readlink(v, s.to_real(*ino)?)?), Changed::Nothing),
+        Op::MkNod { parent, name, mode, umask, rdev } => {
+            let p = s.to_real(*parent)?;
+            (Reply::Entry(s.grant(e.mknod(v, p, name, *mode, *umask, *rdev, c)?)), entry(p, name))
+        }
+        Op::MkDir { parent, name, mode, umask } => {
+            let p = s.to_real(*parent)?;
+            (Reply::Entry(s.grant(e.mkdir(v, p, name, *mode, *umask, c)?)), entry(p, name))
+        }
+        Op::Symlink { parent, name, target } => {
+            let p = s.to_real(*parent)?;
+            (Reply::Entry(s.grant(e.symlink(v, p, name, target, c)?)), entry(p, name))
+        }
+        Op::Link { ino, new_parent, new_name } => {
+            let (i, p) = (s.to_real(*ino)?, s.to_real(*new_parent)?);
+            (Reply::Entry(s.grant(e.link(v, i, p, new_name, c)?)), entry(p, new_name))
+        }
+        Op::Unlink { parent, name } => {
+            let p = s.to_real(*parent)?;
+            e.unlink(v, p, name, c)?;
+            (Reply::Empty, entry(p, name))
+        }
+        Op::RmDir { parent, name } => {
+            let p = s.to_real(*parent)?;
+            e.rmdir(v, p, name, c)?;
+            (Reply::Empty, entry(p, name))
+        }
+        Op::Rename { parent, name, new_parent, new_name, flags } => {
+            let (p, np) = (s.to_real(*parent)?, s.to_real(*new_parent)?);
+            e.rename(v, p, name, np, new_name, *flags, c)?;
+            (Reply::Empty, Changed::Entries(vec![(p, name.clone()), (np, new_name.clone())]))
+        }
+        Op::Open { ino, flags } => {
+            let real = s.to_real(*ino)?;
+            let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+            if s.read_only && (writable || flags & libc::O_TRUNC != 0) {
+                return Err(erofs(s));
+            }
+            e.open(v, real, *flags, c)?;
+            (Reply::Opened { fh: s.add_handle(real, writable, false) }, Changed::Nothing)
+        }
+        Op::Create { parent, name, mode, umask, flags } => {
+            let p = s.to_real(*parent)?;
+            let a = e.create(v, p, name, *mode, *umask, c)?;
+            let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+            let fh = s.add_handle(a.ino, writable, false);
+            (Reply::Created { attr: s.grant(a), fh }, entry(p, name))
+        }
+        Op::Read { ino, fh, offset, size } => {
+            let real = s.to_real(*ino)?;
+            s.handle(*fh, real, false)?;
+            (Reply::Data(e.read(v, real, *offset, (*size).min(crate::proto::MAX_IO))?), Changed::Nothing)
+        }
+        Op::Write { ino, fh, offset, data } => {
+            let real = s.to_real(*ino)?;
+            s.handle(*fh, real, true)?;
+            e.write(v, real, *offset, data, false, c)?;
+            (Reply::Written(data.len() as u32), Changed::Inode(real))
+        }
+        Op::Fsync { ino, fh: _, datasync } => {
+            e.fsync(v, s.to_real(*ino)?, *datasync)?;
+            (Reply::Empty, Changed::Nothing)
+        }
+        Op::Release { ino, fh } | Op::ReleaseDir { ino, fh } => {
+            let real = s.to_real(*ino)?;
+            s.take_handle(*fh, real)?;
+            e.release(v, real)?;
+            (Reply::Empty, Changed::Nothing)
+        }
+        Op::OpenDir { ino } => {
+            let real = s.to_real(*ino)?;
+            e.opendir(v, real, c)?;
+            (Reply::Opened { fh: s.add_handle(real, false, true) }, Changed::Nothing)
+        }
+        Op::ReadDir { ino, fh: _, cookie, plus, max_entries } => {
+            let real = s.to_real(*ino)?;
+            let mut entries = e.readdir(v, real, *cookie, *max_entries, *plus)?;
+            for d in &mut entries {
+                if d.name == b".." && real == s.root {
+                    // The mount's root is its own parent: nothing above it is named.
+                    d.ino = real;
+                    d.attr = if *plus { Some(e.getattr(v, real)?) } else { None };
+                }
+                let dots = d.name == b"." || d.name == b"..";
+                d.ino = s.to_wire(d.ino);
+                if let Some(a) = d.attr.take() {
+                    // readdirplus counts as a lookup of every entry but `.` and `..`.
+                    d.attr = Some(if dots { s.wire_attr(a) } else { s.grant(a) });
+                }
+            }
+            (Reply::Dir(entries), Changed::Nothing)
+        }
+        Op::StatFs => (Reply::StatFs(e.statfs(v)?), Changed::Nothing),
+        Op::SetXattr { ino, name, value, flags } => {
+            let real = s.to_real(*ino)?;
+            e.setxattr(v, real, name, value, *flags, c)?;
+            (Reply::Empty, Changed::Inode(real))
+        }
+        Op::GetXattr { ino, name } => (Reply::Xattr(e.getxattr(v, s.to_real(*ino)?, name, c)?), Changed::Nothing),
+        Op::ListXattr { ino } => (Reply::Xattr(e.listxattr(v, s.to_real(*ino)?, c)?), Changed::Nothing),
+        Op::RemoveXattr { ino, name } => {
+            let real = s.to_real(*ino)?;
+            e.removexattr(v, real, name, c)?;
+            (Reply::Empty, Changed::Inode(real))
+        }
+        Op::Renew => (Reply::Empty, Changed::Nothing),
+    })
+}
+
+/// Ends sessions whose guest has been gone longer than the lease TTL.
+pub fn start_reaper(server: &Arc<Server>) {
+    let weak: Weak<Server> = Arc::downgrade(server);
+    std::thread::Builder::new()
+        .name("lease-reaper".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let Some(server) = weak.upgrade() else { return };
+            let ttl = server.config.lease_ttl;
+            let expired = server.sessions_where(|s| !s.connected() && s.last_seen.lock().unwrap().elapsed() > ttl);
+            for s in expired {
+                server.end_session(&s, AttachState::Released, &format!("guest gone for more than {}s: lease expired", ttl.as_secs()));
+            }
+        })
+        .expect("spawn reaper");
+}
