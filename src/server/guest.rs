@@ -33,15 +33,18 @@ pub fn accept_loop(server: Weak<Server>, rt: Arc<SandboxRt>) {
             Err(_) => return, // listener shut down
         };
         let Some(srv) = server.upgrade() else { return };
-        if let Ok(clone) = stream.try_clone() {
-            let mut conns = rt.conns.lock().unwrap();
-            conns.push(clone);
-        }
         let rt = rt.clone();
         let _ = std::thread::Builder::new().name(format!("conn-{}", rt.name)).spawn(move || {
+            let key = rt.track(&stream);
+            let closer = stream.try_clone();
             if let Err(e) = serve(&srv, &rt, stream) {
                 log::info!("sandbox {}: connection ended: {e}", rt.name);
             }
+            // Close for real: other clones of this socket must not keep the peer waiting.
+            if let Ok(c) = closer {
+                c.shutdown();
+            }
+            rt.untrack(key);
         });
     }
 }

@@ -34,17 +34,32 @@ pub struct SandboxRt {
     pub name: String,
     pub socket: PathBuf,
     listener: Listener,
-    conns: Mutex<Vec<crate::transport::Stream>>,
+    conns: Mutex<HashMap<u64, crate::transport::Stream>>,
+    next_conn: AtomicU64,
 }
 
 impl SandboxRt {
     /// Closes every connection of this sandbox from the host side, as a snapshot restore does.
     pub fn reset_connections(&self) -> usize {
         let conns = std::mem::take(&mut *self.conns.lock().unwrap());
-        for c in &conns {
+        for c in conns.values() {
             c.shutdown();
         }
         conns.len()
+    }
+
+    /// Remembers a live connection so that it can be reset; returns its key.
+    pub fn track(&self, s: &crate::transport::Stream) -> Option<u64> {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let clone = s.try_clone().ok()?;
+        self.conns.lock().unwrap().insert(id, clone);
+        Some(id)
+    }
+
+    pub fn untrack(&self, id: Option<u64>) {
+        if let Some(id) = id {
+            self.conns.lock().unwrap().remove(&id);
+        }
     }
 }
 
@@ -133,7 +148,7 @@ impl Server {
         let socket = dir.join(format!("vsock_{GUEST_SERVER_PORT}"));
         let listener = Listener::bind_unix(&socket)
             .map_err(|e| FsError::new(libc::EIO, format!("cannot listen on {}: {e}", socket.display())))?;
-        let rt = Arc::new(SandboxRt { name: name.to_string(), socket, listener, conns: Mutex::new(Vec::new()) });
+        let rt = Arc::new(SandboxRt { name: name.to_string(), socket, listener, conns: Mutex::new(HashMap::new()), next_conn: AtomicU64::new(1) });
         self.sandboxes.lock().unwrap().insert(name.to_string(), rt.clone());
         let server = Arc::downgrade(self);
         let rt2 = rt.clone();

@@ -1,0 +1,265 @@
+//! A hostile guest: a hand-written client that speaks the wire protocol directly on a sandbox's
+//! guest listener, ignoring every courtesy the FUSE layer would show. The host must hold the
+//! line on its own: read-only attachments refuse every mutation, a subpath attachment reaches
+//! nothing outside its subtree whatever inode number is forged, a sandbox reaches only its own
+//! attachments, and bad frames close only the connection that sent them.
+
+use crate::harness::*;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+use volumefs::fs::{Caller, FsError, SetAttr};
+use volumefs::proto::{self, Hello, Op, Reply, Request, Role, ServerMsg, Welcome, PROTOCOL_VERSION};
+
+struct Raw {
+    s: UnixStream,
+    next: u64,
+}
+
+impl Raw {
+    fn connect(socket: &Path) -> Raw {
+        let s = UnixStream::connect(socket).expect("connect to the guest socket");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Raw { s, next: 1 }
+    }
+
+    fn hello(&mut self, role: Role) -> Welcome {
+        proto::write_frame(&mut self.s, &Hello { version: PROTOCOL_VERSION, role }).unwrap();
+        proto::read_frame(&mut self.s).unwrap().expect("a welcome")
+    }
+
+    fn attachments(socket: &Path) -> Vec<proto::AttachmentSpec> {
+        match Raw::connect(socket).hello(Role::Control) {
+            Welcome::Control { attachments, .. } => attachments,
+            other => panic!("control hello: {other:?}"),
+        }
+    }
+
+    fn mount(socket: &Path, attachment: u64) -> (Raw, bool) {
+        let mut raw = Raw::connect(socket);
+        match raw.hello(Role::Mount { attachment, resume: None }) {
+            Welcome::Mount { read_only, .. } => (raw, read_only),
+            other => panic!("mount hello: {other:?}"),
+        }
+    }
+
+    fn call(&mut self, op: Op) -> Result<Reply, FsError> {
+        let id = self.next;
+        self.next += 1;
+        let seq = if op.is_mutation() { id } else { 0 };
+        proto::write_frame(&mut self.s, &Request { id, seq, caller: Caller::root(), op }).unwrap();
+        loop {
+            match proto::read_frame::<ServerMsg>(&mut self.s).unwrap().expect("a reply") {
+                ServerMsg::Reply { id: got, result } if got == id => return result,
+                _ => continue,
+            }
+        }
+    }
+
+    fn errno(&mut self, op: Op) -> i32 {
+        let what = format!("{op:?}");
+        match self.call(op) {
+            Ok(r) => panic!("{what}: expected an error, got {r:?}"),
+            Err(e) => e.errno,
+        }
+    }
+
+    /// Whether the server has closed this connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+fn entry_ino(r: Result<Reply, FsError>) -> u64 {
+    match r {
+        Ok(Reply::Entry(a)) => a.ino,
+        other => panic!("expected an entry, got {other:?}"),
+    }
+}
+
+/// A volume with `/secret.txt` and `/sub/inner.txt`, written through an owner's whole-volume
+/// mount, and a second sandbox `evil` with a read-only and a read-write attachment of `/sub`.
+struct Setup {
+    evil: std::path::PathBuf,
+    secret_ino: u64,
+    _owner: Agent,
+    c: Cluster,
+}
+
+fn setup() -> Setup {
+    let c = Cluster::new();
+    c.create_volume("vol", Some("64MiB"));
+    let owner_sock = c.sandbox("owner");
+    let mnt = c.path("owner");
+    c.attach("owner", "vol", &mnt, &[]);
+    let owner = c.start_agent(&owner_sock, &[&mnt]);
+    write(&mnt.join("secret.txt"), b"top secret");
+    std::fs::create_dir(mnt.join("sub")).unwrap();
+    write(&mnt.join("sub/inner.txt"), b"inner");
+    let secret_ino = std::fs::metadata(mnt.join("secret.txt")).unwrap().ino();
+    let evil = c.sandbox("evil");
+    c.attach("evil", "vol", &c.path("ro"), &["--read-only", "--subpath", "/sub"]);
+    c.attach("evil", "vol", &c.path("rw"), &["--subpath", "/sub"]);
+    Setup { evil, secret_ino, _owner: owner, c }
+}
+
+#[test]
+fn read_only_attachment_refuses_every_mutation_from_a_raw_client() {
+    require_fuse!();
+    let s = setup();
+    let ro = Raw::attachments(&s.evil).into_iter().find(|a| a.read_only).expect("ro attachment");
+    let (mut raw, read_only) = Raw::mount(&s.evil, ro.id);
+    assert!(read_only, "the server must say the mount is read-only");
+    let inner = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"inner.txt".to_vec() }));
+    // Reading is allowed.
+    let fh = match raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY }) {
+        Ok(Reply::Opened { fh }) => fh,
+        other => panic!("open for reading: {other:?}"),
+    };
+    assert_eq!(raw.call(Op::Read { ino: inner, fh, offset: 0, size: 100 }), Ok(Reply::Data(b"inner".to_vec())));
+    // Every mutation, including a write on a handle opened for reading, is refused.
+    let name = |n: &str| n.as_bytes().to_vec();
+    let mutations = vec![
+        Op::Open { ino: inner, flags: libc::O_RDWR },
+        Op::Open { ino: inner, flags: libc::O_RDONLY | libc::O_TRUNC },
+        Op::Write { ino: inner, fh, offset: 0, data: b"pwned".to_vec() },
+        Op::SetAttr { ino: inner, set: SetAttr { size: Some(0), ..Default::default() } },
+        Op::SetAttr { ino: inner, set: SetAttr { mode: Some(0o777), ..Default::default() } },
+        Op::Create { parent: 1, name: name("new"), mode: 0o644, umask: 0, flags: libc::O_RDWR },
+        Op::MkDir { parent: 1, name: name("d"), mode: 0o755, umask: 0 },
+        Op::MkNod { parent: 1, name: name("f"), mode: libc::S_IFIFO | 0o644, umask: 0, rdev: 0 },
+        Op::Symlink { parent: 1, name: name("l"), target: name("inner.txt") },
+        Op::Link { ino: inner, new_parent: 1, new_name: name("hl") },
+        Op::Unlink { parent: 1, name: name("inner.txt") },
+        Op::Rename { parent: 1, name: name("inner.txt"), new_parent: 1, new_name: name("x"), flags: 0 },
+        Op::SetXattr { ino: inner, name: name("user.x"), value: name("1"), flags: 0 },
+        Op::RemoveXattr { ino: inner, name: name("user.x") },
+    ];
+    for op in mutations {
+        assert_eq!(raw.errno(op.clone()), libc::EROFS, "{op:?}");
+    }
+    // Nothing changed.
+    assert_eq!(read(&s.c.path("owner/sub/inner.txt")), b"inner");
+    assert_eq!(list(&s.c.path("owner/sub")), vec!["inner.txt".to_string()]);
+}
+
+#[test]
+fn subpath_attachment_cannot_be_escaped_with_forged_inodes_or_names() {
+    require_fuse!();
+    let s = setup();
+    let rw = Raw::attachments(&s.evil).into_iter().find(|a| !a.read_only).expect("rw attachment");
+    let (mut raw, read_only) = Raw::mount(&s.evil, rw.id);
+    assert!(!read_only);
+    // The mount's root is /sub: the volume's top level is not visible from it.
+    assert_eq!(raw.errno(Op::Lookup { parent: 1, name: b"secret.txt".to_vec() }), libc::ENOENT);
+    assert_eq!(raw.errno(Op::Lookup { parent: 1, name: b"..".to_vec() }), libc::EINVAL);
+    assert_eq!(raw.errno(Op::Lookup { parent: 1, name: b"../secret.txt".to_vec() }), libc::EINVAL);
+    // Forged inode numbers: the secret file, the volume root, anything never handed out.
+    // (The volume's own root cannot even be named: inode 1 on this connection is /sub.)
+    for ino in [s.secret_ino, 1000, 123_456, u64::MAX] {
+        assert_eq!(raw.errno(Op::GetAttr { ino }), libc::ESTALE, "getattr of forged inode {ino}");
+        assert_eq!(raw.errno(Op::Open { ino, flags: libc::O_RDONLY }), libc::ESTALE, "open of forged inode {ino}");
+        assert_eq!(raw.errno(Op::Read { ino, fh: 1, offset: 0, size: 64 }), libc::ESTALE, "read of forged inode {ino}");
+        assert_eq!(raw.errno(Op::Write { ino, fh: 1, offset: 0, data: b"x".to_vec() }), libc::ESTALE, "write to forged inode {ino}");
+        assert_eq!(
+            raw.errno(Op::Link { ino, new_parent: 1, new_name: b"stolen".to_vec() }),
+            libc::ESTALE,
+            "hard link of forged inode {ino}"
+        );
+        assert_eq!(
+            raw.errno(Op::Rename { parent: ino, name: b"secret.txt".to_vec(), new_parent: 1, new_name: b"s".to_vec(), flags: 0 }),
+            libc::ESTALE,
+            "rename out of forged directory {ino}"
+        );
+        assert_eq!(raw.errno(Op::ReadDir { ino, fh: 1, cookie: 0, plus: true, max_entries: 100 }), libc::ESTALE);
+    }
+    // The root's `..` names the root itself, and its listing shows only /sub's entries.
+    match raw.call(Op::ReadDir { ino: 1, fh: 0, cookie: 0, plus: true, max_entries: 100 }) {
+        Ok(Reply::Dir(entries)) => {
+            let names: Vec<String> = entries.iter().map(|d| String::from_utf8_lossy(&d.name).into_owned()).collect();
+            assert_eq!(names, [".", "..", "inner.txt"]);
+            assert_eq!(entries[1].ino, 1, "`..` of the mount root is the root");
+        }
+        other => panic!("readdir: {other:?}"),
+    }
+    // A file handle of one inode cannot be used for another.
+    let inner = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"inner.txt".to_vec() }));
+    let fh = match raw.call(Op::Open { ino: inner, flags: libc::O_RDWR }) {
+        Ok(Reply::Opened { fh }) => fh,
+        other => panic!("open: {other:?}"),
+    };
+    assert_eq!(raw.errno(Op::Read { ino: s.secret_ino, fh, offset: 0, size: 64 }), libc::ESTALE);
+    // After forgetting an inode (looked up twice: by readdirplus and by lookup), its number is
+    // no longer accepted.
+    raw.call(Op::Release { ino: inner, fh }).unwrap();
+    raw.call(Op::Forget { items: vec![(inner, 1)] }).unwrap();
+    assert!(matches!(raw.call(Op::GetAttr { ino: inner }), Ok(Reply::Attr(_))), "one reference is left");
+    raw.call(Op::Forget { items: vec![(inner, 1)] }).unwrap();
+    assert_eq!(raw.errno(Op::GetAttr { ino: inner }), libc::ESTALE);
+    // The secret is untouched.
+    assert_eq!(read(&s.c.path("owner/secret.txt")), b"top secret");
+}
+
+#[test]
+fn a_sandbox_reaches_only_its_own_attachments() {
+    require_fuse!();
+    let s = setup();
+    let owner_att = Raw::attachments(&s.c.data.join("sandboxes/owner/vsock_1024"));
+    let theirs = owner_att[0].id;
+    let mine: Vec<u64> = Raw::attachments(&s.evil).iter().map(|a| a.id).collect();
+    assert!(!mine.contains(&theirs));
+    let mut raw = Raw::connect(&s.evil);
+    match raw.hello(Role::Mount { attachment: theirs, resume: None }) {
+        Welcome::Refused(e) => assert_eq!(e.errno, libc::ENOENT, "{e}"),
+        other => panic!("mounting another sandbox's attachment must be refused, got {other:?}"),
+    }
+    // Resuming another sandbox's session is no way in either.
+    let mut raw = Raw::connect(&s.evil);
+    match raw.hello(Role::Mount { attachment: theirs, resume: Some(1) }) {
+        Welcome::Refused(e) => assert_eq!(e.errno, libc::ENOENT, "{e}"),
+        other => panic!("resuming another sandbox's session must be refused, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_frames_close_only_their_connection() {
+    require_fuse!();
+    let s = setup();
+    let owner_mnt = s.c.path("owner");
+    let rw = Raw::attachments(&s.evil).into_iter().find(|a| !a.read_only).unwrap();
+    // A healthy raw mount that must survive its neighbours' misbehaviour.
+    let (mut good, _) = Raw::mount(&s.evil, rw.id);
+    let junk: Vec<Vec<u8>> = vec![
+        u32::MAX.to_le_bytes().to_vec(),                                     // absurd length
+        ((proto::MAX_FRAME + 1) as u32).to_le_bytes().to_vec(),               // just over the limit
+        [16u32.to_le_bytes().to_vec(), vec![0xff; 16]].concat(),               // undecodable body
+        [4u32.to_le_bytes().to_vec(), vec![0x00, 0x00, 0x00, 0x00]].concat(),  // valid length, wrong shape
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),                                    // wrong protocol altogether
+    ];
+    for (i, bytes) in junk.iter().enumerate() {
+        // As the first frame.
+        let mut bad = Raw::connect(&s.evil);
+        bad.s.write_all(bytes).unwrap();
+        assert!(bad.closed(), "junk #{i} as a hello must close the connection");
+        // After a successful handshake, as a request.
+        let (mut bad, _) = Raw::mount(&s.evil, rw.id);
+        bad.s.write_all(bytes).unwrap();
+        assert!(bad.closed(), "junk #{i} as a request must close the connection");
+    }
+    // An unknown protocol version is refused with a reason.
+    let mut old = Raw::connect(&s.evil);
+    proto::write_frame(&mut old.s, &Hello { version: 999, role: Role::Control }).unwrap();
+    match proto::read_frame::<Welcome>(&mut old.s).unwrap() {
+        Some(Welcome::Refused(e)) => assert!(e.msg.contains("version"), "{e}"),
+        other => panic!("version 999: {other:?}"),
+    }
+    // Everyone else is still served: the raw mount, the owner's FUSE mount, new connections.
+    let inner = entry_ino(good.call(Op::Lookup { parent: 1, name: b"inner.txt".to_vec() }));
+    assert!(matches!(good.call(Op::GetAttr { ino: inner }), Ok(Reply::Attr(_))));
+    write(&owner_mnt.join("after.txt"), b"still serving");
+    assert_eq!(read(&owner_mnt.join("after.txt")), b"still serving");
+    assert!(!Raw::attachments(&s.evil).is_empty());
+}
