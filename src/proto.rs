@@ -45,9 +45,10 @@ pub struct Hello {
 pub enum Role {
     /// The agent asking which attachments its sandbox has.
     Control,
-    /// One mount of one attachment. `resume` names a session this guest held before a
-    /// reconnect so that its open handles and replay record carry over.
-    Mount { attachment: u64, resume: Option<u64> },
+    /// One mount: the attachment at `path` in this sandbox. `resume` names the session this
+    /// guest held before a reconnect (or, in a forked VM, the parent's session) so that its
+    /// open handles, inode references and replay record carry over.
+    Mount { path: String, resume: Option<u64> },
 }
 
 /// What an attachment is, as the guest needs to know it to mount it.
@@ -63,7 +64,7 @@ pub struct AttachmentSpec {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Welcome {
     Control { sandbox: String, attachments: Vec<AttachmentSpec> },
-    Mount { session: u64, read_only: bool, volume: String, max_io: u32 },
+    Mount { session: u64, attachment: u64, read_only: bool, volume: String, max_io: u32, lease_ttl_ms: u64 },
     Refused(FsError),
 }
 
@@ -98,7 +99,8 @@ pub enum Op {
     Read { ino: Ino, fh: u64, offset: u64, size: u32 },
     Write { ino: Ino, fh: u64, offset: u64, data: Vec<u8> },
     Fsync { ino: Ino, fh: u64, datasync: bool },
-    Release { ino: Ino, fh: u64 },
+    /// Closes a handle; `lock_owner` is set when flock locks of that owner must go too.
+    Release { ino: Ino, fh: u64, lock_owner: Option<u64> },
     OpenDir { ino: Ino },
     /// Entries after `cookie`; `plus` asks for attributes too (and counts as a lookup of each).
     ReadDir { ino: Ino, fh: u64, cookie: u64, plus: bool, max_entries: u32 },
@@ -110,6 +112,64 @@ pub enum Op {
     RemoveXattr { ino: Ino, name: Vec<u8> },
     /// Keep this session's lease alive.
     Renew,
+    /// Give the lease up (hibernation): the session is kept for a later resume, and the
+    /// server closes the connection after answering.
+    ReleaseLease,
+    /// Release POSIX locks of `lock_owner` on `ino` (close of a descriptor).
+    Flush { ino: Ino, fh: u64, lock_owner: u64 },
+    /// The first lock that would conflict with `lock`, if any.
+    GetLk { ino: Ino, lock: Lock },
+    /// Takes or releases a byte-range lock; never blocks (the guest retries on `EAGAIN`).
+    SetLk { ino: Ino, lock: Lock },
+}
+
+/// A byte-range advisory lock as fcntl(2) describes it; `end` is inclusive.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    pub owner: u64,
+    pub start: u64,
+    pub end: u64,
+    /// `F_RDLCK`, `F_WRLCK` or `F_UNLCK`.
+    pub typ: i32,
+    pub pid: u32,
+}
+
+/// Commands the host sends to a guest agent on its control port (vsock port 1025, or a unix
+/// socket next to the sandbox's guest socket when the agent runs on an ordinary host). One
+/// command per connection, answered by one [`AgentReply`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum AgentCommand {
+    /// Mount this attachment now.
+    Attach(AttachmentSpec),
+    /// Flush and unmount the volume at `path`; `force` detaches it even if busy.
+    Detach { path: String, force: bool },
+    /// Flush every mount, give up the leases, and make every access wait.
+    Hibernate,
+    /// Take the leases again and let waiting accesses continue.
+    Resume,
+    /// Run a program and return its output.
+    Exec { argv: Vec<String>, stdin: Vec<u8>, timeout_ms: u64 },
+    /// Flush and unmount everything, then power the VM off (exit, outside a VM).
+    Shutdown,
+    /// What is mounted and in which state.
+    Status,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MountStatus {
+    pub path: String,
+    pub volume: String,
+    pub read_only: bool,
+    pub session: u64,
+    pub hibernated: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum AgentReply {
+    Done,
+    Status(Vec<MountStatus>),
+    Exec { code: i32, stdout: Vec<u8>, stderr: Vec<u8> },
+    Failed(FsError),
 }
 
 impl Op {
@@ -132,6 +192,11 @@ impl Op {
                 | Op::RemoveXattr { .. }
         )
     }
+
+    /// Whether a replay of this op must be recognised (it changes state on the server).
+    pub fn is_sequenced(&self) -> bool {
+        self.is_mutation() || matches!(self, Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease)
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -147,6 +212,8 @@ pub enum Reply {
     Dir(Vec<DirEntry>),
     StatFs(StatFs),
     Xattr(Vec<u8>),
+    /// Answer to `GetLk`: the conflicting lock, or one with `typ == F_UNLCK`.
+    Lock(Lock),
 }
 
 /// Pushed by the server: something this session has cached changed elsewhere.

@@ -27,9 +27,13 @@ token from --token or VOLUMEFS_TOKEN):
   volumefs sandbox list [--json]
   volumefs sandbox delete SB
   volumefs sandbox attachments SB [--json]
-  volumefs sandbox reset-connections SB
+  volumefs sandbox reset-connections SB                 closes them as a snapshot restore does
+  volumefs sandbox hibernate SB [--json]                flush, release leases, accesses wait
+  volumefs sandbox resume SB [--json]
+  volumefs sandbox fork SB NEW [--json]
+  volumefs sandbox exec SB -- CMD [ARGS...]             runs CMD in the sandbox through its agent
   volumefs attach SB VOLUME --at PATH [--read-only] [--subpath DIR] [--json]
-  volumefs detach SB --at PATH
+  volumefs detach SB --at PATH [--force]
 ";
 
 /// Parsed arguments: positionals in order, `--flag value` and bare `--switch`es.
@@ -80,6 +84,15 @@ impl Args {
 
 /// Runs the CLI; returns the process exit code.
 pub fn main(argv: Vec<String>) -> i32 {
+    if let Some(dash) = argv.iter().position(|a| a == "--") {
+        return match exec(&argv[..dash], &argv[dash + 1..]) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("volumefs: {e}");
+                1
+            }
+        };
+    }
     match run(&argv) {
         Ok(()) => 0,
         Err(e) => {
@@ -209,22 +222,7 @@ fn run(argv: &[String]) -> Result<(), String> {
         ["sandbox", "attachments", name] => {
             a.only(&["--json"])?;
             let v = call(&a, "GET", &format!("/v1/sandboxes/{}/attachments", encode(name)), None)?;
-            if a.has("--json") {
-                print_json(&v);
-            } else {
-                println!("{:<20} {:<16} {:<4} {:<16} {:<9} REASON", "PATH", "VOLUME", "MODE", "SUBPATH", "STATE");
-                for at in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<20} {:<16} {:<4} {:<16} {:<9} {}",
-                        at["path"].as_str().unwrap_or(""),
-                        at["volume"].as_str().unwrap_or(""),
-                        if at["read_only"].as_bool().unwrap_or(false) { "ro" } else { "rw" },
-                        at["subpath"].as_str().unwrap_or(""),
-                        at["state"].as_str().unwrap_or(""),
-                        at["reason"].as_str().unwrap_or("")
-                    );
-                }
-            }
+            print_attachments(&a, &v);
             Ok(())
         }
         ["sandbox", "reset-connections", name] => {
@@ -238,6 +236,12 @@ fn run(argv: &[String]) -> Result<(), String> {
             let at = a.flag("--at").ok_or("attach needs --at /mount/path")?;
             let body = json!({"volume": volume, "path": at, "read_only": a.has("--read-only"), "subpath": a.flag("--subpath").unwrap_or("/")});
             let v = call(&a, "POST", &format!("/v1/sandboxes/{}/attachments", encode(sb)), Some(body))?;
+            if v["state"] == "failed" {
+                if a.has("--json") {
+                    print_json(&v);
+                }
+                return Err(format!("attached {volume} at {at} in {sb}, but mounting it failed: {}", v["reason"].as_str().unwrap_or("")));
+            }
             if a.has("--json") {
                 print_json(&v);
             } else {
@@ -251,13 +255,71 @@ fn run(argv: &[String]) -> Result<(), String> {
             Ok(())
         }
         ["detach", sb] => {
-            a.only(&["--at"])?;
+            a.only(&["--at", "--force"])?;
             let at = a.flag("--at").ok_or("detach needs --at /mount/path")?;
-            call(&a, "DELETE", &format!("/v1/sandboxes/{}/attachments?path={}", encode(sb), encode(at)), None)?;
+            let force = if a.has("--force") { "&force=true" } else { "" };
+            call(&a, "DELETE", &format!("/v1/sandboxes/{}/attachments?path={}{force}", encode(sb), encode(at)), None)?;
             println!("detached {at} from {sb}");
             Ok(())
         }
+        ["sandbox", verb @ ("hibernate" | "resume"), sb] => {
+            a.only(&["--json"])?;
+            let v = call(&a, "POST", &format!("/v1/sandboxes/{}/{verb}", encode(sb)), None)?;
+            print_attachments(&a, &v);
+            Ok(())
+        }
+        ["sandbox", "fork", sb, new] => {
+            a.only(&["--json"])?;
+            let v = call(&a, "POST", &format!("/v1/sandboxes/{}/fork", encode(sb)), Some(json!({"name": new})))?;
+            if a.has("--json") {
+                print_json(&v);
+            } else {
+                println!("{}", v["guest_socket"].as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
         _ => Err(format!("unknown command: {}\n\n{USAGE}", cmd.join(" "))),
+    }
+}
+
+/// `volumefs sandbox exec SB -- CMD ARGS…`: the command's output, and its exit code as ours.
+fn exec(head: &[String], cmd: &[String]) -> Result<i32, String> {
+    use std::io::{Read, Write};
+    let a = parse_args(head)?;
+    a.only(&["--timeout", "--stdin"])?;
+    let sb = match a.pos.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["sandbox", "exec", sb] => sb.to_string(),
+        _ => return Err(format!("expected: volumefs sandbox exec SB -- CMD [ARGS...]\n\n{USAGE}")),
+    };
+    if cmd.is_empty() {
+        return Err("sandbox exec needs a command after --".into());
+    }
+    let mut stdin = String::new();
+    if a.has("--stdin") {
+        std::io::stdin().read_to_string(&mut stdin).map_err(|e| format!("cannot read stdin: {e}"))?;
+    }
+    let v = call(&a, "POST", &format!("/v1/sandboxes/{}/exec", encode(&sb)), Some(json!({"argv": cmd, "stdin": stdin})))?;
+    print!("{}", v["stdout"].as_str().unwrap_or(""));
+    eprint!("{}", v["stderr"].as_str().unwrap_or(""));
+    let _ = std::io::stdout().flush();
+    Ok(v["code"].as_i64().unwrap_or(1) as i32)
+}
+
+fn print_attachments(a: &Args, v: &Value) {
+    if a.has("--json") {
+        return print_json(v);
+    }
+    println!("{:<20} {:<16} {:<4} {:<16} {:<9} REASON", "PATH", "VOLUME", "MODE", "SUBPATH", "STATE");
+    for at in v.as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<16} {:<4} {:<16} {:<9} {}",
+            at["path"].as_str().unwrap_or(""),
+            at["volume"].as_str().unwrap_or(""),
+            if at["read_only"].as_bool().unwrap_or(false) { "ro" } else { "rw" },
+            at["subpath"].as_str().unwrap_or(""),
+            at["state"].as_str().unwrap_or(""),
+            at["reason"].as_str().unwrap_or("")
+        );
     }
 }
 

@@ -124,6 +124,8 @@ pub trait MetaTxn {
     fn has_dentries(&mut self, vol: VolId, parent: Ino) -> FsResult<bool>;
     /// The directory that holds directory `ino` (directories have exactly one name).
     fn dir_parent(&mut self, vol: VolId, ino: Ino) -> FsResult<Option<Ino>>;
+    /// Every directory holding a name of `ino` (several for hard links).
+    fn parents(&mut self, vol: VolId, ino: Ino) -> FsResult<Vec<Ino>>;
 
     fn get_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8]) -> FsResult<Option<Vec<u8>>>;
     fn set_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8], value: &[u8]) -> FsResult<()>;

@@ -267,6 +267,25 @@ impl Engine {
         self.tx(|t| t.dir_parent(vol, ino))?.ok_or_else(|| stale(ino))
     }
 
+    /// Whether inode `ino` exists and has a name inside the tree rooted at directory `root`
+    /// (or is `root`). This is the scope rule of subpath attachments.
+    pub fn within(&self, vol: VolId, ino: Ino, root: Ino) -> FsResult<bool> {
+        self.tx(|t| {
+            if t.get_inode(vol, ino)?.is_none() {
+                return Ok(false);
+            }
+            if ino == root || root == ROOT_INO {
+                return Ok(true);
+            }
+            for parent in t.parents(vol, ino)? {
+                if Self::is_within(t, vol, parent, root)? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+
     /// Resolves a `/`-separated path from the volume root (no symlinks followed).
     pub fn resolve(&self, vol: VolId, path: &str, c: &Caller) -> FsResult<Attr> {
         let mut cur = self.getattr(vol, ROOT_INO)?;
@@ -712,7 +731,8 @@ impl Engine {
 
     // ----- open files and data ---------------------------------------------------------------
 
-    fn hold(&self, vol: VolId, ino: Ino) {
+    /// Takes one more handle on an inode (open files keep unlinked inodes alive).
+    pub fn hold(&self, vol: VolId, ino: Ino) {
         *self.open.lock().unwrap().entry((vol, ino)).or_insert(0) += 1;
     }
 

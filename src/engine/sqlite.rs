@@ -340,6 +340,12 @@ impl MetaTxn for SqliteTxn<'_> {
             .map_err(db_err)
     }
 
+    fn parents(&mut self, vol: VolId, ino: Ino) -> FsResult<Vec<Ino>> {
+        let mut st = self.tx.prepare_cached("SELECT DISTINCT parent FROM dentries WHERE vol = ?1 AND ino = ?2").map_err(db_err)?;
+        let rows = st.query_map(params![vol, ino as i64], |r| Ok(r.get::<_, i64>(0)? as u64)).map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
     fn get_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
         self.tx
             .query_row("SELECT value FROM xattrs WHERE vol = ?1 AND ino = ?2 AND name = ?3", params![vol, ino as i64, name], |r| r.get(0))

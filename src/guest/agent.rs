@@ -4,11 +4,19 @@
 //! Shutdown (SIGTERM or SIGINT) is orderly: each mount is synced (`syncfs`, which makes the
 //! kernel write back its dirty pages through us) and unmounted before the agent exits, so nothing
 //! written before the signal is lost.
+//!
+//! The agent also listens on a control port for the host's runtime commands
+//! ([`AgentCommand`]): attach, detach, hibernate, resume, exec, shutdown, status. In a VM that is
+//! vsock port 1025 (the host reaches it through its hybrid-vsock socket); on an ordinary host it
+//! is the unix socket `agent.sock` next to the sandbox's guest socket.
 
 use super::client::{control_hello, MountClient};
 use super::fuse::VolumeFs;
-use crate::proto::AttachmentSpec;
-use crate::transport::Endpoint;
+use crate::fs::FsError;
+use crate::proto::{self, AgentCommand, AgentReply, AttachmentSpec, MountStatus};
+use crate::transport::{Endpoint, Listener, AGENT_CONTROL_PORT};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -37,7 +45,7 @@ impl Mount {
         if is_mountpoint(&path) {
             return Err(format!("{} is already a mount point", path.display()));
         }
-        let client = MountClient::connect(endpoint.clone(), spec.id).map_err(|e| format!("volume {} at {}: {e}", spec.volume, spec.path))?;
+        let client = MountClient::connect(endpoint.clone(), &spec.path).map_err(|e| format!("volume {} at {}: {e}", spec.volume, spec.path))?;
         let granted = client.granted();
         let mut options = vec![
             fuser::MountOption::FSName(format!("volumefs:{}", granted.volume)),
@@ -136,43 +144,254 @@ fn unescape(s: &str) -> String {
     s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
-/// `volumefs-guest agent`: mounts the sandbox's attachments and serves until SIGTERM.
-pub fn run(server: Endpoint) -> Result<(), String> {
+/// The agent's state: its mounts by path, and whether it is hibernated.
+pub struct Agent {
+    server: Endpoint,
+    mounts: Mutex<BTreeMap<String, Mount>>,
+    hibernated: Mutex<bool>,
+    /// Inside a VM a shutdown powers the machine off; on an ordinary host it only exits.
+    in_vm: bool,
+}
+
+/// How long hibernation may wait for requests in flight, and resume for the host.
+const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Agent {
+    fn mount(&self, spec: &AttachmentSpec) -> Result<(), FsError> {
+        let mut mounts = self.mounts.lock().unwrap();
+        if mounts.contains_key(&spec.path) {
+            return Err(FsError::new(libc::EBUSY, format!("{} is already mounted", spec.path)));
+        }
+        let m = Mount::start(&self.server, spec).map_err(|e| FsError::new(libc::EIO, e))?;
+        println!("mounted {} {}{}", spec.path, spec.volume, if spec.read_only { " ro" } else { "" });
+        mounts.insert(spec.path.clone(), m);
+        Ok(())
+    }
+
+    fn handle(&self, cmd: AgentCommand) -> AgentReply {
+        let result = match cmd {
+            AgentCommand::Attach(spec) => self.mount(&spec).map(|_| AgentReply::Done),
+            AgentCommand::Detach { path, force } => self.detach(&path, force).map(|_| AgentReply::Done),
+            AgentCommand::Hibernate => self.hibernate().map(|_| AgentReply::Done),
+            AgentCommand::Resume => self.resume().map(|_| AgentReply::Done),
+            AgentCommand::Exec { argv, stdin, timeout_ms } => exec(&argv, &stdin, Duration::from_millis(timeout_ms)),
+            AgentCommand::Status => Ok(AgentReply::Status(self.status())),
+            AgentCommand::Shutdown => {
+                STOP.store(true, Ordering::SeqCst);
+                Ok(AgentReply::Done)
+            }
+        };
+        result.unwrap_or_else(AgentReply::Failed)
+    }
+
+    fn detach(&self, path: &str, force: bool) -> Result<(), FsError> {
+        let m = self.mounts.lock().unwrap().remove(path).ok_or_else(|| FsError::new(libc::ENOENT, format!("nothing is mounted at {path}")))?;
+        let p = PathBuf::from(path);
+        syncfs(&p);
+        let c = cpath(&p);
+        // SAFETY: umount2 with a NUL-terminated path.
+        let rc = unsafe { libc::umount2(c.as_ptr(), if force { libc::MNT_DETACH } else { 0 }) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            self.mounts.lock().unwrap().insert(path.to_string(), m);
+            return Err(FsError::new(
+                e.raw_os_error().unwrap_or(libc::EBUSY),
+                format!("cannot unmount {path}: {e} (a process is using it; detach with --force to detach it lazily)"),
+            ));
+        }
+        m.stop();
+        println!("unmounted {path}");
+        Ok(())
+    }
+
+    fn hibernate(&self) -> Result<(), FsError> {
+        let mut h = self.hibernated.lock().unwrap();
+        if *h {
+            return Ok(());
+        }
+        let mounts = self.mounts.lock().unwrap();
+        for (path, m) in mounts.iter() {
+            if !m.spec.read_only {
+                syncfs(Path::new(path));
+            }
+            m.client.hibernate(LIFECYCLE_TIMEOUT)?;
+        }
+        *h = true;
+        println!("hibernated");
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), FsError> {
+        let mut h = self.hibernated.lock().unwrap();
+        let mounts = self.mounts.lock().unwrap();
+        for m in mounts.values() {
+            m.client.wake(LIFECYCLE_TIMEOUT)?;
+        }
+        *h = false;
+        println!("resumed");
+        Ok(())
+    }
+
+    fn status(&self) -> Vec<MountStatus> {
+        let hibernated = *self.hibernated.lock().unwrap();
+        self.mounts
+            .lock()
+            .unwrap()
+            .values()
+            .map(|m| {
+                let g = m.client.granted();
+                MountStatus { path: m.spec.path.clone(), volume: g.volume, read_only: g.read_only, session: g.session, hibernated }
+            })
+            .collect()
+    }
+}
+
+/// Runs a program for `exec`, feeding `stdin`, killing it after `timeout`.
+fn exec(argv: &[String], stdin: &[u8], timeout: Duration) -> Result<AgentReply, FsError> {
+    use std::io::{Read, Write};
+    let (prog, args) = argv.split_first().ok_or_else(|| FsError::new(libc::EINVAL, "exec needs a command"))?;
+    let mut child = std::process::Command::new(prog)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| FsError::new(e.raw_os_error().unwrap_or(libc::ENOENT), format!("cannot run {prog}: {e}")))?;
+    let mut input = child.stdin.take();
+    let data = stdin.to_vec();
+    let feeder = std::thread::spawn(move || {
+        if let Some(i) = input.as_mut() {
+            let _ = i.write_all(&data);
+        }
+    });
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let o = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_end(&mut b);
+        }
+        b
+    });
+    let e = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_end(&mut b);
+        }
+        b
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(FsError::from)? {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().map_err(FsError::from)?;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = feeder.join();
+    let stdout = o.join().unwrap_or_default();
+    let mut stderr = e.join().unwrap_or_default();
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    if status.signal().is_some() && std::time::Instant::now() > deadline {
+        stderr.extend_from_slice(format!("volumefs-guest: killed after {timeout:?}\n").as_bytes());
+    }
+    Ok(AgentReply::Exec { code, stdout, stderr })
+}
+
+/// Where the agent takes commands: vsock port 1025 in a VM, else `agent.sock` beside the
+/// sandbox's guest socket.
+pub fn control_endpoint(server: &Endpoint) -> Option<Endpoint> {
+    match server {
+        Endpoint::Vsock { .. } => Some(Endpoint::Vsock { cid: libc::VMADDR_CID_ANY, port: AGENT_CONTROL_PORT }),
+        Endpoint::Unix(p) => p.parent().map(|d| Endpoint::Unix(d.join("agent.sock"))),
+        Endpoint::Hybrid { .. } => None,
+    }
+}
+
+fn serve_control(agent: Arc<Agent>, listener: Listener) {
+    loop {
+        let mut stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+            let cmd: AgentCommand = match proto::read_frame(&mut stream) {
+                Ok(Some(c)) => c,
+                _ => return,
+            };
+            let _ = stream.set_read_timeout(None);
+            let reply = agent.handle(cmd);
+            let _ = proto::write_frame(&mut stream, &reply);
+        });
+    }
+}
+
+/// `volumefs-guest agent`: mounts the sandbox's attachments, takes commands, serves until
+/// SIGTERM or a shutdown command.
+pub fn run(server: Endpoint, control: Option<Endpoint>) -> Result<(), String> {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
+    let in_vm = matches!(server, Endpoint::Vsock { .. });
+    let agent = Arc::new(Agent { server: server.clone(), mounts: Mutex::new(BTreeMap::new()), hibernated: Mutex::new(false), in_vm });
+    let control = control.or_else(|| control_endpoint(&server));
+    let listener = match &control {
+        Some(Endpoint::Unix(p)) => Some(Listener::bind_unix(p).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?),
+        Some(Endpoint::Vsock { port, .. }) => Some(Listener::bind_vsock(*port).map_err(|e| format!("cannot listen on vsock port {port}: {e}"))?),
+        _ => None,
+    };
     let (sandbox, attachments) = connect_with_retry(&server)?;
     eprintln!("volumefs-guest: sandbox {sandbox}: {} attachment(s)", attachments.len());
-    let mut mounts = Vec::new();
-    let mut failed = Vec::new();
+    let mut failed = 0;
     for spec in &attachments {
-        match Mount::start(&server, spec) {
-            Ok(m) => {
-                println!("mounted {} {}{}", spec.path, spec.volume, if spec.read_only { " ro" } else { "" });
-                mounts.push(m);
-            }
-            Err(e) => {
-                eprintln!("volumefs-guest: {e}");
-                failed.push(e);
-            }
+        if let Err(e) = agent.mount(spec) {
+            eprintln!("volumefs-guest: {e}");
+            failed += 1;
         }
+    }
+    if let Some(l) = listener {
+        let a = agent.clone();
+        std::thread::Builder::new().name("vfs-control".into()).spawn(move || serve_control(a, l)).map_err(|e| e.to_string())?;
     }
     println!("ready");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     while !STOP.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
+    let mounts = std::mem::take(&mut *agent.mounts.lock().unwrap());
     eprintln!("volumefs-guest: stopping: flushing and unmounting {} volume(s)", mounts.len());
-    for m in mounts {
+    if *agent.hibernated.lock().unwrap() {
+        for m in mounts.values() {
+            let _ = m.client.wake(LIFECYCLE_TIMEOUT);
+        }
+    }
+    for (_, m) in mounts {
         m.stop();
     }
-    if failed.is_empty() {
+    if let Some(Endpoint::Unix(p)) = &control {
+        let _ = std::fs::remove_file(p);
+    }
+    if agent.in_vm && STOP.load(Ordering::SeqCst) {
+        // SAFETY: sync then power off; only ever inside the sandbox VM (vsock transport).
+        unsafe {
+            libc::sync();
+            libc::reboot(libc::RB_POWER_OFF);
+        }
+    }
+    if failed == 0 {
         Ok(())
     } else {
-        Err(format!("{} attachment(s) could not be mounted", failed.len()))
+        Err(format!("{failed} attachment(s) could not be mounted"))
     }
 }
 

@@ -29,8 +29,10 @@ struct Pending {
 #[derive(Debug, Clone)]
 pub struct Granted {
     pub session: u64,
+    pub attachment: u64,
     pub read_only: bool,
     pub volume: String,
+    pub lease_ttl: Duration,
 }
 
 #[derive(Default)]
@@ -42,7 +44,7 @@ struct Link {
 
 pub struct MountClient {
     endpoint: Endpoint,
-    attachment: u64,
+    path: String,
     link: Mutex<Link>,
     granted: Mutex<Granted>,
     pending: Mutex<BTreeMap<u64, Pending>>,
@@ -52,17 +54,22 @@ pub struct MountClient {
     /// Set while the mount is paused (hibernation): requests queue and wait.
     paused: Mutex<bool>,
     resumed: Condvar,
+    /// Set while the lease is given up: the reader does not reconnect until it is cleared.
+    hibernated: Mutex<bool>,
+    woken: Condvar,
     notices: Mutex<Option<Box<dyn Fn(Notice) + Send + Sync>>>,
     /// Why the mount is dead, if it is (attachment gone): every request fails with it.
     dead: Mutex<Option<FsError>>,
 }
 
-fn handshake(endpoint: &Endpoint, attachment: u64, resume: Option<u64>) -> Result<(Stream, Granted), FsError> {
+fn handshake(endpoint: &Endpoint, path: &str, resume: Option<u64>) -> Result<(Stream, Granted), FsError> {
     let mut s = endpoint.connect().map_err(|e| FsError::new(libc::ENOTCONN, format!("cannot connect to {endpoint}: {e}")))?;
     let io = |e: std::io::Error| FsError::new(libc::ENOTCONN, format!("handshake with {endpoint}: {e}"));
-    proto::write_frame(&mut s, &Hello { version: PROTOCOL_VERSION, role: Role::Mount { attachment, resume } }).map_err(io)?;
+    proto::write_frame(&mut s, &Hello { version: PROTOCOL_VERSION, role: Role::Mount { path: path.to_string(), resume } }).map_err(io)?;
     match proto::read_frame::<Welcome>(&mut s).map_err(io)? {
-        Some(Welcome::Mount { session, read_only, volume, .. }) => Ok((s, Granted { session, read_only, volume })),
+        Some(Welcome::Mount { session, attachment, read_only, volume, lease_ttl_ms, .. }) => {
+            Ok((s, Granted { session, attachment, read_only, volume, lease_ttl: Duration::from_millis(lease_ttl_ms.max(300)) }))
+        }
         Some(Welcome::Refused(e)) => Err(e),
         Some(other) => Err(FsError::new(libc::EPROTO, format!("unexpected answer to a mount hello: {other:?}"))),
         None => Err(FsError::new(libc::ENOTCONN, format!("{endpoint} closed the connection during the handshake"))),
@@ -83,13 +90,14 @@ pub fn control_hello(endpoint: &Endpoint) -> Result<(String, Vec<proto::Attachme
 }
 
 impl MountClient {
-    /// Connects and opens a session for `attachment`; fails with the server's reason.
-    pub fn connect(endpoint: Endpoint, attachment: u64) -> Result<Arc<MountClient>, FsError> {
-        let (stream, granted) = handshake(&endpoint, attachment, None)?;
+    /// Connects and opens a session for the attachment at `path`; fails with the server's
+    /// reason. A renewal thread keeps the lease alive from then on.
+    pub fn connect(endpoint: Endpoint, path: &str) -> Result<Arc<MountClient>, FsError> {
+        let (stream, granted) = handshake(&endpoint, path, None)?;
         let reader = stream.try_clone().map_err(FsError::from)?;
         let client = Arc::new(MountClient {
             endpoint,
-            attachment,
+            path: path.to_string(),
             link: Mutex::new(Link { writer: Some(stream), epoch: 1 }),
             granted: Mutex::new(granted),
             pending: Mutex::new(BTreeMap::new()),
@@ -98,12 +106,64 @@ impl MountClient {
             closing: AtomicBool::new(false),
             paused: Mutex::new(false),
             resumed: Condvar::new(),
+            hibernated: Mutex::new(false),
+            woken: Condvar::new(),
             notices: Mutex::new(None),
             dead: Mutex::new(None),
         });
         let c = client.clone();
-        std::thread::Builder::new().name(format!("vfs-conn-{attachment}")).spawn(move || c.reader(reader)).map_err(FsError::from)?;
+        std::thread::Builder::new().name("vfs-conn".into()).spawn(move || c.reader(reader)).map_err(FsError::from)?;
+        let weak = Arc::downgrade(&client);
+        std::thread::Builder::new().name("vfs-renew".into()).spawn(move || renew_loop(weak)).map_err(FsError::from)?;
         Ok(client)
+    }
+
+    fn connected(&self) -> bool {
+        self.link.lock().unwrap().writer.is_some()
+    }
+
+    fn is_hibernated(&self) -> bool {
+        *self.hibernated.lock().unwrap()
+    }
+
+    /// Hibernation, after the caller has flushed the kernel's dirty pages: new requests wait,
+    /// requests in flight finish, then the lease is given up and the connection closed.
+    pub fn hibernate(&self, timeout: Duration) -> FsResult<()> {
+        self.pause();
+        let deadline = std::time::Instant::now() + timeout;
+        while self.in_flight() > 0 {
+            if std::time::Instant::now() > deadline {
+                self.resume();
+                return Err(FsError::new(libc::ETIMEDOUT, format!("{} request(s) still in flight after {timeout:?}", self.in_flight())));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        *self.hibernated.lock().unwrap() = true;
+        let (tx, rx) = mpsc::channel();
+        self.send_now(Caller::root(), Op::ReleaseLease, Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        let released = rx.recv_timeout(timeout).unwrap_or_else(|_| Err(FsError::new(libc::ETIMEDOUT, "no answer to the lease release")));
+        self.drop_connection();
+        released.map(|_| ())
+    }
+
+    /// Takes the lease again (reconnecting with the same session) and lets waiting requests go.
+    pub fn wake(&self, timeout: Duration) -> FsResult<()> {
+        *self.hibernated.lock().unwrap() = false;
+        self.woken.notify_all();
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.connected() {
+            if let Some(e) = self.dead.lock().unwrap().clone() {
+                return Err(e);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(FsError::new(libc::ETIMEDOUT, format!("could not reach the host within {timeout:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.resume();
+        Ok(())
     }
 
     pub fn granted(&self) -> Granted {
@@ -115,19 +175,23 @@ impl MountClient {
         *self.notices.lock().unwrap() = Some(Box::new(f));
     }
 
-    /// Sends `op`; `cb` runs with the reply.
+    /// Sends `op`; `cb` runs with the reply. While the mount is paused this waits.
     pub fn call_async(&self, caller: Caller, op: Op, cb: Callback) {
-        if let Some(e) = self.dead.lock().unwrap().clone() {
-            return cb(Err(e));
-        }
         {
             let mut paused = self.paused.lock().unwrap();
             while *paused && !self.closing.load(Ordering::Relaxed) {
                 paused = self.resumed.wait(paused).unwrap();
             }
         }
+        self.send_now(caller, op, cb)
+    }
+
+    fn send_now(&self, caller: Caller, op: Op, cb: Callback) {
+        if let Some(e) = self.dead.lock().unwrap().clone() {
+            return cb(Err(e));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let seq = if op.is_mutation() { self.next_seq.fetch_add(1, Ordering::Relaxed) } else { 0 };
+        let seq = if op.is_sequenced() { self.next_seq.fetch_add(1, Ordering::Relaxed) } else { 0 };
         let req = Request { id, seq, caller, op };
         let frame = match proto::encode(&req) {
             Ok(f) => f,
@@ -179,6 +243,7 @@ impl MountClient {
     /// Stops for good: no reconnect; pending requests fail.
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
+        self.woken.notify_all();
         self.resume();
         self.drop_connection();
         self.fail_all(FsError::new(libc::ENOTCONN, "volume unmounted"));
@@ -221,11 +286,17 @@ impl MountClient {
         self.link.lock().unwrap().writer = None;
         let mut delay = Duration::from_millis(10);
         loop {
+            {
+                let mut h = self.hibernated.lock().unwrap();
+                while *h && !self.closing.load(Ordering::SeqCst) {
+                    h = self.woken.wait(h).unwrap();
+                }
+            }
             if self.closing.load(Ordering::SeqCst) {
                 return None;
             }
             let resume = Some(self.granted.lock().unwrap().session);
-            match handshake(&self.endpoint, self.attachment, resume) {
+            match handshake(&self.endpoint, &self.path, resume) {
                 Ok((stream, granted)) => {
                     let reader = stream.try_clone().ok()?;
                     *self.granted.lock().unwrap() = granted;
@@ -250,12 +321,28 @@ impl MountClient {
                 }
                 Err(e) => {
                     // The server refused us for good (attachment detached, volume deleted).
-                    log::error!("mount of attachment {} ended: {e}", self.attachment);
+                    log::error!("mount at {} ended: {e}", self.path);
                     *self.dead.lock().unwrap() = Some(FsError::new(libc::EIO, format!("volume unavailable: {}", e.msg)));
                     self.fail_all(FsError::new(libc::EIO, format!("volume unavailable: {}", e.msg)));
                     return None;
                 }
             }
         }
+    }
+}
+
+/// Renews the lease at a third of its TTL while the mount is connected and not hibernated.
+fn renew_loop(client: std::sync::Weak<MountClient>) {
+    loop {
+        let Some(c) = client.upgrade() else { return };
+        if c.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let period = c.granted.lock().unwrap().lease_ttl / 3;
+        if c.connected() && !c.is_hibernated() && c.pending.lock().unwrap().len() < 1024 {
+            c.send_now(Caller::root(), Op::Renew, Box::new(|_| {}));
+        }
+        drop(c);
+        std::thread::sleep(period.max(Duration::from_millis(100)));
     }
 }

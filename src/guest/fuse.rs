@@ -6,11 +6,11 @@
 
 use super::client::MountClient;
 use crate::fs::{Attr, Caller, FsError, Kind, SetAttr, SetTime, Timespec};
-use crate::proto::{Op, Reply, MAX_IO};
+use crate::proto::{Lock, Op, Reply, MAX_IO};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -145,6 +145,22 @@ fn xattr_reply(reply: ReplyXattr, size: u32) -> impl FnOnce(Result<Reply, FsErro
     }
 }
 
+/// Asks the host for a lock; a waiting request (F_SETLKW, flock without LOCK_NB) retries on
+/// `EAGAIN` from a timer thread with backoff, so no FUSE thread ever waits for a lock.
+fn try_lock(client: Arc<MountClient>, who: Caller, ino: u64, lock: Lock, sleep: bool, delay: Duration, reply: ReplyEmpty) {
+    let c = client.clone();
+    client.call_async(who.clone(), Op::SetLk { ino, lock: lock.clone() }, Box::new(move |r| match r {
+        Ok(_) => reply.ok(),
+        Err(e) if e.errno == libc::EAGAIN && sleep => {
+            let _ = std::thread::Builder::new().name("vfs-lockwait".into()).spawn(move || {
+                std::thread::sleep(delay);
+                try_lock(c, who, ino, lock, sleep, (delay * 2).min(Duration::from_millis(50)), reply);
+            });
+        }
+        Err(e) => reply.error(errno(&e)),
+    }));
+}
+
 impl Filesystem for VolumeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let mut wanted = InitFlags::FUSE_ASYNC_READ
@@ -153,7 +169,9 @@ impl Filesystem for VolumeFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_AUTO_INVAL_DATA
-            | InitFlags::FUSE_MAX_PAGES;
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_FLOCK_LOCKS;
         if !self.read_only {
             // The kernel keeps dirty pages and sends large writes; close and fsync flush them.
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
@@ -280,13 +298,40 @@ impl Filesystem for VolumeFs {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        // Writes reach the host synchronously; the kernel has already written back dirty pages.
-        reply.ok();
+    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Data needs nothing here (writes reach the host synchronously and the kernel has
+        // written back dirty pages); closing a descriptor drops its process's POSIX locks.
+        self.send(req, Op::Flush { ino: ino.0, fh: fh.0, lock_owner: lock_owner.0 }, empty_reply(reply));
     }
 
-    fn release(&self, req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
-        self.send(req, Op::Release { ino: ino.0, fh: fh.0 }, empty_reply(reply));
+    fn release(&self, req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        self.send(req, Op::Release { ino: ino.0, fh: fh.0, lock_owner: lock.map(|l| l.0) }, empty_reply(reply));
+    }
+
+    fn getlk(&self, req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32, reply: ReplyLock) {
+        let lock = Lock { owner: lock_owner.0, start, end, typ, pid };
+        self.send(req, Op::GetLk { ino: ino.0, lock }, move |r| match r {
+            Ok(Reply::Lock(l)) => reply.locked(l.start, l.end, l.typ, l.pid),
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let lock = Lock { owner: lock_owner.0, start, end, typ, pid };
+        try_lock(self.client.clone(), caller(req), ino.0, lock, sleep, Duration::from_millis(2), reply);
     }
 
     fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {

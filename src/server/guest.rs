@@ -73,22 +73,18 @@ fn serve(server: &Arc<Server>, rt: &SandboxRt, mut stream: Stream) -> std::io::R
             };
             proto::write_frame(&mut stream, &welcome)
         }
-        Role::Mount { attachment, resume } => {
-            let s = match open_session(server, &rt.name, attachment, resume) {
+        Role::Mount { path, resume } => {
+            let s = match open_session(server, &rt.name, &path, resume) {
                 Ok(s) => s,
-                Err(e) => {
-                    let _ = server.engine.tx(|t| match t.get_attachment(attachment)? {
-                        Some(a) if a.sandbox == rt.name => t.set_attachment_state(attachment, AttachState::Failed, &e.to_string()),
-                        _ => Ok(()),
-                    });
-                    return proto::write_frame(&mut stream, &Welcome::Refused(e));
-                }
+                Err(e) => return proto::write_frame(&mut stream, &Welcome::Refused(e)),
             };
             let welcome = Welcome::Mount {
                 session: s.id,
+                attachment: s.attachment,
                 read_only: s.read_only,
                 volume: server.engine.volume_by_id(s.vol).map(|v| v.name).unwrap_or_default(),
                 max_io: proto::MAX_IO,
+                lease_ttl_ms: server.config.lease_ttl.as_millis() as u64,
             };
             proto::write_frame(&mut stream, &welcome)?;
             mount_loop(server, &s, stream)
@@ -111,27 +107,42 @@ fn control_welcome(server: &Server, sandbox: &str) -> Result<Welcome, FsError> {
     Ok(Welcome::Control { sandbox: sandbox.to_string(), attachments })
 }
 
-/// Finds or makes the session for a mount of `attachment` by `sandbox`.
-fn open_session(server: &Arc<Server>, sandbox: &str, attachment: u64, resume: Option<u64>) -> Result<Arc<Session>, FsError> {
+/// Finds or makes the session for the mount at `path` in `sandbox`, taking its lease.
+///
+/// `resume` names the session the guest had: its own (reconnect, resume after hibernation) or,
+/// in a forked VM, its parent's, whose copy was made for this sandbox by the fork. Any other
+/// value is ignored and a fresh session is made; the guest's cached inode numbers stay usable
+/// because scope is checked by ancestry, not only by the session's memory.
+fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<u64>) -> Result<Arc<Session>, FsError> {
+    let path = super::normalize(path);
     let row = server
         .engine
-        .tx(|t| t.get_attachment(attachment))?
-        .filter(|a| a.sandbox == sandbox)
-        .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no attachment {attachment}")))?;
-    if let Some(id) = resume {
-        if let Some(s) = server.session(id).filter(|s| s.sandbox == sandbox && s.attachment == attachment) {
-            server.engine.tx(|t| t.set_attachment_state(attachment, AttachState::Mounted, ""))?;
-            return Ok(s);
+        .tx(|t| t.list_attachments(Some(sandbox), None))?
+        .into_iter()
+        .find(|a| a.path == path)
+        .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no volume attached at {path}")))?;
+    let result = (|| {
+        if let Some(id) = resume {
+            let found = server.sessions_where(|s| s.sandbox == sandbox && s.attachment == row.id && (s.id == id || s.forked_from == Some(id)));
+            if let Some(s) = found.into_iter().next() {
+                s.set_lease(session::LeaseState::Live);
+                return Ok(s);
+            }
         }
-    }
-    let root = server.engine.resolve(row.volume, &row.subpath, &Caller::root())?;
-    if root.kind != Kind::Dir {
-        return Err(FsError::new(libc::ENOTDIR, format!("subpath {} is not a directory", row.subpath)));
-    }
-    let s = Arc::new(Session::new(server.new_session_id(), sandbox, attachment, row.volume, root.ino, row.read_only));
-    server.register_session(s.clone());
-    server.engine.tx(|t| t.set_attachment_state(attachment, AttachState::Mounted, ""))?;
-    Ok(s)
+        let root = server.engine.resolve(row.volume, &row.subpath, &Caller::root())?;
+        if root.kind != Kind::Dir {
+            return Err(FsError::new(libc::ENOTDIR, format!("subpath {} is not a directory", row.subpath)));
+        }
+        let s = Arc::new(Session::new(server.new_session_id(), sandbox, row.id, row.volume, root.ino, row.read_only));
+        server.register_session(s.clone());
+        Ok(s)
+    })();
+    let (state, reason) = match &result {
+        Ok(_) => (AttachState::Mounted, String::new()),
+        Err(e) => (AttachState::Failed, e.to_string()),
+    };
+    server.engine.tx(|t| t.set_attachment_state(row.id, state, &reason))?;
+    result
 }
 
 fn mount_loop(server: &Arc<Server>, s: &Arc<Session>, mut stream: Stream) -> std::io::Result<()> {
@@ -148,8 +159,11 @@ fn mount_loop(server: &Arc<Server>, s: &Arc<Session>, mut stream: Stream) -> std
         let (server2, s2, conn2, window2) = (server.clone(), s.clone(), conn.clone(), window.clone());
         server.pool.run(move || {
             let id = req.id;
-            let result = session::handle(&server2, &s2, req);
+            let (result, close) = session::handle(&server2, &s2, req);
             let _ = conn2.send(&ServerMsg::Reply { id, result });
+            if close {
+                conn2.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+            }
             window2.release();
         });
     };

@@ -10,7 +10,9 @@
 //! - `GET /sandboxes/{name}/attachments`,
 //!   `POST /sandboxes/{name}/attachments {volume, path, read_only?, subpath?}`,
 //!   `DELETE /sandboxes/{name}/attachments?path=/mnt/x`
-//! - `POST /sandboxes/{name}/reset-connections`
+//! - `POST /sandboxes/{name}/reset-connections`, `POST /sandboxes/{name}/hibernate`,
+//!   `POST /sandboxes/{name}/resume`, `POST /sandboxes/{name}/fork {name}`,
+//!   `POST /sandboxes/{name}/exec {argv, stdin?, timeout_ms?}`
 
 use super::{AttachmentInfo, Server};
 use crate::engine::{VolumeInfo, DEFAULT_CAP};
@@ -47,6 +49,7 @@ pub fn status_of(errno: i32) -> u16 {
         libc::EINVAL | libc::ENAMETOOLONG | libc::ENOTDIR | libc::EISDIR | libc::ELOOP => 400,
         libc::EACCES | libc::EPERM | libc::EROFS => 403,
         libc::EDQUOT | libc::ENOSPC | libc::EFBIG => 507,
+        libc::EHOSTUNREACH | libc::ETIMEDOUT => 502,
         _ => 500,
     }
 }
@@ -228,8 +231,41 @@ fn route(server: &Arc<Server>, method: &str, segs: &[&str], query: &str, body: &
         }
         ("DELETE", ["v1", "sandboxes", name, "attachments"]) => {
             let path = query_param(query, "path").ok_or_else(|| bad_request("missing `path` query parameter"))?;
-            server.detach(name, &path)?;
+            server.detach(name, &path, truthy(query_param(query, "force")))?;
             Ok((200, json!({"detached": path})))
+        }
+        ("POST", ["v1", "sandboxes", name, "hibernate"]) => {
+            server.hibernate(name)?;
+            Ok((200, Value::Array(server.attachments(Some(name))?.iter().map(attachment_json).collect())))
+        }
+        ("POST", ["v1", "sandboxes", name, "resume"]) => {
+            server.resume(name)?;
+            Ok((200, Value::Array(server.attachments(Some(name))?.iter().map(attachment_json).collect())))
+        }
+        ("POST", ["v1", "sandboxes", name, "fork"]) => {
+            let b = json_body(body)?;
+            let rt = server.fork_sandbox(name, str_field(&b, "name")?)?;
+            let attachments: Vec<Value> = server.attachments(Some(&rt.name))?.iter().map(attachment_json).collect();
+            Ok((201, json!({"name": rt.name, "guest_socket": rt.socket, "attachments": attachments})))
+        }
+        ("POST", ["v1", "sandboxes", name, "exec"]) => {
+            let b = json_body(body)?;
+            let argv: Vec<String> = b
+                .get("argv")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .filter(|a: &Vec<String>| !a.is_empty())
+                .ok_or_else(|| bad_request("`argv` must be a non-empty array of strings"))?;
+            let stdin = b.get("stdin").and_then(Value::as_str).unwrap_or("").as_bytes().to_vec();
+            let timeout_ms = b.get("timeout_ms").and_then(Value::as_u64).unwrap_or(600_000);
+            let cmd = crate::proto::AgentCommand::Exec { argv, stdin, timeout_ms };
+            match server.agent_command(name, cmd, std::time::Duration::from_millis(timeout_ms + 10_000))? {
+                crate::proto::AgentReply::Exec { code, stdout, stderr } => Ok((
+                    200,
+                    json!({"code": code, "stdout": String::from_utf8_lossy(&stdout), "stderr": String::from_utf8_lossy(&stderr)}),
+                )),
+                other => Err(HttpError { status: 502, msg: format!("unexpected answer from the agent: {other:?}"), errno: "EIO" }),
+            }
         }
         ("POST", ["v1", "sandboxes", name, "reset-connections"]) => {
             let n = server.sandbox_rt(name)?.reset_connections();

@@ -9,19 +9,22 @@
 
 pub mod guest;
 pub mod http;
+pub mod locks;
 pub mod pool;
 pub mod session;
 
 use crate::engine::meta::{AttachState, AttachmentRow, VolId};
 use crate::engine::{check_object_name, Engine};
 use crate::fs::{Caller, FsError, FsResult, Kind, Timespec};
-use crate::transport::{Listener, GUEST_SERVER_PORT};
+use crate::proto::{AgentCommand, AgentReply, AttachmentSpec};
+use crate::transport::{Endpoint, Listener, AGENT_CONTROL_PORT, GUEST_SERVER_PORT};
 use session::Session;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
 
 pub struct Config {
     pub data: PathBuf,
@@ -67,6 +70,7 @@ pub struct Server {
     pub engine: Engine,
     pub config: Config,
     pub token: String,
+    pub locks: locks::LockTable,
     pool: pool::Pool,
     sandboxes: Mutex<HashMap<String, Arc<SandboxRt>>>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
@@ -116,6 +120,7 @@ impl Server {
             engine,
             config,
             token,
+            locks: locks::LockTable::default(),
             pool: pool::Pool::new(8),
             sandboxes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -231,7 +236,79 @@ impl Server {
             row.id = t.insert_attachment(&row)?;
             Ok(row)
         })?;
+        // A running agent mounts it now; otherwise it is mounted at the sandbox's next boot.
+        if let Some(ep) = self.agent_endpoint(sandbox) {
+            let spec = AttachmentSpec { id: row.id, volume: vol.name.clone(), path: path.clone(), read_only, subpath: subpath.clone() };
+            let failure = match self.agent_call(&ep, &AgentCommand::Attach(spec), Duration::from_secs(60)) {
+                Ok(AgentReply::Done) => None,
+                Ok(AgentReply::Failed(e)) => Some(e.msg),
+                Ok(other) => Some(format!("unexpected answer from the agent: {other:?}")),
+                Err(e) => Some(format!("agent unreachable: {}", e.msg)),
+            };
+            if let Some(why) = failure {
+                self.engine.tx(|t| t.set_attachment_state(row.id, AttachState::Failed, &why))?;
+            }
+        }
+        let row = self.engine.tx(|t| t.get_attachment(row.id))?.unwrap_or(row);
         Ok(AttachmentInfo { row, volume_name: vol.name })
+    }
+
+    /// Where this sandbox's agent takes commands, if it is running: the hybrid-vsock socket of
+    /// its VM, or the unix socket of an agent on this host.
+    pub fn agent_endpoint(&self, sandbox: &str) -> Option<Endpoint> {
+        let dir = self.sandbox_dir(sandbox);
+        let local = dir.join("agent.sock");
+        if local.exists() {
+            return Some(Endpoint::Unix(local));
+        }
+        let uds = dir.join("vsock");
+        if uds.exists() {
+            return Some(Endpoint::Hybrid { uds, port: AGENT_CONTROL_PORT });
+        }
+        None
+    }
+
+    /// Sends one command to an agent and waits for its answer.
+    pub fn agent_call(&self, ep: &Endpoint, cmd: &AgentCommand, timeout: Duration) -> FsResult<AgentReply> {
+        let unreachable = |e: std::io::Error| FsError::new(libc::EHOSTUNREACH, format!("cannot reach the agent at {ep}: {e}"));
+        let mut s = ep.connect().map_err(unreachable)?;
+        s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
+        crate::proto::write_frame(&mut s, cmd).map_err(unreachable)?;
+        crate::proto::read_frame::<AgentReply>(&mut s)
+            .map_err(unreachable)?
+            .ok_or_else(|| FsError::new(libc::EHOSTUNREACH, format!("the agent at {ep} closed the connection without answering")))
+    }
+
+    /// Runs a lifecycle command on a sandbox's agent, turning its refusal into an error.
+    pub fn agent_command(&self, sandbox: &str, cmd: AgentCommand, timeout: Duration) -> FsResult<AgentReply> {
+        self.sandbox_rt(sandbox)?;
+        let ep = self
+            .agent_endpoint(sandbox)
+            .ok_or_else(|| FsError::new(libc::EHOSTUNREACH, format!("sandbox `{sandbox}` has no running agent")))?;
+        match self.agent_call(&ep, &cmd, timeout)? {
+            AgentReply::Failed(e) => Err(FsError::new(e.errno, format!("agent of sandbox `{sandbox}`: {}", e.msg))),
+            other => Ok(other),
+        }
+    }
+
+    /// Creates sandbox `child` with `parent`'s attachment intents and a copy of each of the
+    /// parent's mount sessions, for the child's agent (a clone of the parent's memory) to resume
+    /// under its own identity.
+    pub fn fork_sandbox(self: &Arc<Self>, parent: &str, child: &str) -> FsResult<Arc<SandboxRt>> {
+        let attachments = self.attachments(Some(parent))?;
+        let rt = self.create_sandbox(child)?;
+        for a in attachments {
+            let mut row = a.row.clone();
+            row.sandbox = child.to_string();
+            row.state = AttachState::Released;
+            row.reason = format!("forked from `{parent}`; waiting for the child's agent");
+            row.id = self.engine.tx(|t| t.insert_attachment(&row))?;
+            for s in self.sessions_where(|s| s.sandbox == parent && s.attachment == a.row.id) {
+                let copy = Arc::new(s.fork(self.new_session_id(), child, row.id, &self.engine));
+                self.register_session(copy);
+            }
+        }
+        Ok(rt)
     }
 
     pub fn attachments(&self, sandbox: Option<&str>) -> FsResult<Vec<AttachmentInfo>> {
@@ -248,7 +325,9 @@ impl Server {
         }).collect())
     }
 
-    pub fn detach(&self, sandbox: &str, path: &str) -> FsResult<()> {
+    /// Flushes and unmounts (through the agent, if one runs) and forgets the attachment. A mount
+    /// with open files is refused unless `force`.
+    pub fn detach(&self, sandbox: &str, path: &str, force: bool) -> FsResult<()> {
         let path = normalize(path);
         let row = self
             .engine
@@ -256,10 +335,31 @@ impl Server {
             .into_iter()
             .find(|a| a.path == path)
             .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no volume at {path}")))?;
-        for s in self.sessions_where(|s| s.attachment == row.id) {
+        let sessions = self.sessions_where(|s| s.attachment == row.id);
+        let open: usize = sessions.iter().map(|s| s.open_files()).sum();
+        if open > 0 && !force {
+            return Err(FsError::new(libc::EBUSY, format!("{open} file(s) are open on {path} in sandbox `{sandbox}` (use --force to detach anyway)")));
+        }
+        if let Some(ep) = self.agent_endpoint(sandbox) {
+            match self.agent_call(&ep, &AgentCommand::Detach { path: path.clone(), force }, Duration::from_secs(60)) {
+                Ok(AgentReply::Failed(e)) if e.errno != libc::ENOENT => return Err(FsError::new(e.errno, format!("agent of sandbox `{sandbox}`: {}", e.msg))),
+                _ => {}
+            }
+        }
+        for s in sessions {
             self.end_session(&s, AttachState::Released, "detached");
         }
         self.engine.tx(|t| t.delete_attachment(row.id))
+    }
+
+    /// Hibernation: the agent flushes and releases every lease first.
+    pub fn hibernate(&self, sandbox: &str) -> FsResult<()> {
+        self.agent_command(sandbox, AgentCommand::Hibernate, Duration::from_secs(90)).map(|_| ())
+    }
+
+    /// Resume: the agent takes its leases again and waiting accesses continue.
+    pub fn resume(&self, sandbox: &str) -> FsResult<()> {
+        self.agent_command(sandbox, AgentCommand::Resume, Duration::from_secs(90)).map(|_| ())
     }
 
     /// Deletes a volume; refused while attached unless `force`, which detaches it everywhere.
@@ -313,6 +413,7 @@ impl Server {
     /// records why in the attachment.
     pub fn end_session(&self, s: &Arc<Session>, state: AttachState, reason: &str) {
         self.sessions.lock().unwrap().remove(&s.id);
+        self.locks.release_session(s.id);
         s.close(&self.engine);
         let _ = self.engine.tx(|t| match t.get_attachment(s.attachment)? {
             Some(_) => t.set_attachment_state(s.attachment, state, reason),

@@ -12,6 +12,15 @@
 //!   Anything else is `ESTALE`: a forged number reaches nothing.
 //! - Names are single components (no `/`, no `.` or `..`), so lookups only walk down.
 //! - A read-only attachment refuses every mutation, and every open for writing, with `EROFS`.
+//!
+//! The known set is a cache of that rule, not the rule: an inode number the session has not been
+//! handed (after a server restart, or in a forked VM whose kernel remembers its parent's inodes)
+//! is accepted if it exists and has a name inside the attachment's subtree, and refused with
+//! `ESTALE` otherwise.
+//!
+//! Lease: a session is `Live` while its guest renews it (any request renews); one that goes
+//! silent for the TTL expires and is ended. `Released` is hibernation: the guest gave the lease
+//! up on purpose, the session (handles, references) waits for a resume and never expires.
 
 use super::Server;
 use crate::engine::meta::{AttachState, VolId};
@@ -53,8 +62,17 @@ struct Replay {
     order: VecDeque<u64>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    Live,
+    Released,
+}
+
 pub struct Session {
     pub id: u64,
+    /// The session of the parent sandbox this one was forked from.
+    pub forked_from: Option<u64>,
+    pub state: Mutex<LeaseState>,
     pub sandbox: String,
     pub attachment: u64,
     pub vol: VolId,
@@ -75,6 +93,8 @@ impl Session {
     pub fn new(id: u64, sandbox: &str, attachment: u64, vol: VolId, root: Ino, read_only: bool) -> Session {
         Session {
             id,
+            forked_from: None,
+            state: Mutex::new(LeaseState::Live),
             sandbox: sandbox.to_string(),
             attachment,
             vol,
@@ -108,8 +128,55 @@ impl Session {
         *self.last_seen.lock().unwrap() = Instant::now();
     }
 
-    fn connected(&self) -> bool {
-        self.conn.lock().unwrap().is_some()
+    pub fn lease(&self) -> LeaseState {
+        *self.state.lock().unwrap()
+    }
+
+    pub fn set_lease(&self, st: LeaseState) {
+        *self.state.lock().unwrap() = st;
+        self.touch();
+    }
+
+    /// Whether the lease has gone unrenewed for longer than `ttl`.
+    pub fn expired(&self, ttl: Duration) -> bool {
+        self.lease() == LeaseState::Live && self.last_seen.lock().unwrap().elapsed() > ttl
+    }
+
+    /// Open file handles (not directories), for refusing a detach of a busy mount.
+    pub fn open_files(&self) -> usize {
+        self.handles.lock().unwrap().values().filter(|h| !h.dir).count()
+    }
+
+    /// A copy for a forked sandbox: the same references and handles (each handle taken again on
+    /// the engine), a new identity, waiting for the child's agent to resume it.
+    pub fn fork(&self, id: u64, sandbox: &str, attachment: u64, engine: &Engine) -> Session {
+        let handles: HashMap<u64, Handle> = self
+            .handles
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(fh, h)| {
+                engine.hold(self.vol, h.ino);
+                (*fh, Handle { ino: h.ino, writable: h.writable, dir: h.dir })
+            })
+            .collect();
+        Session {
+            id,
+            forked_from: Some(self.id),
+            state: Mutex::new(LeaseState::Released),
+            sandbox: sandbox.to_string(),
+            attachment,
+            vol: self.vol,
+            root: self.root,
+            read_only: self.read_only,
+            known: Mutex::new(self.known.lock().unwrap().clone()),
+            handles: Mutex::new(handles),
+            next_fh: AtomicU64::new(self.next_fh.load(Ordering::Relaxed)),
+            replay: Mutex::new(Replay::default()),
+            replayed: Condvar::new(),
+            conn: Mutex::new(None),
+            last_seen: Mutex::new(Instant::now()),
+        }
     }
 
     /// Releases every handle and closes the connection.
@@ -123,13 +190,16 @@ impl Session {
         }
     }
 
-    fn to_real(&self, wire: Ino) -> FsResult<Ino> {
+    fn to_real(&self, engine: &Engine, wire: Ino) -> FsResult<Ino> {
         let real = if wire == ROOT_INO { self.root } else { wire };
         if self.known.lock().unwrap().contains_key(&real) {
-            Ok(real)
-        } else {
-            Err(FsError::new(libc::ESTALE, format!("inode {wire} is not known to this mount")))
+            return Ok(real);
         }
+        if wire != ROOT_INO && engine.within(self.vol, real, self.root)? {
+            self.known.lock().unwrap().entry(real).or_insert(0);
+            return Ok(real);
+        }
+        Err(FsError::new(libc::ESTALE, format!("inode {wire} is not visible through this mount")))
     }
 
     fn to_wire(&self, real: Ino) -> Ino {
@@ -219,8 +289,17 @@ enum Changed {
     Entries(Vec<(Ino, Vec<u8>)>),
 }
 
-/// Runs one request for `s`, with replay of already-applied mutations.
-pub fn handle(server: &Server, s: &Session, req: Request) -> FsResult<Reply> {
+/// Runs one request for `s`, with replay of already-applied mutations. The flag says the
+/// connection must be closed after the reply (the guest released its lease).
+pub fn handle(server: &Server, s: &Session, req: Request) -> (FsResult<Reply>, bool) {
+    let close = matches!(req.op, Op::ReleaseLease);
+    (run(server, s, req), close)
+}
+
+fn run(server: &Server, s: &Session, req: Request) -> FsResult<Reply> {
+    if s.lease() == LeaseState::Released {
+        return Err(FsError::new(libc::ENOTCONN, "this mount's lease was released; reconnect to take it again"));
+    }
     s.touch();
     if req.seq != 0 {
         let mut replay = s.replay.lock().unwrap();
@@ -285,7 +364,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
     }
     let entry = |parent: Ino, name: &[u8]| Changed::Entries(vec![(parent, name.to_vec())]);
     Ok(match &req.op {
-        Op::Lookup { parent, name } => (Reply::Entry(s.grant(e.lookup(v, s.to_real(*parent)?, name, c)?)), Changed::Nothing),
+        Op::Lookup { parent, name } => (Reply::Entry(s.grant(e.lookup(v, s.to_real(e, *parent)?, name, c)?)), Changed::Nothing),
         Op::Forget { items } => {
             for (ino, n) in items {
                 let real = if *ino == ROOT_INO { s.root } else { *ino };
@@ -293,45 +372,45 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             }
             (Reply::Empty, Changed::Nothing)
         }
-        Op::GetAttr { ino } => (Reply::Attr(s.wire_attr(e.getattr(v, s.to_real(*ino)?)?)), Changed::Nothing),
+        Op::GetAttr { ino } => (Reply::Attr(s.wire_attr(e.getattr(v, s.to_real(e, *ino)?)?)), Changed::Nothing),
         Op::SetAttr { ino, set } => {
-            let real = s.to_real(*ino)?;
+            let real = s.to_real(e, *ino)?;
             (Reply::Attr(s.wire_attr(e.setattr(v, real, set, c)?)), Changed::Inode(real))
         }
-        Op::ReadLink { ino } => (Reply::Data(e.readlink(v, s.to_real(*ino)?)?), Changed::Nothing),
+        Op::ReadLink { ino } => (Reply::Data(e.readlink(v, s.to_real(e, *ino)?)?), Changed::Nothing),
         Op::MkNod { parent, name, mode, umask, rdev } => {
-            let p = s.to_real(*parent)?;
+            let p = s.to_real(e, *parent)?;
             (Reply::Entry(s.grant(e.mknod(v, p, name, *mode, *umask, *rdev, c)?)), entry(p, name))
         }
         Op::MkDir { parent, name, mode, umask } => {
-            let p = s.to_real(*parent)?;
+            let p = s.to_real(e, *parent)?;
             (Reply::Entry(s.grant(e.mkdir(v, p, name, *mode, *umask, c)?)), entry(p, name))
         }
         Op::Symlink { parent, name, target } => {
-            let p = s.to_real(*parent)?;
+            let p = s.to_real(e, *parent)?;
             (Reply::Entry(s.grant(e.symlink(v, p, name, target, c)?)), entry(p, name))
         }
         Op::Link { ino, new_parent, new_name } => {
-            let (i, p) = (s.to_real(*ino)?, s.to_real(*new_parent)?);
+            let (i, p) = (s.to_real(e, *ino)?, s.to_real(e, *new_parent)?);
             (Reply::Entry(s.grant(e.link(v, i, p, new_name, c)?)), entry(p, new_name))
         }
         Op::Unlink { parent, name } => {
-            let p = s.to_real(*parent)?;
+            let p = s.to_real(e, *parent)?;
             e.unlink(v, p, name, c)?;
             (Reply::Empty, entry(p, name))
         }
         Op::RmDir { parent, name } => {
-            let p = s.to_real(*parent)?;
+            let p = s.to_real(e, *parent)?;
             e.rmdir(v, p, name, c)?;
             (Reply::Empty, entry(p, name))
         }
         Op::Rename { parent, name, new_parent, new_name, flags } => {
-            let (p, np) = (s.to_real(*parent)?, s.to_real(*new_parent)?);
+            let (p, np) = (s.to_real(e, *parent)?, s.to_real(e, *new_parent)?);
             e.rename(v, p, name, np, new_name, *flags, c)?;
             (Reply::Empty, Changed::Entries(vec![(p, name.clone()), (np, new_name.clone())]))
         }
         Op::Open { ino, flags } => {
-            let real = s.to_real(*ino)?;
+            let real = s.to_real(e, *ino)?;
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             if s.read_only && (writable || flags & libc::O_TRUNC != 0) {
                 return Err(erofs(s));
@@ -340,40 +419,67 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             (Reply::Opened { fh: s.add_handle(real, writable, false) }, Changed::Nothing)
         }
         Op::Create { parent, name, mode, umask, flags } => {
-            let p = s.to_real(*parent)?;
+            let p = s.to_real(e, *parent)?;
             let a = e.create(v, p, name, *mode, *umask, c)?;
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             let fh = s.add_handle(a.ino, writable, false);
             (Reply::Created { attr: s.grant(a), fh }, entry(p, name))
         }
         Op::Read { ino, fh, offset, size } => {
-            let real = s.to_real(*ino)?;
+            let real = s.to_real(e, *ino)?;
             s.handle(*fh, real, false)?;
             (Reply::Data(e.read(v, real, *offset, (*size).min(crate::proto::MAX_IO))?), Changed::Nothing)
         }
         Op::Write { ino, fh, offset, data } => {
-            let real = s.to_real(*ino)?;
+            let real = s.to_real(e, *ino)?;
             s.handle(*fh, real, true)?;
             e.write(v, real, *offset, data, false, c)?;
             (Reply::Written(data.len() as u32), Changed::Inode(real))
         }
         Op::Fsync { ino, fh: _, datasync } => {
-            e.fsync(v, s.to_real(*ino)?, *datasync)?;
+            e.fsync(v, s.to_real(e, *ino)?, *datasync)?;
             (Reply::Empty, Changed::Nothing)
         }
-        Op::Release { ino, fh } | Op::ReleaseDir { ino, fh } => {
-            let real = s.to_real(*ino)?;
+        Op::Release { ino, fh, lock_owner } => {
+            let real = s.to_real(e, *ino)?;
+            s.take_handle(*fh, real)?;
+            if let Some(owner) = lock_owner {
+                server.locks.release_owner(v, real, s.id, *owner);
+            }
+            e.release(v, real)?;
+            (Reply::Empty, Changed::Nothing)
+        }
+        Op::ReleaseDir { ino, fh } => {
+            let real = s.to_real(e, *ino)?;
             s.take_handle(*fh, real)?;
             e.release(v, real)?;
             (Reply::Empty, Changed::Nothing)
         }
+        Op::Flush { ino, fh: _, lock_owner } => {
+            server.locks.release_owner(v, s.to_real(e, *ino)?, s.id, *lock_owner);
+            (Reply::Empty, Changed::Nothing)
+        }
+        Op::GetLk { ino, lock } => (Reply::Lock(server.locks.test(v, s.to_real(e, *ino)?, s.id, lock)), Changed::Nothing),
+        Op::SetLk { ino, lock } => {
+            if s.read_only && lock.typ == libc::F_WRLCK {
+                return Err(erofs(s));
+            }
+            server.locks.set(v, s.to_real(e, *ino)?, s.id, lock)?;
+            (Reply::Empty, Changed::Nothing)
+        }
+        Op::ReleaseLease => {
+            s.set_lease(LeaseState::Released);
+            server.locks.release_session(s.id);
+            let _ = e.tx(|t| t.set_attachment_state(s.attachment, AttachState::Released, "hibernated: lease released by the guest"));
+            (Reply::Empty, Changed::Nothing)
+        }
         Op::OpenDir { ino } => {
-            let real = s.to_real(*ino)?;
+            let real = s.to_real(e, *ino)?;
             e.opendir(v, real, c)?;
             (Reply::Opened { fh: s.add_handle(real, false, true) }, Changed::Nothing)
         }
         Op::ReadDir { ino, fh: _, cookie, plus, max_entries } => {
-            let real = s.to_real(*ino)?;
+            let real = s.to_real(e, *ino)?;
             let mut entries = e.readdir(v, real, *cookie, *max_entries, *plus)?;
             for d in &mut entries {
                 if d.name == b".." && real == s.root {
@@ -392,14 +498,14 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         }
         Op::StatFs => (Reply::StatFs(e.statfs(v)?), Changed::Nothing),
         Op::SetXattr { ino, name, value, flags } => {
-            let real = s.to_real(*ino)?;
+            let real = s.to_real(e, *ino)?;
             e.setxattr(v, real, name, value, *flags, c)?;
             (Reply::Empty, Changed::Inode(real))
         }
-        Op::GetXattr { ino, name } => (Reply::Xattr(e.getxattr(v, s.to_real(*ino)?, name, c)?), Changed::Nothing),
-        Op::ListXattr { ino } => (Reply::Xattr(e.listxattr(v, s.to_real(*ino)?, c)?), Changed::Nothing),
+        Op::GetXattr { ino, name } => (Reply::Xattr(e.getxattr(v, s.to_real(e, *ino)?, name, c)?), Changed::Nothing),
+        Op::ListXattr { ino } => (Reply::Xattr(e.listxattr(v, s.to_real(e, *ino)?, c)?), Changed::Nothing),
         Op::RemoveXattr { ino, name } => {
-            let real = s.to_real(*ino)?;
+            let real = s.to_real(e, *ino)?;
             e.removexattr(v, real, name, c)?;
             (Reply::Empty, Changed::Inode(real))
         }
@@ -407,7 +513,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
     })
 }
 
-/// Ends sessions whose guest has been gone longer than the lease TTL.
+/// Ends sessions whose lease went unrenewed longer than the TTL.
 pub fn start_reaper(server: &Arc<Server>) {
     let weak: Weak<Server> = Arc::downgrade(server);
     std::thread::Builder::new()
@@ -416,9 +522,9 @@ pub fn start_reaper(server: &Arc<Server>) {
             std::thread::sleep(Duration::from_millis(500));
             let Some(server) = weak.upgrade() else { return };
             let ttl = server.config.lease_ttl;
-            let expired = server.sessions_where(|s| !s.connected() && s.last_seen.lock().unwrap().elapsed() > ttl);
-            for s in expired {
-                server.end_session(&s, AttachState::Released, &format!("guest gone for more than {}s: lease expired", ttl.as_secs()));
+            for s in server.sessions_where(|s| s.expired(ttl)) {
+                let why = format!("lease expired: the guest did not renew it for {}s (VM stopped or agent killed)", ttl.as_secs());
+                server.end_session(&s, AttachState::Failed, &why);
             }
         })
         .expect("spawn reaper");

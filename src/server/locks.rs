@@ -1,0 +1,140 @@
+//! Advisory byte-range locks shared by every sandbox on a volume (fcntl and, through FUSE,
+//! flock, which arrives as a whole-file lock owned by the open file).
+//!
+//! The table lives on the host, so two sandboxes contending for one lock see each other. An
+//! owner is (session, guest lock owner). Requests never block here: a conflicting request gets
+//! `EAGAIN`, and a guest that wants to wait retries; so a lock can never pin a server thread,
+//! and a session that ends (lease expired, detached) simply has its locks dropped.
+
+use crate::engine::meta::VolId;
+use crate::fs::{FsError, FsResult, Ino};
+use crate::proto::Lock;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+#[derive(Clone, Debug)]
+struct Held {
+    session: u64,
+    owner: u64,
+    start: u64,
+    end: u64,
+    typ: i32,
+    pid: u32,
+}
+
+impl Held {
+    fn conflicts(&self, session: u64, l: &Lock) -> bool {
+        (self.session, self.owner) != (session, l.owner)
+            && self.start <= l.end
+            && l.start <= self.end
+            && (self.typ == libc::F_WRLCK || l.typ == libc::F_WRLCK)
+    }
+}
+
+#[derive(Default)]
+pub struct LockTable {
+    files: Mutex<HashMap<(VolId, Ino), Vec<Held>>>,
+}
+
+impl LockTable {
+    /// The first lock of another owner that conflicts with `l`.
+    pub fn test(&self, vol: VolId, ino: Ino, session: u64, l: &Lock) -> Lock {
+        let files = self.files.lock().unwrap();
+        match files.get(&(vol, ino)).and_then(|v| v.iter().find(|h| h.conflicts(session, l))) {
+            Some(h) => Lock { owner: h.owner, start: h.start, end: h.end, typ: h.typ, pid: h.pid },
+            None => Lock { typ: libc::F_UNLCK, ..l.clone() },
+        }
+    }
+
+    /// Takes (`F_RDLCK`/`F_WRLCK`) or releases (`F_UNLCK`) a range; `EAGAIN` on conflict.
+    pub fn set(&self, vol: VolId, ino: Ino, session: u64, l: &Lock) -> FsResult<()> {
+        if l.start > l.end {
+            return Err(FsError::new(libc::EINVAL, "lock range ends before it starts"));
+        }
+        let mut files = self.files.lock().unwrap();
+        let held = files.entry((vol, ino)).or_default();
+        if l.typ != libc::F_UNLCK {
+            if let Some(h) = held.iter().find(|h| h.conflicts(session, l)) {
+                return Err(FsError::new(libc::EAGAIN, format!("bytes {}-{} are locked by another owner (pid {})", h.start, h.end, h.pid)));
+            }
+        }
+        // Cut the owner's existing locks out of the range, then add the new one: this gives
+        // POSIX replace, upgrade, downgrade and split semantics.
+        let mut kept = Vec::with_capacity(held.len() + 1);
+        for h in held.drain(..) {
+            let mine = (h.session, h.owner) == (session, l.owner);
+            if !mine || h.end < l.start || h.start > l.end {
+                kept.push(h);
+                continue;
+            }
+            if h.start < l.start {
+                kept.push(Held { end: l.start - 1, ..h.clone() });
+            }
+            if h.end > l.end {
+                kept.push(Held { start: l.end + 1, ..h.clone() });
+            }
+        }
+        if l.typ != libc::F_UNLCK {
+            kept.push(Held { session, owner: l.owner, start: l.start, end: l.end, typ: l.typ, pid: l.pid });
+        }
+        if kept.is_empty() {
+            files.remove(&(vol, ino));
+        } else {
+            *held = kept;
+        }
+        Ok(())
+    }
+
+    /// Drops every lock of one owner on one file (close of a descriptor, flock release).
+    pub fn release_owner(&self, vol: VolId, ino: Ino, session: u64, owner: u64) {
+        let mut files = self.files.lock().unwrap();
+        if let Some(held) = files.get_mut(&(vol, ino)) {
+            held.retain(|h| (h.session, h.owner) != (session, owner));
+            if held.is_empty() {
+                files.remove(&(vol, ino));
+            }
+        }
+    }
+
+    /// Drops every lock a session holds (its lease ended).
+    pub fn release_session(&self, session: u64) {
+        let mut files = self.files.lock().unwrap();
+        files.retain(|_, held| {
+            held.retain(|h| h.session != session);
+            !held.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lk(owner: u64, start: u64, end: u64, typ: i32) -> Lock {
+        Lock { owner, start, end, typ, pid: owner as u32 }
+    }
+
+    #[test]
+    fn posix_range_semantics() {
+        let t = LockTable::default();
+        t.set(1, 5, 1, &lk(1, 0, 99, libc::F_WRLCK)).unwrap();
+        // Another session conflicts; a reader does too; disjoint ranges do not.
+        assert_eq!(t.set(1, 5, 2, &lk(1, 50, 60, libc::F_RDLCK)).unwrap_err().errno, libc::EAGAIN);
+        t.set(1, 5, 2, &lk(1, 100, 200, libc::F_WRLCK)).unwrap();
+        assert_eq!(t.test(1, 5, 2, &lk(1, 10, 10, libc::F_RDLCK)).typ, libc::F_WRLCK);
+        // Unlocking the middle splits the range; the hole is free for others.
+        t.set(1, 5, 1, &lk(1, 40, 59, libc::F_UNLCK)).unwrap();
+        t.set(1, 5, 2, &lk(9, 45, 50, libc::F_WRLCK)).unwrap();
+        assert_eq!(t.set(1, 5, 2, &lk(9, 30, 30, libc::F_RDLCK)).unwrap_err().errno, libc::EAGAIN);
+        // Downgrade to shared lets other readers in, not writers.
+        t.set(1, 5, 1, &lk(1, 0, 39, libc::F_RDLCK)).unwrap();
+        t.set(1, 5, 3, &lk(4, 0, 10, libc::F_RDLCK)).unwrap();
+        assert_eq!(t.set(1, 5, 3, &lk(5, 0, 10, libc::F_WRLCK)).unwrap_err().errno, libc::EAGAIN);
+        // A session that ends drops its locks.
+        t.release_session(1);
+        t.release_session(3);
+        t.set(1, 5, 3, &lk(5, 0, 10, libc::F_WRLCK)).unwrap();
+        t.release_owner(1, 5, 3, 5);
+        assert_eq!(t.test(1, 5, 7, &lk(1, 0, 10, libc::F_WRLCK)).typ, libc::F_UNLCK);
+    }
+}
