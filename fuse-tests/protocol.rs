@@ -13,39 +13,39 @@ use std::time::Duration;
 use volumefs::fs::{Caller, FsError, SetAttr};
 use volumefs::proto::{self, Hello, Op, Reply, Request, Role, ServerMsg, Welcome, PROTOCOL_VERSION};
 
-struct Raw {
-    s: UnixStream,
+pub(crate) struct Raw {
+    pub(crate) s: UnixStream,
     next: u64,
 }
 
 impl Raw {
-    fn connect(socket: &Path) -> Raw {
+    pub(crate) fn connect(socket: &Path) -> Raw {
         let s = UnixStream::connect(socket).expect("connect to the guest socket");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         Raw { s, next: 1 }
     }
 
-    fn hello(&mut self, role: Role) -> Welcome {
+    pub(crate) fn hello(&mut self, role: Role) -> Welcome {
         proto::write_frame(&mut self.s, &Hello { version: PROTOCOL_VERSION, role }).unwrap();
         proto::read_frame(&mut self.s).unwrap().expect("a welcome")
     }
 
-    fn attachments(socket: &Path) -> Vec<proto::AttachmentSpec> {
+    pub(crate) fn attachments(socket: &Path) -> Vec<proto::AttachmentSpec> {
         match Raw::connect(socket).hello(Role::Control) {
             Welcome::Control { attachments, .. } => attachments,
             other => panic!("control hello: {other:?}"),
         }
     }
 
-    fn mount(socket: &Path, attachment: u64) -> (Raw, bool) {
+    pub(crate) fn mount(socket: &Path, path: &str) -> (Raw, bool) {
         let mut raw = Raw::connect(socket);
-        match raw.hello(Role::Mount { attachment, resume: None }) {
+        match raw.hello(Role::Mount { path: path.to_string(), resume: None }) {
             Welcome::Mount { read_only, .. } => (raw, read_only),
             other => panic!("mount hello: {other:?}"),
         }
     }
 
-    fn call(&mut self, op: Op) -> Result<Reply, FsError> {
+    pub(crate) fn call(&mut self, op: Op) -> Result<Reply, FsError> {
         let id = self.next;
         self.next += 1;
         let seq = if op.is_mutation() { id } else { 0 };
@@ -58,7 +58,7 @@ impl Raw {
         }
     }
 
-    fn errno(&mut self, op: Op) -> i32 {
+    pub(crate) fn errno(&mut self, op: Op) -> i32 {
         let what = format!("{op:?}");
         match self.call(op) {
             Ok(r) => panic!("{what}: expected an error, got {r:?}"),
@@ -67,7 +67,7 @@ impl Raw {
     }
 
     /// Whether the server has closed this connection.
-    fn closed(&mut self) -> bool {
+    pub(crate) fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.s.read(&mut b), Ok(0) | Err(_))
     }
@@ -111,7 +111,7 @@ fn read_only_attachment_refuses_every_mutation_from_a_raw_client() {
     require_fuse!();
     let s = setup();
     let ro = Raw::attachments(&s.evil).into_iter().find(|a| a.read_only).expect("ro attachment");
-    let (mut raw, read_only) = Raw::mount(&s.evil, ro.id);
+    let (mut raw, read_only) = Raw::mount(&s.evil, &ro.path);
     assert!(read_only, "the server must say the mount is read-only");
     let inner = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"inner.txt".to_vec() }));
     // Reading is allowed.
@@ -151,7 +151,7 @@ fn subpath_attachment_cannot_be_escaped_with_forged_inodes_or_names() {
     require_fuse!();
     let s = setup();
     let rw = Raw::attachments(&s.evil).into_iter().find(|a| !a.read_only).expect("rw attachment");
-    let (mut raw, read_only) = Raw::mount(&s.evil, rw.id);
+    let (mut raw, read_only) = Raw::mount(&s.evil, &rw.path);
     assert!(!read_only);
     // The mount's root is /sub: the volume's top level is not visible from it.
     assert_eq!(raw.errno(Op::Lookup { parent: 1, name: b"secret.txt".to_vec() }), libc::ENOENT);
@@ -192,13 +192,12 @@ fn subpath_attachment_cannot_be_escaped_with_forged_inodes_or_names() {
         other => panic!("open: {other:?}"),
     };
     assert_eq!(raw.errno(Op::Read { ino: s.secret_ino, fh, offset: 0, size: 64 }), libc::ESTALE);
-    // After forgetting an inode (looked up twice: by readdirplus and by lookup), its number is
-    // no longer accepted.
-    raw.call(Op::Release { ino: inner, fh }).unwrap();
-    raw.call(Op::Forget { items: vec![(inner, 1)] }).unwrap();
-    assert!(matches!(raw.call(Op::GetAttr { ino: inner }), Ok(Reply::Attr(_))), "one reference is left");
-    raw.call(Op::Forget { items: vec![(inner, 1)] }).unwrap();
-    assert_eq!(raw.errno(Op::GetAttr { ino: inner }), libc::ESTALE);
+    // Forgetting an inode inside the subtree does not make it unreachable (scope is the
+    // subtree, not the session's memory), and nothing outside ever becomes reachable.
+    raw.call(Op::Release { ino: inner, fh, lock_owner: None }).unwrap();
+    raw.call(Op::Forget { items: vec![(inner, 2)] }).unwrap();
+    assert!(matches!(raw.call(Op::GetAttr { ino: inner }), Ok(Reply::Attr(_))));
+    assert_eq!(raw.errno(Op::GetAttr { ino: s.secret_ino }), libc::ESTALE);
     // The secret is untouched.
     assert_eq!(read(&s.c.path("owner/secret.txt")), b"top secret");
 }
@@ -208,20 +207,31 @@ fn a_sandbox_reaches_only_its_own_attachments() {
     require_fuse!();
     let s = setup();
     let owner_att = Raw::attachments(&s.c.data.join("sandboxes/owner/vsock_1024"));
-    let theirs = owner_att[0].id;
-    let mine: Vec<u64> = Raw::attachments(&s.evil).iter().map(|a| a.id).collect();
+    let theirs = owner_att[0].path.clone();
+    let mine: Vec<String> = Raw::attachments(&s.evil).iter().map(|a| a.path.clone()).collect();
     assert!(!mine.contains(&theirs));
     let mut raw = Raw::connect(&s.evil);
-    match raw.hello(Role::Mount { attachment: theirs, resume: None }) {
+    match raw.hello(Role::Mount { path: theirs.clone(), resume: None }) {
         Welcome::Refused(e) => assert_eq!(e.errno, libc::ENOENT, "{e}"),
         other => panic!("mounting another sandbox's attachment must be refused, got {other:?}"),
     }
-    // Resuming another sandbox's session is no way in either.
+    // Resuming another sandbox's session is no way in either: naming the owner's session
+    // from one of evil's own attachments yields a fresh session rooted at evil's subpath.
+    let (owner_session, mut raw) = {
+        let mut raw = Raw::connect(&s.c.data.join("sandboxes/owner/vsock_1024"));
+        match raw.hello(Role::Mount { path: theirs.clone(), resume: None }) {
+            Welcome::Mount { session, .. } => (session, raw),
+            other => panic!("owner mount: {other:?}"),
+        }
+    };
+    let _ = raw.call(Op::StatFs);
     let mut raw = Raw::connect(&s.evil);
-    match raw.hello(Role::Mount { attachment: theirs, resume: Some(1) }) {
-        Welcome::Refused(e) => assert_eq!(e.errno, libc::ENOENT, "{e}"),
-        other => panic!("resuming another sandbox's session must be refused, got {other:?}"),
+    match raw.hello(Role::Mount { path: mine[0].clone(), resume: Some(owner_session) }) {
+        Welcome::Mount { session, .. } => assert_ne!(session, owner_session, "evil must not get the owner's session"),
+        other => panic!("mount hello: {other:?}"),
     }
+    assert_eq!(raw.errno(Op::Lookup { parent: 1, name: b"secret.txt".to_vec() }), libc::ENOENT);
+    assert_eq!(raw.errno(Op::GetAttr { ino: s.secret_ino }), libc::ESTALE);
 }
 
 #[test]
@@ -231,7 +241,7 @@ fn bad_frames_close_only_their_connection() {
     let owner_mnt = s.c.path("owner");
     let rw = Raw::attachments(&s.evil).into_iter().find(|a| !a.read_only).unwrap();
     // A healthy raw mount that must survive its neighbours' misbehaviour.
-    let (mut good, _) = Raw::mount(&s.evil, rw.id);
+    let (mut good, _) = Raw::mount(&s.evil, &rw.path);
     let junk: Vec<Vec<u8>> = vec![
         u32::MAX.to_le_bytes().to_vec(),                                     // absurd length
         ((proto::MAX_FRAME + 1) as u32).to_le_bytes().to_vec(),               // just over the limit
@@ -245,7 +255,7 @@ fn bad_frames_close_only_their_connection() {
         bad.s.write_all(bytes).unwrap();
         assert!(bad.closed(), "junk #{i} as a hello must close the connection");
         // After a successful handshake, as a request.
-        let (mut bad, _) = Raw::mount(&s.evil, rw.id);
+        let (mut bad, _) = Raw::mount(&s.evil, &rw.path);
         bad.s.write_all(bytes).unwrap();
         assert!(bad.closed(), "junk #{i} as a request must close the connection");
     }
