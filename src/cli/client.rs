@@ -31,18 +31,41 @@ impl Client {
         Ok(Client { host, token: token.to_string() })
     }
 
+    /// A JSON request; the JSON answer, or the server's error message.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ApiError> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let (status, raw) = self.call_raw(method, path, "application/json", body.as_bytes())?;
+        let v: Value = serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
+        if (200..300).contains(&status) {
+            Ok(v)
+        } else {
+            let msg = v.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
+            Err(ApiError { status, msg })
+        }
+    }
+
+    /// Raw bytes both ways (file contents); an error status becomes the server's message.
+    pub fn call_bytes(&self, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let (status, raw) = self.call_raw(method, path, "application/octet-stream", body)?;
+        if (200..300).contains(&status) {
+            return Ok(raw);
+        }
+        let v: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+        let msg = v.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&raw).into_owned());
+        Err(ApiError { status, msg })
+    }
+
+    fn call_raw(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, Vec<u8>), ApiError> {
         let net = |e: std::io::Error| ApiError { status: 0, msg: format!("cannot reach the server at http://{}: {e}", self.host) };
         let mut s = TcpStream::connect(&self.host).map_err(net)?;
-        s.set_read_timeout(Some(Duration::from_secs(120))).map_err(net)?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        s.set_read_timeout(Some(Duration::from_secs(600))).map_err(net)?;
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             self.host,
             self.token,
             body.len()
         );
-        s.write_all(head.as_bytes()).and_then(|_| s.write_all(body.as_bytes())).map_err(net)?;
+        s.write_all(head.as_bytes()).and_then(|_| s.write_all(body)).map_err(net)?;
         let mut r = BufReader::new(s);
         let mut status_line = String::new();
         r.read_line(&mut status_line).map_err(net)?;
@@ -86,13 +109,7 @@ impl Client {
         } else {
             r.read_to_end(&mut raw).map_err(net)?;
         }
-        let v: Value = serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
-        if (200..300).contains(&status) {
-            Ok(v)
-        } else {
-            let msg = v.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
-            Err(ApiError { status, msg })
-        }
+        Ok((status, raw))
     }
 }
 

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 const USAGE: &str = "volumefs: durable volumes for microVM sandboxes
 
 Server:
-  volumefs server [--data DIR] [--http ADDR] [--lease-ttl SECS]
+  volumefs server [--data DIR] [--http ADDR] [--lease-ttl SECS] [--images DIR]
       Runs the storage server in the foreground (default --data ./volumefs-data,
       --http 127.0.0.1:7070). The API token is created in DIR/api-token.
 
@@ -23,6 +23,8 @@ token from --token or VOLUMEFS_TOKEN):
   volumefs volume list [--json]
   volumefs volume inspect NAME [--json]
   volumefs volume delete NAME [--force]
+  volumefs file read VOLUME PATH                        file contents to stdout
+  volumefs file write VOLUME PATH                       stdin replaces the file (atomically)
   volumefs sandbox create SB [--json]                   prints the sandbox's guest socket
   volumefs sandbox list [--json]
   volumefs sandbox delete SB
@@ -31,6 +33,9 @@ token from --token or VOLUMEFS_TOKEN):
   volumefs sandbox hibernate SB [--json]                flush, release leases, accesses wait
   volumefs sandbox resume SB [--json]
   volumefs sandbox fork SB NEW [--json]
+  volumefs sandbox run SB [--volume VOL:/mnt/path[:ro][:subpath=/dir]]... [--memory 256M]
+                                                        boots a microVM (QEMU) with volumes attached
+  volumefs sandbox stop SB
   volumefs sandbox exec SB -- CMD [ARGS...]             runs CMD in the sandbox through its agent
   volumefs attach SB VOLUME --at PATH [--read-only] [--subpath DIR] [--json]
   volumefs detach SB --at PATH [--force]
@@ -39,21 +44,22 @@ token from --token or VOLUMEFS_TOKEN):
 /// Parsed arguments: positionals in order, `--flag value` and bare `--switch`es.
 struct Args {
     pos: Vec<String>,
-    flags: HashMap<String, String>,
+    flags: HashMap<String, Vec<String>>,
     switches: Vec<String>,
 }
 
-const VALUED: &[&str] = &["--data", "--http", "--lease-ttl", "--server", "--token", "--cap", "--at", "--subpath"];
+const VALUED: &[&str] =
+    &["--data", "--http", "--lease-ttl", "--server", "--token", "--cap", "--at", "--subpath", "--images", "--volume", "--memory", "--timeout"];
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut a = Args { pos: Vec::new(), flags: HashMap::new(), switches: Vec::new() };
     let mut it = argv.iter();
     while let Some(arg) = it.next() {
         if let Some((k, v)) = arg.split_once('=').filter(|(k, _)| k.starts_with("--")) {
-            a.flags.insert(k.to_string(), v.to_string());
+            a.flags.entry(k.to_string()).or_default().push(v.to_string());
         } else if VALUED.contains(&arg.as_str()) {
             let v = it.next().ok_or_else(|| format!("{arg} needs a value"))?;
-            a.flags.insert(arg.clone(), v.clone());
+            a.flags.entry(arg.clone()).or_default().push(v.clone());
         } else if arg.starts_with("--") {
             a.switches.push(arg.clone());
         } else {
@@ -65,7 +71,11 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
 
 impl Args {
     fn flag(&self, k: &str) -> Option<&str> {
-        self.flags.get(k).map(String::as_str)
+        self.flags.get(k).and_then(|v| v.last()).map(String::as_str)
+    }
+
+    fn flag_all(&self, k: &str) -> Vec<&str> {
+        self.flags.get(k).map(|v| v.iter().map(String::as_str).collect()).unwrap_or_default()
     }
 
     fn has(&self, k: &str) -> bool {
@@ -191,6 +201,20 @@ fn run(argv: &[String]) -> Result<(), String> {
             println!("deleted volume {name}");
             Ok(())
         }
+        ["file", "read", volume, path] => {
+            a.only(&[])?;
+            use std::io::Write;
+            let bytes = client(&a)?.call_bytes("GET", &format!("/v1/volumes/{}/files/{}", encode(volume), encode(path.trim_start_matches('/'))), &[]).map_err(|e| e.msg)?;
+            std::io::stdout().write_all(&bytes).map_err(|e| e.to_string())
+        }
+        ["file", "write", volume, path] => {
+            a.only(&[])?;
+            use std::io::Read;
+            let mut data = Vec::new();
+            std::io::stdin().read_to_end(&mut data).map_err(|e| format!("cannot read stdin: {e}"))?;
+            client(&a)?.call_bytes("PUT", &format!("/v1/volumes/{}/files/{}", encode(volume), encode(path.trim_start_matches('/'))), &data).map_err(|e| e.msg)?;
+            Ok(())
+        }
         ["sandbox", "create", name] => {
             a.only(&["--json"])?;
             let v = call(&a, "POST", "/v1/sandboxes", Some(json!({"name": name})))?;
@@ -268,6 +292,34 @@ fn run(argv: &[String]) -> Result<(), String> {
             print_attachments(&a, &v);
             Ok(())
         }
+        ["sandbox", "run", sb] => {
+            a.only(&["--volume", "--memory", "--json"])?;
+            let mut volumes = Vec::new();
+            for spec in a.flag_all("--volume") {
+                volumes.push(parse_volume_spec(spec)?);
+            }
+            let body = json!({"volumes": volumes, "memory": a.flag("--memory").unwrap_or("256M")});
+            let v = call(&a, "POST", &format!("/v1/sandboxes/{}/run", encode(sb)), Some(body))?;
+            print_attachments(&a, &v);
+            let failed: Vec<String> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|at| at["state"] == "failed")
+                .map(|at| format!("{}: {}", at["path"].as_str().unwrap_or(""), at["reason"].as_str().unwrap_or("")))
+                .collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("sandbox {sb} is running, but some volumes are not mounted: {}", failed.join("; ")))
+            }
+        }
+        ["sandbox", "stop", sb] => {
+            a.only(&[])?;
+            call(&a, "POST", &format!("/v1/sandboxes/{}/stop", encode(sb)), None)?;
+            println!("stopped sandbox {sb}");
+            Ok(())
+        }
         ["sandbox", "fork", sb, new] => {
             a.only(&["--json"])?;
             let v = call(&a, "POST", &format!("/v1/sandboxes/{}/fork", encode(sb)), Some(json!({"name": new})))?;
@@ -280,6 +332,27 @@ fn run(argv: &[String]) -> Result<(), String> {
         }
         _ => Err(format!("unknown command: {}\n\n{USAGE}", cmd.join(" "))),
     }
+}
+
+/// `VOLUME:/mnt/path[:ro][:subpath=/dir]` → the JSON of one boot attachment.
+fn parse_volume_spec(spec: &str) -> Result<Value, String> {
+    let mut parts = spec.split(':');
+    let volume = parts.next().filter(|v| !v.is_empty());
+    let path = parts.next().filter(|p| p.starts_with('/'));
+    let (Some(volume), Some(path)) = (volume, path) else {
+        return Err(format!("invalid --volume {spec:?}: expected VOLUME:/mnt/path[:ro][:subpath=/dir]"));
+    };
+    let mut read_only = false;
+    let mut subpath = "/".to_string();
+    for opt in parts {
+        match opt {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            _ if opt.starts_with("subpath=") => subpath = opt["subpath=".len()..].to_string(),
+            _ => return Err(format!("invalid --volume {spec:?}: unknown option {opt:?} (ro, rw, subpath=/dir)")),
+        }
+    }
+    Ok(json!({"volume": volume, "path": path, "read_only": read_only, "subpath": subpath}))
 }
 
 /// `volumefs sandbox exec SB -- CMD ARGS…`: the command's output, and its exit code as ours.
@@ -324,11 +397,15 @@ fn print_attachments(a: &Args, v: &Value) {
 }
 
 fn serve(a: &Args) -> Result<(), String> {
-    a.only(&["--data", "--http", "--lease-ttl"])?;
+    a.only(&["--data", "--http", "--lease-ttl", "--images"])?;
     let data = PathBuf::from(a.flag("--data").unwrap_or("volumefs-data"));
     let http = a.flag("--http").unwrap_or("127.0.0.1:7070");
     let ttl: u64 = a.flag("--lease-ttl").unwrap_or("30").parse().map_err(|_| "--lease-ttl takes whole seconds")?;
-    let server = crate::server::Server::open(crate::server::Config { data: data.clone(), lease_ttl: std::time::Duration::from_secs(ttl) })
+    let server = crate::server::Server::open(crate::server::Config {
+        data: data.clone(),
+        lease_ttl: std::time::Duration::from_secs(ttl),
+        images: a.flag("--images").map(PathBuf::from),
+    })
         .map_err(|e| e.to_string())?;
     let (addr, threads) = crate::server::http::serve(server, http)?;
     // Written after binding, so a script can wait for this file and then talk to the server.

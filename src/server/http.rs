@@ -10,6 +10,8 @@
 //! - `GET /sandboxes/{name}/attachments`,
 //!   `POST /sandboxes/{name}/attachments {volume, path, read_only?, subpath?}`,
 //!   `DELETE /sandboxes/{name}/attachments?path=/mnt/x`
+//! - `GET /volumes/{name}/files/{path}` (raw bytes), `PUT /volumes/{name}/files/{path}` (raw
+//!   bytes; atomic replace, parents created)
 //! - `POST /sandboxes/{name}/reset-connections`, `POST /sandboxes/{name}/hibernate`,
 //!   `POST /sandboxes/{name}/resume`, `POST /sandboxes/{name}/fork {name}`,
 //!   `POST /sandboxes/{name}/exec {argv, stdin?, timeout_ms?}`
@@ -24,6 +26,8 @@ use std::sync::Arc;
 
 /// Largest JSON request body accepted.
 const MAX_BODY: u64 = 1 << 20;
+/// Largest file body of the simple whole-file API.
+const MAX_FILE_BODY: u64 = 256 << 20;
 
 pub struct HttpError {
     pub status: u16,
@@ -126,9 +130,31 @@ fn handle(server: &Arc<Server>, mut req: tiny_http::Request) {
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let segs: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let is_file = segs.len() >= 5 && segs[..2] == ["v1", "volumes"] && segs[3] == "files";
+    let limit = if is_file { MAX_FILE_BODY } else { MAX_BODY };
     let mut body = Vec::new();
-    if let Err(e) = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body) {
+    if let Err(e) = req.as_reader().take(limit + 1).read_to_end(&mut body) {
         return respond(req, 400, &json!({"error": format!("cannot read request body: {e}"), "errno": "EIO"}));
+    }
+    if is_file {
+        let path = segs[4..].join("/");
+        let result = match method.as_str() {
+            "GET" => server.read_file(segs[2], &path).map(Some),
+            "PUT" if body.len() as u64 > limit => Err(FsError::new(libc::EFBIG, format!("file bodies are limited to {limit} bytes"))),
+            "PUT" => server.write_file(segs[2], &path, &body).map(|_| None),
+            _ => Err(FsError::new(libc::EINVAL, format!("{method} is not supported on files (GET, PUT)"))),
+        };
+        return match result {
+            Ok(Some(bytes)) => {
+                let header = tiny_http::Header::from_bytes("Content-Type", "application/octet-stream").expect("static header");
+                let _ = req.respond(tiny_http::Response::from_data(bytes).with_header(header));
+            }
+            Ok(None) => respond(req, 200, &json!({"written": path, "size": body.len()})),
+            Err(e) => {
+                let e = HttpError::from(e);
+                respond(req, e.status, &json!({"error": e.msg, "errno": e.errno}))
+            }
+        };
     }
     let result = if body.len() as u64 > MAX_BODY {
         Err(bad_request("request body too large"))
@@ -233,6 +259,25 @@ fn route(server: &Arc<Server>, method: &str, segs: &[&str], query: &str, body: &
             let path = query_param(query, "path").ok_or_else(|| bad_request("missing `path` query parameter"))?;
             server.detach(name, &path, truthy(query_param(query, "force")))?;
             Ok((200, json!({"detached": path})))
+        }
+        ("POST", ["v1", "sandboxes", name, "run"]) => {
+            let b = json_body(body)?;
+            let mut volumes = Vec::new();
+            for v in b.get("volumes").and_then(Value::as_array).into_iter().flatten() {
+                volumes.push((
+                    str_field(v, "volume")?.to_string(),
+                    str_field(v, "path")?.to_string(),
+                    v.get("read_only").and_then(Value::as_bool).unwrap_or(false),
+                    v.get("subpath").and_then(Value::as_str).unwrap_or("/").to_string(),
+                ));
+            }
+            let memory = b.get("memory").and_then(Value::as_str).unwrap_or("256M");
+            let attachments = server.run_sandbox(name, &volumes, memory)?;
+            Ok((200, Value::Array(attachments.iter().map(attachment_json).collect())))
+        }
+        ("POST", ["v1", "sandboxes", name, "stop"]) => {
+            server.stop_sandbox(name)?;
+            Ok((200, json!({"stopped": name})))
         }
         ("POST", ["v1", "sandboxes", name, "hibernate"]) => {
             server.hibernate(name)?;

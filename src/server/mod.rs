@@ -12,6 +12,7 @@ pub mod http;
 pub mod locks;
 pub mod pool;
 pub mod session;
+pub mod vm;
 
 use crate::engine::meta::{AttachState, AttachmentRow, VolId};
 use crate::engine::{check_object_name, Engine};
@@ -30,6 +31,8 @@ pub struct Config {
     pub data: PathBuf,
     /// How long a session may go without its guest before its lease lapses.
     pub lease_ttl: Duration,
+    /// Where the guest image is (for `sandbox run`); found automatically when `None`.
+    pub images: Option<PathBuf>,
 }
 
 /// A sandbox's live pieces: its guest listener and the connections that came through it.
@@ -39,6 +42,8 @@ pub struct SandboxRt {
     listener: Listener,
     conns: Mutex<HashMap<u64, crate::transport::Stream>>,
     next_conn: AtomicU64,
+    /// The sandbox's microVM, when the server runs one for it.
+    vm: Mutex<Option<vm::Vm>>,
 }
 
 impl SandboxRt {
@@ -153,7 +158,7 @@ impl Server {
         let socket = dir.join(format!("vsock_{GUEST_SERVER_PORT}"));
         let listener = Listener::bind_unix(&socket)
             .map_err(|e| FsError::new(libc::EIO, format!("cannot listen on {}: {e}", socket.display())))?;
-        let rt = Arc::new(SandboxRt { name: name.to_string(), socket, listener, conns: Mutex::new(HashMap::new()), next_conn: AtomicU64::new(1) });
+        let rt = Arc::new(SandboxRt { name: name.to_string(), socket, listener, conns: Mutex::new(HashMap::new()), next_conn: AtomicU64::new(1), vm: Mutex::new(None) });
         self.sandboxes.lock().unwrap().insert(name.to_string(), rt.clone());
         let server = Arc::downgrade(self);
         let rt2 = rt.clone();
@@ -184,7 +189,11 @@ impl Server {
             t.get_sandbox(name)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{name}` not found")))?;
             t.delete_sandbox(name)
         })?;
-        if let Some(rt) = self.sandboxes.lock().unwrap().remove(name) {
+        let rt = self.sandboxes.lock().unwrap().remove(name);
+        if let Some(rt) = rt {
+            if let Some(vm) = rt.vm.lock().unwrap().take() {
+                vm.stop(Duration::ZERO);
+            }
             rt.listener.shutdown();
             rt.reset_connections();
         }
@@ -255,17 +264,94 @@ impl Server {
 
     /// Where this sandbox's agent takes commands, if it is running: the hybrid-vsock socket of
     /// its VM, or the unix socket of an agent on this host.
+    /// A paused VM has none: touching its vsock while it is stopped wedges the backend.
     pub fn agent_endpoint(&self, sandbox: &str) -> Option<Endpoint> {
         let dir = self.sandbox_dir(sandbox);
+        if let Ok(rt) = self.sandbox_rt(sandbox) {
+            if let Some(vm) = rt.vm.lock().unwrap().as_mut() {
+                return (!vm.paused && vm.running()).then(|| Endpoint::Hybrid { uds: dir.join("vsock"), port: AGENT_CONTROL_PORT });
+            }
+        }
         let local = dir.join("agent.sock");
-        if local.exists() {
-            return Some(Endpoint::Unix(local));
+        local.exists().then_some(Endpoint::Unix(local))
+    }
+
+    /// Boots a microVM for `sandbox` (created if new) with `volumes` attached at boot, and
+    /// returns once its agent is up and has mounted them (or said why not).
+    pub fn run_sandbox(self: &Arc<Self>, sandbox: &str, volumes: &[(String, String, bool, String)], memory: &str) -> FsResult<Vec<AttachmentInfo>> {
+        let rt = match self.sandbox_rt(sandbox) {
+            Ok(rt) => rt,
+            Err(_) => self.create_sandbox(sandbox)?,
+        };
+        if rt.vm.lock().unwrap().is_some() {
+            return Err(FsError::new(libc::EBUSY, format!("sandbox `{sandbox}` is already running")));
         }
-        let uds = dir.join("vsock");
-        if uds.exists() {
-            return Some(Endpoint::Hybrid { uds, port: AGENT_CONTROL_PORT });
+        for (volume, path, ro, subpath) in volumes {
+            self.attach(sandbox, volume, path, *ro, subpath)?;
         }
-        None
+        let images = vm::find_images(self.config.images.as_deref())?;
+        let started = std::time::Instant::now();
+        *rt.vm.lock().unwrap() = Some(vm::Vm::boot(&self.sandbox_dir(sandbox), &images, memory)?);
+        let ep = Endpoint::Hybrid { uds: self.sandbox_dir(sandbox).join("vsock"), port: AGENT_CONTROL_PORT };
+        let deadline = started + Duration::from_secs(180);
+        let mounted = loop {
+            {
+                let mut guard = rt.vm.lock().unwrap();
+                let vm = guard.as_mut().expect("booted above");
+                if !vm.running() {
+                    let tail = vm.console_tail(30);
+                    if let Some(vm) = guard.take() {
+                        vm.stop(Duration::ZERO);
+                    }
+                    return Err(FsError::new(libc::EIO, format!("the VM of sandbox `{sandbox}` exited during boot; console:\n{tail}")));
+                }
+            }
+            if let Ok(AgentReply::Status(mounts)) = self.agent_call(&ep, &AgentCommand::Status, Duration::from_secs(5)) {
+                break mounts;
+            }
+            if std::time::Instant::now() > deadline {
+                let tail = rt.vm.lock().unwrap().take().map(|vm| {
+                    let t = vm.console_tail(30);
+                    vm.stop(Duration::ZERO);
+                    t
+                });
+                return Err(FsError::new(libc::ETIMEDOUT, format!("the agent of sandbox `{sandbox}` did not come up; console:\n{}", tail.unwrap_or_default())));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        log::info!("sandbox {sandbox}: VM up with {} mount(s) in {:?}", mounted.len(), started.elapsed());
+        let console = rt.vm.lock().unwrap().as_ref().map(|vm| vm.console_tail(40)).unwrap_or_default();
+        for a in self.attachments(Some(sandbox))? {
+            if !mounted.iter().any(|m| m.path == a.row.path) && a.row.state != AttachState::Failed {
+                let why: Vec<&str> = console.lines().filter(|l| l.contains(&a.row.path)).collect();
+                let reason = format!("the guest agent could not mount it: {}", why.join(" / "));
+                self.engine.tx(|t| t.set_attachment_state(a.row.id, AttachState::Failed, &reason))?;
+            }
+        }
+        self.attachments(Some(sandbox))
+    }
+
+    /// Shuts a sandbox's VM down: the agent flushes and unmounts, then powers off.
+    pub fn stop_sandbox(&self, sandbox: &str) -> FsResult<()> {
+        let rt = self.sandbox_rt(sandbox)?;
+        if rt.vm.lock().unwrap().is_none() {
+            return Err(FsError::new(libc::EINVAL, format!("sandbox `{sandbox}` has no running VM")));
+        }
+        if rt.vm.lock().unwrap().as_ref().is_some_and(|vm| vm.paused) {
+            // A hibernated VM is woken first so that it can flush and unmount in order.
+            self.resume(sandbox)?;
+        }
+        if let Some(ep) = self.agent_endpoint(sandbox) {
+            let _ = self.agent_call(&ep, &AgentCommand::Shutdown, Duration::from_secs(30));
+        }
+        let vm = rt.vm.lock().unwrap().take();
+        if let Some(vm) = vm {
+            vm.stop(Duration::from_secs(30));
+        }
+        for s in self.sessions_where(|s| s.sandbox == sandbox) {
+            self.end_session(&s, AttachState::Released, "sandbox stopped");
+        }
+        Ok(())
     }
 
     /// Sends one command to an agent and waits for its answer.
@@ -352,13 +438,26 @@ impl Server {
         self.engine.tx(|t| t.delete_attachment(row.id))
     }
 
-    /// Hibernation: the agent flushes and releases every lease first.
+    /// Hibernation: the agent flushes and releases every lease first; then a VM is frozen.
     pub fn hibernate(&self, sandbox: &str) -> FsResult<()> {
-        self.agent_command(sandbox, AgentCommand::Hibernate, Duration::from_secs(90)).map(|_| ())
+        self.agent_command(sandbox, AgentCommand::Hibernate, Duration::from_secs(90))?;
+        let rt = self.sandbox_rt(sandbox)?;
+        let mut vm = rt.vm.lock().unwrap();
+        if let Some(vm) = vm.as_mut() {
+            vm.pause()?;
+        }
+        Ok(())
     }
 
-    /// Resume: the agent takes its leases again and waiting accesses continue.
+    /// Resume: a frozen VM runs again, then the agent takes its leases again and waiting
+    /// accesses continue.
     pub fn resume(&self, sandbox: &str) -> FsResult<()> {
+        let rt = self.sandbox_rt(sandbox)?;
+        if let Some(vm) = rt.vm.lock().unwrap().as_mut() {
+            if vm.paused {
+                vm.cont()?;
+            }
+        }
         self.agent_command(sandbox, AgentCommand::Resume, Duration::from_secs(90)).map(|_| ())
     }
 
@@ -380,6 +479,76 @@ impl Server {
             self.engine.tx(|t| t.delete_attachment(a.id))?;
         }
         self.engine.delete_volume(vol.id)
+    }
+
+    // ----- direct file access (no VM) --------------------------------------------------------
+
+    /// Reads a whole file of a volume by path.
+    pub fn read_file(&self, volume: &str, path: &str) -> FsResult<Vec<u8>> {
+        let vol = self.engine.volume(volume)?;
+        let root = Caller::root();
+        let a = self.engine.resolve(vol.id, path, &root)?;
+        if a.kind != Kind::File {
+            return Err(FsError::new(libc::EISDIR, format!("{path} is not a regular file")));
+        }
+        self.engine.open(vol.id, a.ino, libc::O_RDONLY, &root)?;
+        let mut out = Vec::with_capacity(a.size as usize);
+        let result = loop {
+            match self.engine.read(vol.id, a.ino, out.len() as u64, crate::proto::MAX_IO) {
+                Ok(chunk) if chunk.is_empty() => break Ok(()),
+                Ok(chunk) => out.extend_from_slice(&chunk),
+                Err(e) => break Err(e),
+            }
+        };
+        self.engine.release(vol.id, a.ino)?;
+        result.map(|_| out)
+    }
+
+    /// Replaces (or creates) a file of a volume by path, atomically: the bytes go to a hidden
+    /// temporary file that is then renamed over the target, so readers see the old or the new
+    /// contents, never a mix. Missing parent directories are created.
+    pub fn write_file(&self, volume: &str, path: &str, data: &[u8]) -> FsResult<crate::fs::Attr> {
+        let vol = self.engine.volume(volume)?;
+        let root = Caller::root();
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        let (name, dirs) = parts.split_last().ok_or_else(|| FsError::new(libc::EINVAL, "a file path needs a name"))?;
+        let mut parent = crate::fs::ROOT_INO;
+        for d in dirs {
+            parent = match self.engine.lookup(vol.id, parent, d.as_bytes(), &root) {
+                Ok(a) if a.kind == Kind::Dir => a.ino,
+                Ok(_) => return Err(FsError::new(libc::ENOTDIR, format!("{d} in {path} is not a directory"))),
+                Err(e) if e.errno == libc::ENOENT => {
+                    let a = self.engine.mkdir(vol.id, parent, d.as_bytes(), 0o755, 0, &root)?;
+                    self.invalidate(vol.id, &[(parent, d.as_bytes().to_vec())]);
+                    a.ino
+                }
+                Err(e) => return Err(e),
+            };
+        }
+        crate::fs::check_name(name.as_bytes())?;
+        let tmp = format!(".{name}.volumefs-{}", self.new_session_id());
+        let a = self.engine.create(vol.id, parent, tmp.as_bytes(), 0o644, 0, &root)?;
+        let written = data
+            .chunks(crate::proto::MAX_IO as usize)
+            .enumerate()
+            .try_for_each(|(i, chunk)| self.engine.write(vol.id, a.ino, (i * crate::proto::MAX_IO as usize) as u64, chunk, false, &root).map(|_| ()));
+        let renamed = written.and_then(|_| self.engine.rename(vol.id, parent, tmp.as_bytes(), parent, name.as_bytes(), 0, &root));
+        if renamed.is_err() {
+            let _ = self.engine.unlink(vol.id, parent, tmp.as_bytes(), &root);
+        }
+        self.engine.release(vol.id, a.ino)?;
+        renamed?;
+        self.invalidate(vol.id, &[(parent, name.as_bytes().to_vec())]);
+        self.engine.getattr(vol.id, a.ino)
+    }
+
+    /// Tells every session on `vol` that these names changed (API writes have no session).
+    fn invalidate(&self, vol: VolId, entries: &[(crate::fs::Ino, Vec<u8>)]) {
+        for s in self.peers(vol, 0) {
+            for (parent, name) in entries {
+                s.invalidate_entry(*parent, name);
+            }
+        }
     }
 
     // ----- sessions -------------------------------------------------------------------------

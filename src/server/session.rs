@@ -273,7 +273,7 @@ impl Session {
         }
     }
 
-    fn invalidate_entry(&self, parent: Ino, name: &[u8]) {
+    pub fn invalidate_entry(&self, parent: Ino, name: &[u8]) {
         if self.known.lock().unwrap().contains_key(&parent) {
             let wire = self.to_wire(parent);
             self.push(Notice::InvalEntry { parent: wire, name: name.to_vec() });
