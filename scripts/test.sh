@@ -5,7 +5,11 @@
 #
 # Tier 1: engine and protocol (cargo test --lib), no root needed.
 # Tier 2: fuse-tests/, real FUSE mounts through the real server over unix sockets (root).
+# Tier 3: fuse-tests/vm.rs, real microVMs (QEMU, software CPU) booting the guest image, with
+#         vsock through vhost-device-vsock (root; installed here when missing).
 # Also checked: the guest binary builds static without any host-only dependency.
+#
+# VOLUMEFS_SKIP_VM=1 leaves out tier 3 (and its installs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +32,16 @@ RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked --release \
 if ! ldd target/guest/x86_64-unknown-linux-gnu/release/volumefs-guest 2>&1 | grep -q "not a dynamic executable"; then
     echo "volumefs-guest is not static" >&2
     exit 1
+fi
+
+if [ "${VOLUMEFS_SKIP_VM:-0}" != 1 ] && [ "$(id -u)" = 0 ]; then
+    log "guest image and VM tools"
+    # Installs QEMU and busybox with apt, downloads the Debian kernel, builds the initramfs.
+    vm-images/build.sh
+    if ! command -v vhost-device-vsock >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/vhost-device-vsock" ]; then
+        cargo install --locked vhost-device-vsock
+    fi
+    export VOLUMEFS_REQUIRE_VM=1
 fi
 
 log "tests"
