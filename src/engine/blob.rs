@@ -10,7 +10,9 @@ use crate::fs::{FsError, FsResult, Ino};
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 pub trait BlobStore: Send + Sync {
     /// Fills `buf` from `offset`; bytes the blob does not have (holes, past its end) read as zero.
@@ -24,7 +26,12 @@ pub trait BlobStore: Send + Sync {
 
 pub struct LocalBlobs {
     root: PathBuf,
+    /// Recently used data files, kept open: a 1 MiB write should not cost an open and a close.
+    open: Mutex<HashMap<(VolId, Ino), Arc<File>>>,
 }
+
+/// How many data files stay open at most.
+const OPEN_FILES: usize = 512;
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> FsError {
     FsError::new(e.raw_os_error().unwrap_or(libc::EIO), format!("data store: {what} {}: {e}", path.display()))
@@ -33,7 +40,29 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> FsError {
 impl LocalBlobs {
     pub fn open(root: &Path) -> FsResult<LocalBlobs> {
         std::fs::create_dir_all(root).map_err(|e| io_err("create", root, e))?;
-        Ok(LocalBlobs { root: root.to_path_buf() })
+        Ok(LocalBlobs { root: root.to_path_buf(), open: Mutex::new(HashMap::new()) })
+    }
+
+    /// The data file, opened read-write and created if missing, from the cache when possible.
+    fn file(&self, vol: VolId, ino: Ino) -> FsResult<Arc<File>> {
+        if let Some(f) = self.open.lock().unwrap().get(&(vol, ino)) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(self.open_rw(vol, ino)?);
+        let mut open = self.open.lock().unwrap();
+        if open.len() >= OPEN_FILES {
+            // Crude but bounded: forget an arbitrary half; users of those keep their Arc.
+            let drop: Vec<_> = open.keys().take(OPEN_FILES / 2).copied().collect();
+            for k in drop {
+                open.remove(&k);
+            }
+        }
+        open.insert((vol, ino), f.clone());
+        Ok(f)
+    }
+
+    fn forget(&self, vol: VolId, ino: Ino) {
+        self.open.lock().unwrap().remove(&(vol, ino));
     }
 
     fn path(&self, vol: VolId, ino: Ino) -> PathBuf {
@@ -58,13 +87,17 @@ impl LocalBlobs {
 impl BlobStore for LocalBlobs {
     fn read(&self, vol: VolId, ino: Ino, offset: u64, buf: &mut [u8]) -> FsResult<()> {
         let path = self.path(vol, ino);
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                buf.fill(0);
-                return Ok(());
-            }
-            Err(e) => return Err(io_err("open", &path, e)),
+        let cached = self.open.lock().unwrap().get(&(vol, ino)).cloned();
+        let f = match cached {
+            Some(f) => f,
+            None => match File::open(&path) {
+                Ok(f) => Arc::new(f),
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Err(e) => return Err(io_err("open", &path, e)),
+            },
         };
         let mut done = 0;
         while done < buf.len() {
@@ -80,7 +113,7 @@ impl BlobStore for LocalBlobs {
     }
 
     fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8]) -> FsResult<()> {
-        let f = self.open_rw(vol, ino)?;
+        let f = self.file(vol, ino)?;
         f.write_all_at(data, offset).map_err(|e| io_err("write", &self.path(vol, ino), e))
     }
 
@@ -88,11 +121,12 @@ impl BlobStore for LocalBlobs {
         if size == 0 {
             return self.remove(vol, ino);
         }
-        let f = self.open_rw(vol, ino)?;
+        let f = self.file(vol, ino)?;
         f.set_len(size).map_err(|e| io_err("truncate", &self.path(vol, ino), e))
     }
 
     fn remove(&self, vol: VolId, ino: Ino) -> FsResult<()> {
+        self.forget(vol, ino);
         let path = self.path(vol, ino);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -102,6 +136,7 @@ impl BlobStore for LocalBlobs {
     }
 
     fn remove_volume(&self, vol: VolId) -> FsResult<()> {
+        self.open.lock().unwrap().retain(|(v, _), _| *v != vol);
         let path = self.root.join(vol.to_string());
         match std::fs::remove_dir_all(&path) {
             Ok(()) => Ok(()),
@@ -112,6 +147,9 @@ impl BlobStore for LocalBlobs {
 
     fn sync(&self, vol: VolId, ino: Ino) -> FsResult<()> {
         let path = self.path(vol, ino);
+        if let Some(f) = self.open.lock().unwrap().get(&(vol, ino)).cloned() {
+            return f.sync_all().map_err(|e| io_err("sync", &path, e));
+        }
         match File::open(&path) {
             Ok(f) => f.sync_all().map_err(|e| io_err("sync", &path, e)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),

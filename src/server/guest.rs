@@ -17,6 +17,9 @@ use std::time::Duration;
 const WINDOW: usize = 64;
 /// A guest must say hello this quickly.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Mount sessions one sandbox may hold at once (a guest opening connection after connection
+/// without resuming must not grow the server without bound).
+const MAX_SESSIONS: usize = 256;
 /// A peer that does not drain its socket for this long is cut off.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -128,6 +131,10 @@ fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<
                 s.set_lease(session::LeaseState::Live);
                 return Ok(s);
             }
+        }
+        let live = server.sessions_where(|s| s.sandbox == sandbox).len();
+        if live >= MAX_SESSIONS {
+            return Err(FsError::new(libc::EAGAIN, format!("sandbox `{sandbox}` already has {live} mount sessions")));
         }
         let root = server.engine.resolve(row.volume, &row.subpath, &Caller::root())?;
         if root.kind != Kind::Dir {
