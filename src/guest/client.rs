@@ -240,8 +240,18 @@ impl MountClient {
         }
     }
 
-    /// Stops for good: no reconnect; pending requests fail.
+    /// Stops for good: gives the lease back (so the host records a clean release rather than
+    /// an expiry), then no reconnect; pending requests fail.
     pub fn close(&self) {
+        if self.connected() && !self.is_hibernated() {
+            // Hold the reader back from reconnecting when the server closes after the release.
+            *self.hibernated.lock().unwrap() = true;
+            let (tx, rx) = mpsc::channel();
+            self.send_now(Caller::root(), Op::ReleaseLease, Box::new(move |r| {
+                let _ = tx.send(r);
+            }));
+            let _ = rx.recv_timeout(Duration::from_secs(2));
+        }
         self.closing.store(true, Ordering::SeqCst);
         self.woken.notify_all();
         self.resume();

@@ -170,6 +170,11 @@ fn mount_loop(server: &Arc<Server>, s: &Arc<Session>, mut stream: Stream) -> std
             let _ = conn2.send(&ServerMsg::Reply { id, result });
             if close {
                 conn2.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+                // A released session without handles has nothing a resume would need (requests
+                // in flight were drained first, and scope is checked by ancestry): drop it.
+                if !s2.has_handles() {
+                    server2.forget_session(&s2);
+                }
             }
             window2.release();
         });

@@ -578,6 +578,12 @@ impl Server {
         list.iter().filter_map(|w| w.upgrade()).filter(|s| s.id != except).collect()
     }
 
+    /// Drops a released session from the registry without touching its attachment record.
+    pub fn forget_session(&self, s: &Arc<Session>) {
+        self.sessions.lock().unwrap().remove(&s.id);
+        self.locks.release_session(s.id);
+    }
+
     /// Ends a session: drops its handles (freeing unlinked files), closes its connection and
     /// records why in the attachment.
     pub fn end_session(&self, s: &Arc<Session>, state: AttachState, reason: &str) {

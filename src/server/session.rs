@@ -142,6 +142,11 @@ impl Session {
         self.lease() == LeaseState::Live && self.last_seen.lock().unwrap().elapsed() > ttl
     }
 
+    /// Whether the session holds any handle at all.
+    pub fn has_handles(&self) -> bool {
+        !self.handles.lock().unwrap().is_empty()
+    }
+
     /// Open file handles (not directories), for refusing a detach of a busy mount.
     pub fn open_files(&self) -> usize {
         self.handles.lock().unwrap().values().filter(|h| !h.dir).count()
@@ -470,7 +475,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::ReleaseLease => {
             s.set_lease(LeaseState::Released);
             server.locks.release_session(s.id);
-            let _ = e.tx(|t| t.set_attachment_state(s.attachment, AttachState::Released, "hibernated: lease released by the guest"));
+            let _ = e.tx(|t| t.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)"));
             (Reply::Empty, Changed::Nothing)
         }
         Op::OpenDir { ino } => {
