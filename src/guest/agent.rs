@@ -61,7 +61,7 @@ impl Mount {
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(2);
         config.clone_fd = true;
-        let fs = VolumeFs::new(client.clone(), granted.read_only);
+        let fs = VolumeFs::new(client.clone());
         let session = fuser::Session::new(fs, &path, &config).map_err(|e| format!("cannot mount {}: {e}", path.display()))?;
         install_notifier(&client, session.notifier());
         let session = session.spawn().map_err(|e| format!("cannot start FUSE session for {}: {e}", path.display()))?;

@@ -26,12 +26,11 @@ const DIR_BATCH: u32 = 256;
 
 pub struct VolumeFs {
     client: Arc<MountClient>,
-    read_only: bool,
 }
 
 impl VolumeFs {
-    pub fn new(client: Arc<MountClient>, read_only: bool) -> VolumeFs {
-        VolumeFs { client, read_only }
+    pub fn new(client: Arc<MountClient>) -> VolumeFs {
+        VolumeFs { client }
     }
 
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
@@ -163,7 +162,7 @@ fn try_lock(client: Arc<MountClient>, who: Caller, ino: u64, lock: Lock, sleep: 
 
 impl Filesystem for VolumeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let mut wanted = InitFlags::FUSE_ASYNC_READ
+        let wanted = InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
@@ -172,10 +171,10 @@ impl Filesystem for VolumeFs {
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_POSIX_LOCKS
             | InitFlags::FUSE_FLOCK_LOCKS;
-        if !self.read_only {
-            // The kernel keeps dirty pages and sends large writes; close and fsync flush them.
-            wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
-        }
+        // No FUSE_WRITEBACK_CACHE: with it the kernel trusts its own size and times of regular
+        // files and ignores the host's, so a file grown or truncated by another sandbox would
+        // keep its old size here (and SQLite on a shared volume corrupts). Writes are
+        // write-through, up to 1 MiB per request; reads still use the page cache.
         for flag in wanted.iter() {
             let _ = config.add_capabilities(flag);
         }

@@ -1,0 +1,36 @@
+//! Tier 2 of the test plan: real FUSE mounts through the real server over a real socket.
+//!
+//! Each test starts its own `volumefs server` (see [`harness::Cluster`]), registers sandboxes,
+//! attaches volumes, runs `volumefs-guest agent` processes that mount them, and then asserts
+//! outcomes through the mounted filesystem with ordinary system calls: bytes read back, errno
+//! values, stat fields. Nothing here knows the product's internals: the binaries, the CLI and
+//! the mounts are the whole interface.
+//!
+//! Needs root and `/dev/fuse`; without them the FUSE tests print `SKIPPED` and pass, unless
+//! `VOLUMEFS_REQUIRE_FUSE=1` (CI), which turns a missing prerequisite into a failure.
+//! `VOLUMEFS_KEEP_TEST_DIRS=1` keeps each test's temporary directory (logs, data) for debugging.
+//!
+//! Modules, by the behaviour they cover:
+//! - [`files`]: reading and writing file contents (overwrite, sparse, truncate, append, large).
+//! - [`namespace`]: directories, rename (all flavours), hard links, symlinks, fifos, unlink of
+//!   open files.
+//! - [`attrs`]: mode/owner/times, xattrs, non-root permission checks.
+//! - [`volumes`]: statfs, durability across agent restarts, quota, the volume CLI.
+//! - [`locks`]: fcntl and flock locks across mounts of one volume.
+//! - [`lifecycle`]: runtime attach/detach, hibernate/resume, resets, lease expiry, fork.
+//! - [`sharing`]: two mounts of one volume, read-only and subpath attachments.
+//! - [`tools`]: ordinary shell tools over a tree of files.
+
+#[macro_use]
+mod harness;
+
+mod attrs;
+mod files;
+mod lifecycle;
+mod locks;
+mod namespace;
+mod protocol;
+mod sharing;
+mod tools;
+mod vm;
+mod volumes;
