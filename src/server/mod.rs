@@ -273,7 +273,13 @@ impl Server {
             }
         }
         let local = dir.join("agent.sock");
-        local.exists().then_some(Endpoint::Unix(local))
+        if local.exists() {
+            return Some(Endpoint::Unix(local));
+        }
+        // A VM run by another VMM (Firecracker, Cloud Hypervisor) with its vsock uds_path at
+        // the sandbox's `vsock`: the platform must not send commands while it is paused.
+        let uds = dir.join("vsock");
+        uds.exists().then_some(Endpoint::Hybrid { uds, port: AGENT_CONTROL_PORT })
     }
 
     /// Boots a microVM for `sandbox` (created if new) with `volumes` attached at boot, and
