@@ -22,7 +22,7 @@ pub mod sqlite;
 
 use crate::fs::*;
 use blob::BlobStore;
-use meta::{MetaStore, MetaTxn, VolId, VolumeRow};
+use meta::{MetaStore, MetaTxn, VolId};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -122,22 +122,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Public view of a volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeInfo {
-    pub id: VolId,
-    pub name: String,
-    pub cap: u64,
-    pub used: u64,
-    pub inodes: u64,
-    pub created: Timespec,
-}
-
-impl From<VolumeRow> for VolumeInfo {
-    fn from(v: VolumeRow) -> VolumeInfo {
-        VolumeInfo { id: v.id, name: v.name, cap: v.cap, used: v.used, inodes: v.inodes, created: v.created }
-    }
-}
+/// What a volume is, as the API reports it.
+pub use meta::VolumeRow as VolumeInfo;
 
 /// Checks a volume or sandbox name: 1–63 characters of `[A-Za-z0-9._-]`, not starting with `.`.
 pub fn check_object_name(what: &str, name: &str) -> FsResult<()> {
@@ -195,7 +181,7 @@ impl Engine {
             return Err(FsError::new(libc::EINVAL, "a volume cap must be at least 1 byte"));
         }
         let now = Timespec::now();
-        let info = self.tx(|t| {
+        self.tx(|t| {
             if t.volume_by_name(name)?.is_some() {
                 return Err(FsError::new(libc::EEXIST, format!("volume `{name}` already exists")));
             }
@@ -205,20 +191,19 @@ impl Engine {
                 &Attr { ino: ROOT_INO, kind: Kind::Dir, perm: 0o755, nlink: 2, uid: 0, gid: 0, size: 0, atime: now, mtime: now, ctime: now, rdev: 0 },
             )?;
             t.volume_by_id(id)?.ok_or_else(|| enoent(format!("volume `{name}`")))
-        })?;
-        Ok(info.into())
+        })
     }
 
     pub fn list_volumes(&self) -> FsResult<Vec<VolumeInfo>> {
-        Ok(self.tx(|t| t.list_volumes())?.into_iter().map(Into::into).collect())
+        self.tx(|t| t.list_volumes())
     }
 
     pub fn volume(&self, name: &str) -> FsResult<VolumeInfo> {
-        self.tx(|t| t.volume_by_name(name))?.map(Into::into).ok_or_else(|| FsError::new(libc::ENOENT, format!("volume `{name}` not found")))
+        self.tx(|t| t.volume_by_name(name))?.ok_or_else(|| FsError::new(libc::ENOENT, format!("volume `{name}` not found")))
     }
 
     pub fn volume_by_id(&self, id: VolId) -> FsResult<VolumeInfo> {
-        self.tx(|t| t.volume_by_id(id))?.map(Into::into).ok_or_else(|| FsError::new(libc::ENOENT, format!("volume #{id} not found")))
+        self.tx(|t| t.volume_by_id(id))?.ok_or_else(|| FsError::new(libc::ENOENT, format!("volume #{id} not found")))
     }
 
     /// Deletes a volume and all its data. Attachments are the caller's business.
