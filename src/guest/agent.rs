@@ -11,7 +11,7 @@
 //! is the unix socket `agent.sock` next to the sandbox's guest socket.
 
 use super::client::{control_hello, MountClient};
-use super::fuse::VolumeFs;
+use super::fuse::{Invalidator, VolumeFs};
 use crate::fs::FsError;
 use crate::proto::{self, AgentCommand, AgentReply, AttachmentSpec, MountStatus};
 use crate::transport::{Endpoint, Listener, AGENT_CONTROL_PORT};
@@ -61,9 +61,10 @@ impl Mount {
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(2);
         config.clone_fd = true;
-        let fs = VolumeFs::new(client.clone());
+        let invalidator = Arc::new(Invalidator::default());
+        let fs = VolumeFs::new(client.clone(), invalidator.clone());
         let session = fuser::Session::new(fs, &path, &config).map_err(|e| format!("cannot mount {}: {e}", path.display()))?;
-        install_notifier(&client, session.notifier());
+        invalidator.start(session.notifier(), &client);
         let session = session.spawn().map_err(|e| format!("cannot start FUSE session for {}: {e}", path.display()))?;
         Ok(Mount { spec: spec.clone(), client, session: Some(session) })
     }
@@ -80,38 +81,6 @@ impl Mount {
         }
         self.client.close();
     }
-}
-
-/// Routes pushed invalidations to the kernel. Attribute invalidation is cheap and takes no page
-/// locks, so it runs inline on the connection's reader thread, in order with replies; page and
-/// entry invalidation can wait on locks held by requests whose replies that same thread must
-/// deliver, so they go to their own thread.
-fn install_notifier(client: &Arc<MountClient>, notifier: fuser::Notifier) {
-    use crate::proto::Notice;
-    let (tx, rx) = std::sync::mpsc::channel::<Notice>();
-    let inline = notifier.clone();
-    std::thread::Builder::new()
-        .name("vfs-notify".into())
-        .spawn(move || {
-            for n in rx {
-                match n {
-                    Notice::InvalInode { ino } => {
-                        let _ = notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
-                    }
-                    Notice::InvalEntry { parent, name } => {
-                        let _ = notifier.inval_entry(fuser::INodeNo(parent), std::ffi::OsStr::from_bytes(&name));
-                    }
-                }
-            }
-        })
-        .expect("spawn notifier thread");
-    let tx = std::sync::Mutex::new(tx);
-    client.on_notice(move |n| {
-        if let Notice::InvalInode { ino } = &n {
-            let _ = inline.inval_inode(fuser::INodeNo(*ino), -1, 0);
-        }
-        let _ = tx.lock().unwrap().send(n);
-    });
 }
 
 fn cpath(path: &Path) -> CString {

@@ -9,6 +9,10 @@
 //! its session and sends every pending request again with the same id and sequence number; the
 //! server answers a mutation it already applied from its replay record. Callers just see a slow
 //! reply, never an error.
+//!
+//! If the server no longer has the session (it restarted), the client gets a fresh one and opens
+//! every handle the kernel holds again before resending; requests name handles by the number the
+//! kernel knows, translated to the current session's number as they are sent.
 
 use crate::fs::{Caller, FsError, FsResult};
 use crate::proto::{self, Hello, Notice, Op, Reply, Request, Role, ServerMsg, Welcome, PROTOCOL_VERSION};
@@ -21,8 +25,32 @@ use std::time::Duration;
 pub type Callback = Box<dyn FnOnce(FsResult<Reply>) + Send>;
 
 struct Pending {
+    /// As the caller made it: handle numbers are the kernel's, translated at each send.
     req: Request,
     cb: Callback,
+}
+
+/// A handle the kernel holds: what it opened, and its number in the current session.
+#[derive(Clone)]
+struct OpenHandle {
+    ino: u64,
+    flags: i32,
+    dir: bool,
+    current: u64,
+}
+
+/// The handle field of ops that carry one.
+fn fh_of(op: &mut Op) -> Option<&mut u64> {
+    match op {
+        Op::Read { fh, .. }
+        | Op::Write { fh, .. }
+        | Op::Fsync { fh, .. }
+        | Op::Release { fh, .. }
+        | Op::ReleaseDir { fh, .. }
+        | Op::ReadDir { fh, .. }
+        | Op::Flush { fh, .. } => Some(fh),
+        _ => None,
+    }
 }
 
 /// What the server granted this mount.
@@ -48,6 +76,7 @@ pub struct MountClient {
     link: Mutex<Link>,
     granted: Mutex<Granted>,
     pending: Mutex<BTreeMap<u64, Pending>>,
+    handles: Mutex<std::collections::HashMap<u64, OpenHandle>>,
     next_id: AtomicU64,
     next_seq: AtomicU64,
     closing: AtomicBool,
@@ -60,6 +89,8 @@ pub struct MountClient {
     notices: Mutex<Option<Box<dyn Fn(Notice) + Send + Sync>>>,
     /// Why the mount is dead, if it is (attachment gone): every request fails with it.
     dead: Mutex<Option<FsError>>,
+    /// Itself, for callbacks that outlive a call.
+    me: Mutex<std::sync::Weak<MountClient>>,
 }
 
 fn handshake(endpoint: &Endpoint, path: &str, resume: Option<u64>) -> Result<(Stream, Granted), FsError> {
@@ -101,6 +132,7 @@ impl MountClient {
             link: Mutex::new(Link { writer: Some(stream), epoch: 1 }),
             granted: Mutex::new(granted),
             pending: Mutex::new(BTreeMap::new()),
+            handles: Mutex::new(std::collections::HashMap::new()),
             next_id: AtomicU64::new(1),
             next_seq: AtomicU64::new(1),
             closing: AtomicBool::new(false),
@@ -110,7 +142,9 @@ impl MountClient {
             woken: Condvar::new(),
             notices: Mutex::new(None),
             dead: Mutex::new(None),
+            me: Mutex::new(std::sync::Weak::new()),
         });
+        *client.me.lock().unwrap() = Arc::downgrade(&client);
         let c = client.clone();
         std::thread::Builder::new().name("vfs-conn".into()).spawn(move || c.reader(reader)).map_err(FsError::from)?;
         let weak = Arc::downgrade(&client);
@@ -186,14 +220,26 @@ impl MountClient {
         self.send_now(caller, op, cb)
     }
 
+    /// The request with handle numbers of the current session.
+    fn encode(&self, req: &Request) -> std::io::Result<Vec<u8>> {
+        let mut req = req.clone();
+        if let Some(fh) = fh_of(&mut req.op) {
+            if let Some(h) = self.handles.lock().unwrap().get(fh) {
+                *fh = h.current;
+            }
+        }
+        proto::encode(&req)
+    }
+
     fn send_now(&self, caller: Caller, op: Op, cb: Callback) {
         if let Some(e) = self.dead.lock().unwrap().clone() {
             return cb(Err(e));
         }
+        let cb = self.remember_handles(&op, cb);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let seq = if op.is_sequenced() { self.next_seq.fetch_add(1, Ordering::Relaxed) } else { 0 };
         let req = Request { id, seq, caller, op };
-        let frame = match proto::encode(&req) {
+        let frame = match self.encode(&req) {
             Ok(f) => f,
             Err(e) => return cb(Err(FsError::new(libc::EINVAL, format!("request cannot be encoded: {e}")))),
         };
@@ -207,6 +253,38 @@ impl MountClient {
                 link.writer = None;
             }
         }
+    }
+
+    /// Wraps `cb` so that the handle table follows opens and releases.
+    fn remember_handles(&self, op: &Op, cb: Callback) -> Callback {
+        let Some(me) = self.me.lock().unwrap().upgrade() else { return cb };
+        let (ino, flags, dir) = match op {
+            Op::Open { ino, flags } => (*ino, *flags, false),
+            Op::OpenDir { ino } => (*ino, libc::O_RDONLY, true),
+            Op::Create { flags, .. } => (0, *flags, false),
+            Op::Release { fh, .. } | Op::ReleaseDir { fh, .. } => {
+                // Forgotten once answered: a resend must still be translated.
+                let fh = *fh;
+                return Box::new(move |r: FsResult<Reply>| {
+                    me.handles.lock().unwrap().remove(&fh);
+                    cb(r)
+                });
+            }
+            _ => return cb,
+        };
+        // Reopening must neither truncate nor create again.
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        Box::new(move |r: FsResult<Reply>| {
+            let opened = match &r {
+                Ok(Reply::Opened { fh }) => Some((*fh, ino)),
+                Ok(Reply::Created { attr, fh }) => Some((*fh, attr.ino)),
+                _ => None,
+            };
+            if let Some((fh, ino)) = opened {
+                me.handles.lock().unwrap().insert(fh, OpenHandle { ino, flags, dir, current: fh });
+            }
+            cb(r)
+        })
     }
 
     /// Sends and waits for the reply.
@@ -253,10 +331,13 @@ impl MountClient {
             let _ = rx.recv_timeout(Duration::from_secs(2));
         }
         self.closing.store(true, Ordering::SeqCst);
+        // A lazily detached mount keeps serving open files: they now fail at once, as on a
+        // dead FUSE mount, instead of waiting for a connection that will not come back.
+        *self.dead.lock().unwrap() = Some(FsError::new(libc::ENOTCONN, "volume detached from this sandbox"));
         self.woken.notify_all();
         self.resume();
         self.drop_connection();
-        self.fail_all(FsError::new(libc::ENOTCONN, "volume unmounted"));
+        self.fail_all(FsError::new(libc::ENOTCONN, "volume detached from this sandbox"));
     }
 
     fn fail_all(&self, e: FsError) {
@@ -291,6 +372,38 @@ impl MountClient {
         }
     }
 
+    /// On a fresh session (the server lost the old one), opens every handle the kernel holds
+    /// again, one request at a time on the new connection before anything else is sent on it.
+    fn reopen_handles(&self, w: &mut Stream, r: &mut Stream) -> std::io::Result<()> {
+        let handles: Vec<(u64, OpenHandle)> = self.handles.lock().unwrap().iter().map(|(k, h)| (*k, h.clone())).collect();
+        for (kfh, h) in handles {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let op = if h.dir { Op::OpenDir { ino: h.ino } } else { Op::Open { ino: h.ino, flags: h.flags } };
+            proto::write_frame(w, &Request { id, seq: 0, caller: Caller::root(), op })?;
+            let result = loop {
+                match proto::read_frame::<ServerMsg>(r)? {
+                    Some(ServerMsg::Reply { id: got, result }) if got == id => break result,
+                    Some(ServerMsg::Notify(n)) => {
+                        if let Some(f) = self.notices.lock().unwrap().as_ref() {
+                            f(n);
+                        }
+                    }
+                    Some(_) => {}
+                    None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                }
+            };
+            match result {
+                Ok(Reply::Opened { fh }) => {
+                    if let Some(h) = self.handles.lock().unwrap().get_mut(&kfh) {
+                        h.current = fh;
+                    }
+                }
+                other => log::warn!("could not reopen inode {} after the host lost this mount's session: {other:?}", h.ino),
+            }
+        }
+        Ok(())
+    }
+
     /// Reconnects with backoff, resumes the session and resends every pending request.
     fn reconnect(&self) -> Option<Stream> {
         self.link.lock().unwrap().writer = None;
@@ -307,15 +420,19 @@ impl MountClient {
             }
             let resume = Some(self.granted.lock().unwrap().session);
             match handshake(&self.endpoint, &self.path, resume) {
-                Ok((stream, granted)) => {
-                    let reader = stream.try_clone().ok()?;
+                Ok((mut stream, granted)) => {
+                    let mut reader = stream.try_clone().ok()?;
+                    let fresh = granted.session != self.granted.lock().unwrap().session;
                     *self.granted.lock().unwrap() = granted;
                     let mut link = self.link.lock().unwrap();
+                    if fresh && self.reopen_handles(&mut stream, &mut reader).is_err() {
+                        // The new connection broke already: start over.
+                        continue;
+                    }
                     link.writer = Some(stream);
                     link.epoch += 1;
                     // Resend under the link lock so that no new request overtakes an old one.
-                    let frames: Vec<Vec<u8>> =
-                        self.pending.lock().unwrap().values().filter_map(|p| proto::encode(&p.req).ok()).collect();
+                    let frames: Vec<Vec<u8>> = self.pending.lock().unwrap().values().filter_map(|p| self.encode(&p.req).ok()).collect();
                     if let Some(w) = link.writer.as_mut() {
                         for f in frames {
                             if std::io::Write::write_all(w, &f).is_err() {

@@ -6,7 +6,7 @@
 
 use super::client::MountClient;
 use crate::fs::{Attr, Caller, FsError, Kind, SetAttr, SetTime, Timespec};
-use crate::proto::{Lock, Op, Reply, MAX_IO};
+use crate::proto::{Lock, Notice, Op, Reply, MAX_IO};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
@@ -15,7 +15,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// How long the kernel may trust names and attributes without asking. Other sandboxes' changes
@@ -26,11 +26,12 @@ const DIR_BATCH: u32 = 256;
 
 pub struct VolumeFs {
     client: Arc<MountClient>,
+    invalidator: Arc<Invalidator>,
 }
 
 impl VolumeFs {
-    pub fn new(client: Arc<MountClient>) -> VolumeFs {
-        VolumeFs { client }
+    pub fn new(client: Arc<MountClient>, invalidator: Arc<Invalidator>) -> VolumeFs {
+        VolumeFs { client, invalidator }
     }
 
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
@@ -144,16 +145,89 @@ fn xattr_reply(reply: ReplyXattr, size: u32) -> impl FnOnce(Result<Reply, FsErro
     }
 }
 
+enum Job {
+    Notice(Notice),
+    /// Drop the inode's cached attributes and pages, then run the continuation.
+    Then(u64, Box<dyn FnOnce() + Send>),
+}
+
+/// Cache invalidation in the guest kernel.
+///
+/// Attribute invalidation is cheap and takes no page locks, so pushed `InvalInode`s are applied
+/// inline on the connection's reader thread, in order with replies: an open answered after a
+/// push sees fresh attributes. Page and entry invalidation can wait on locks held by requests
+/// whose replies that same reader thread must deliver, so they run on a thread of their own.
+#[derive(Default)]
+pub struct Invalidator {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+}
+
+impl Invalidator {
+    /// Starts the invalidation thread once the FUSE session (and so the notifier) exists.
+    pub fn start(self: &Arc<Self>, notifier: fuser::Notifier, client: &MountClient) {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let inline = notifier.clone();
+        std::thread::Builder::new()
+            .name("vfs-notify".into())
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        Job::Notice(Notice::InvalInode { ino }) => {
+                            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+                        }
+                        Job::Notice(Notice::InvalEntry { parent, name }) => {
+                            let _ = notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name));
+                        }
+                        Job::Then(ino, then) => {
+                            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+                            then();
+                        }
+                    }
+                }
+            })
+            .expect("spawn notifier thread");
+        *self.tx.lock().unwrap() = Some(tx);
+        let me = self.clone();
+        client.on_notice(move |n| {
+            if let Notice::InvalInode { ino } = &n {
+                let _ = inline.inval_inode(INodeNo(*ino), -1, 0);
+            }
+            me.send(Job::Notice(n));
+        });
+    }
+
+    fn send(&self, job: Job) {
+        let tx = self.tx.lock().unwrap();
+        match (tx.as_ref(), job) {
+            (Some(tx), job) => {
+                if let Err(mpsc::SendError(Job::Then(_, then))) = tx.send(job) {
+                    then();
+                }
+            }
+            (None, Job::Then(_, then)) => then(),
+            (None, Job::Notice(_)) => {}
+        }
+    }
+
+    /// Drops what the kernel caches of `ino`, then runs `then`. Taking a lock is a coherence
+    /// point (as on NFS): whatever another sandbox wrote before releasing the lock must be read
+    /// from the host, not from pages cached before.
+    pub fn invalidate_then(&self, ino: u64, then: impl FnOnce() + Send + 'static) {
+        self.send(Job::Then(ino, Box::new(then)));
+    }
+}
+
 /// Asks the host for a lock; a waiting request (F_SETLKW, flock without LOCK_NB) retries on
 /// `EAGAIN` from a timer thread with backoff, so no FUSE thread ever waits for a lock.
-fn try_lock(client: Arc<MountClient>, who: Caller, ino: u64, lock: Lock, sleep: bool, delay: Duration, reply: ReplyEmpty) {
+fn try_lock(client: Arc<MountClient>, inval: Arc<Invalidator>, who: Caller, ino: u64, lock: Lock, sleep: bool, delay: Duration, reply: ReplyEmpty) {
     let c = client.clone();
     client.call_async(who.clone(), Op::SetLk { ino, lock: lock.clone() }, Box::new(move |r| match r {
-        Ok(_) => reply.ok(),
+        Ok(_) if lock.typ == libc::F_UNLCK => reply.ok(),
+        Ok(_) => inval.invalidate_then(ino, move || reply.ok()),
         Err(e) if e.errno == libc::EAGAIN && sleep => {
             let _ = std::thread::Builder::new().name("vfs-lockwait".into()).spawn(move || {
                 std::thread::sleep(delay);
-                try_lock(c, who, ino, lock, sleep, (delay * 2).min(Duration::from_millis(50)), reply);
+                try_lock(c, inval, who, ino, lock, sleep, (delay * 2).min(Duration::from_millis(50)), reply);
             });
         }
         Err(e) => reply.error(errno(&e)),
@@ -330,7 +404,7 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         let lock = Lock { owner: lock_owner.0, start, end, typ, pid };
-        try_lock(self.client.clone(), caller(req), ino.0, lock, sleep, Duration::from_millis(2), reply);
+        try_lock(self.client.clone(), self.invalidator.clone(), caller(req), ino.0, lock, sleep, Duration::from_millis(2), reply);
     }
 
     fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {

@@ -130,7 +130,9 @@ impl Server {
             sandboxes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             by_volume: Mutex::new(HashMap::new()),
-            next_session: AtomicU64::new(1),
+            // Random, so that session numbers of different server runs never meet: a guest
+            // that names its old session after a restart must get a fresh one, not a stranger's.
+            next_session: AtomicU64::new(u64::from_str_radix(&random_token()?[..12], 16).unwrap_or(1) | 1),
         });
         // Nothing is mounted until a guest says so again: leases do not outlive the server.
         let attachments = server.engine.tx(|t| t.list_attachments(None, None))?;
