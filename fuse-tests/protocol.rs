@@ -243,11 +243,11 @@ fn bad_frames_close_only_their_connection() {
     // A healthy raw mount that must survive its neighbours' misbehaviour.
     let (mut good, _) = Raw::mount(&s.evil, &rw.path);
     let junk: Vec<Vec<u8>> = vec![
-        u32::MAX.to_le_bytes().to_vec(),                                     // absurd length
+        u32::MAX.to_le_bytes().to_vec(),                                      // absurd length
         ((proto::MAX_FRAME + 1) as u32).to_le_bytes().to_vec(),               // just over the limit
-        [16u32.to_le_bytes().to_vec(), vec![0xff; 16]].concat(),               // undecodable body
-        [4u32.to_le_bytes().to_vec(), vec![0x00, 0x00, 0x00, 0x00]].concat(),  // valid length, wrong shape
-        b"GET / HTTP/1.1\r\n\r\n".to_vec(),                                    // wrong protocol altogether
+        [16u32.to_le_bytes().to_vec(), vec![0xff; 16]].concat(),              // undecodable body
+        [4u32.to_le_bytes().to_vec(), vec![0x00, 0x00, 0x00, 0x00]].concat(), // valid length, wrong shape
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),                                   // wrong protocol altogether
     ];
     for (i, bytes) in junk.iter().enumerate() {
         // As the first frame.

@@ -81,46 +81,150 @@ pub struct Request {
 /// Filesystem operations, shaped after FUSE / 9P2000.L. Names are raw bytes.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Lookup { parent: Ino, name: Vec<u8> },
+    Lookup {
+        parent: Ino,
+        name: Vec<u8>,
+    },
     /// Batched forget: (inode, number of lookups to drop).
-    Forget { items: Vec<(Ino, u64)> },
-    GetAttr { ino: Ino },
-    SetAttr { ino: Ino, set: SetAttr },
-    ReadLink { ino: Ino },
-    MkNod { parent: Ino, name: Vec<u8>, mode: u32, umask: u32, rdev: u32 },
-    MkDir { parent: Ino, name: Vec<u8>, mode: u32, umask: u32 },
-    Symlink { parent: Ino, name: Vec<u8>, target: Vec<u8> },
-    Link { ino: Ino, new_parent: Ino, new_name: Vec<u8> },
-    Unlink { parent: Ino, name: Vec<u8> },
-    RmDir { parent: Ino, name: Vec<u8> },
-    Rename { parent: Ino, name: Vec<u8>, new_parent: Ino, new_name: Vec<u8>, flags: u32 },
-    Open { ino: Ino, flags: i32 },
-    Create { parent: Ino, name: Vec<u8>, mode: u32, umask: u32, flags: i32 },
-    Read { ino: Ino, fh: u64, offset: u64, size: u32 },
-    Write { ino: Ino, fh: u64, offset: u64, data: Vec<u8> },
-    Fsync { ino: Ino, fh: u64, datasync: bool },
+    Forget {
+        items: Vec<(Ino, u64)>,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    SetAttr {
+        ino: Ino,
+        set: SetAttr,
+    },
+    ReadLink {
+        ino: Ino,
+    },
+    MkNod {
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    },
+    MkDir {
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        umask: u32,
+    },
+    Symlink {
+        parent: Ino,
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    Link {
+        ino: Ino,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    RmDir {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    Open {
+        ino: Ino,
+        flags: i32,
+    },
+    Create {
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    },
+    Read {
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    },
+    Write {
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Fsync {
+        ino: Ino,
+        fh: u64,
+        datasync: bool,
+    },
     /// Closes a handle; `lock_owner` is set when flock locks of that owner must go too.
-    Release { ino: Ino, fh: u64, lock_owner: Option<u64> },
-    OpenDir { ino: Ino },
+    Release {
+        ino: Ino,
+        fh: u64,
+        lock_owner: Option<u64>,
+    },
+    OpenDir {
+        ino: Ino,
+    },
     /// Entries after `cookie`; `plus` asks for attributes too (and counts as a lookup of each).
-    ReadDir { ino: Ino, fh: u64, cookie: u64, plus: bool, max_entries: u32 },
-    ReleaseDir { ino: Ino, fh: u64 },
+    ReadDir {
+        ino: Ino,
+        fh: u64,
+        cookie: u64,
+        plus: bool,
+        max_entries: u32,
+    },
+    ReleaseDir {
+        ino: Ino,
+        fh: u64,
+    },
     StatFs,
-    SetXattr { ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: i32 },
-    GetXattr { ino: Ino, name: Vec<u8> },
-    ListXattr { ino: Ino },
-    RemoveXattr { ino: Ino, name: Vec<u8> },
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: i32,
+    },
+    GetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: Ino,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
     /// Keep this session's lease alive.
     Renew,
     /// Give the lease up (hibernation): the session is kept for a later resume, and the
     /// server closes the connection after answering.
     ReleaseLease,
     /// Release POSIX locks of `lock_owner` on `ino` (close of a descriptor).
-    Flush { ino: Ino, fh: u64, lock_owner: u64 },
+    Flush {
+        ino: Ino,
+        fh: u64,
+        lock_owner: u64,
+    },
     /// The first lock that would conflict with `lock`, if any.
-    GetLk { ino: Ino, lock: Lock },
+    GetLk {
+        ino: Ino,
+        lock: Lock,
+    },
     /// Takes or releases a byte-range lock; never blocks (the guest retries on `EAGAIN`).
-    SetLk { ino: Ino, lock: Lock },
+    SetLk {
+        ino: Ino,
+        lock: Lock,
+    },
 }
 
 /// A byte-range advisory lock as fcntl(2) describes it; `end` is inclusive.
@@ -207,8 +311,13 @@ pub enum Reply {
     Attr(Attr),
     Data(Vec<u8>),
     Written(u32),
-    Opened { fh: u64 },
-    Created { attr: Attr, fh: u64 },
+    Opened {
+        fh: u64,
+    },
+    Created {
+        attr: Attr,
+        fh: u64,
+    },
     Dir(Vec<DirEntry>),
     StatFs(StatFs),
     Xattr(Vec<u8>),

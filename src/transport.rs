@@ -167,7 +167,12 @@ impl Listener {
         let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
         // SAFETY: bind/listen on a socket we own with a correctly sized sockaddr_vm.
         unsafe {
-            if libc::bind(fd.as_raw_fd(), &addr as *const libc::sockaddr_vm as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_vm>() as u32) < 0 {
+            if libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_vm>() as u32,
+            ) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
             if libc::listen(fd.as_raw_fd(), 64) < 0 {
@@ -226,7 +231,13 @@ fn vsock_connect(cid: u32, port: u32) -> io::Result<Stream> {
     let fd = vsock_socket()?;
     let addr = vsock_addr(cid, port);
     // SAFETY: connect on our socket with a correctly sized sockaddr_vm.
-    let rc = unsafe { libc::connect(fd.as_raw_fd(), &addr as *const libc::sockaddr_vm as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_vm>() as u32) };
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_vm>() as u32,
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

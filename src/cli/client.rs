@@ -69,10 +69,11 @@ impl Client {
         let mut r = BufReader::new(s);
         let mut status_line = String::new();
         r.read_line(&mut status_line).map_err(net)?;
-        let status: u16 = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| ApiError {
-            status: 0,
-            msg: format!("malformed response from the server: {status_line:?}"),
-        })?;
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| ApiError { status: 0, msg: format!("malformed response from the server: {status_line:?}") })?;
         let mut length = None;
         let mut chunked = false;
         loop {

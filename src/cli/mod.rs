@@ -48,8 +48,20 @@ struct Args {
     switches: Vec<String>,
 }
 
-const VALUED: &[&str] =
-    &["--data", "--http", "--lease-ttl", "--server", "--token", "--cap", "--at", "--subpath", "--images", "--volume", "--memory", "--timeout"];
+const VALUED: &[&str] = &[
+    "--data",
+    "--http",
+    "--lease-ttl",
+    "--server",
+    "--token",
+    "--cap",
+    "--at",
+    "--subpath",
+    "--images",
+    "--volume",
+    "--memory",
+    "--timeout",
+];
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut a = Args { pos: Vec::new(), flags: HashMap::new(), switches: Vec::new() };
@@ -113,7 +125,11 @@ pub fn main(argv: Vec<String>) -> i32 {
 }
 
 fn client(a: &Args) -> Result<Client, String> {
-    let url = a.flag("--server").map(str::to_string).or_else(|| std::env::var("VOLUMEFS_SERVER").ok()).unwrap_or_else(|| "http://127.0.0.1:7070".into());
+    let url = a
+        .flag("--server")
+        .map(str::to_string)
+        .or_else(|| std::env::var("VOLUMEFS_SERVER").ok())
+        .unwrap_or_else(|| "http://127.0.0.1:7070".into());
     let token = a
         .flag("--token")
         .map(str::to_string)
@@ -204,7 +220,9 @@ fn run(argv: &[String]) -> Result<(), String> {
         ["file", "read", volume, path] => {
             a.only(&[])?;
             use std::io::Write;
-            let bytes = client(&a)?.call_bytes("GET", &format!("/v1/volumes/{}/files/{}", encode(volume), encode(path.trim_start_matches('/'))), &[]).map_err(|e| e.msg)?;
+            let bytes = client(&a)?
+                .call_bytes("GET", &format!("/v1/volumes/{}/files/{}", encode(volume), encode(path.trim_start_matches('/'))), &[])
+                .map_err(|e| e.msg)?;
             std::io::stdout().write_all(&bytes).map_err(|e| e.to_string())
         }
         ["file", "write", volume, path] => {
@@ -212,7 +230,9 @@ fn run(argv: &[String]) -> Result<(), String> {
             use std::io::Read;
             let mut data = Vec::new();
             std::io::stdin().read_to_end(&mut data).map_err(|e| format!("cannot read stdin: {e}"))?;
-            client(&a)?.call_bytes("PUT", &format!("/v1/volumes/{}/files/{}", encode(volume), encode(path.trim_start_matches('/'))), &data).map_err(|e| e.msg)?;
+            client(&a)?
+                .call_bytes("PUT", &format!("/v1/volumes/{}/files/{}", encode(volume), encode(path.trim_start_matches('/'))), &data)
+                .map_err(|e| e.msg)?;
             Ok(())
         }
         ["sandbox", "create", name] => {
@@ -258,7 +278,8 @@ fn run(argv: &[String]) -> Result<(), String> {
         ["attach", sb, volume] => {
             a.only(&["--at", "--read-only", "--subpath", "--json"])?;
             let at = a.flag("--at").ok_or("attach needs --at /mount/path")?;
-            let body = json!({"volume": volume, "path": at, "read_only": a.has("--read-only"), "subpath": a.flag("--subpath").unwrap_or("/")});
+            let body =
+                json!({"volume": volume, "path": at, "read_only": a.has("--read-only"), "subpath": a.flag("--subpath").unwrap_or("/")});
             let v = call(&a, "POST", &format!("/v1/sandboxes/{}/attachments", encode(sb)), Some(body))?;
             if v["state"] == "failed" {
                 if a.has("--json") {
@@ -406,10 +427,11 @@ fn serve(a: &Args) -> Result<(), String> {
         lease_ttl: std::time::Duration::from_secs(ttl),
         images: a.flag("--images").map(PathBuf::from),
     })
-        .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?;
     let (addr, threads) = crate::server::http::serve(server, http)?;
     // Written after binding, so a script can wait for this file and then talk to the server.
-    std::fs::write(data.join("http-addr"), addr.to_string()).map_err(|e| format!("cannot write {}: {e}", data.join("http-addr").display()))?;
+    std::fs::write(data.join("http-addr"), addr.to_string())
+        .map_err(|e| format!("cannot write {}: {e}", data.join("http-addr").display()))?;
     eprintln!("volumefs server: data in {}, HTTP API on http://{addr}, token in {}", data.display(), data.join("api-token").display());
     for t in threads {
         let _ = t.join();

@@ -7,10 +7,10 @@
 
 use super::meta::VolId;
 use crate::fs::{FsError, FsResult, Ino};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 

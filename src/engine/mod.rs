@@ -85,7 +85,10 @@ fn check_access(a: &Attr, c: &Caller, want: u32) -> FsResult<()> {
         .map(|(_, n)| *n)
         .collect::<Vec<_>>()
         .join("+");
-    Err(FsError::new(libc::EACCES, format!("uid {} lacks {need} permission on inode {} (mode {:o}, owner {}:{})", c.uid, a.ino, a.perm, a.uid, a.gid)))
+    Err(FsError::new(
+        libc::EACCES,
+        format!("uid {} lacks {need} permission on inode {} (mode {:o}, owner {}:{})", c.uid, a.ino, a.perm, a.uid, a.gid),
+    ))
 }
 
 /// The sticky-bit rule: in a sticky directory only the owner of the entry, the owner of the
@@ -134,7 +137,10 @@ pub fn check_object_name(what: &str, name: &str) -> FsResult<()> {
     if ok {
         Ok(())
     } else {
-        Err(FsError::new(libc::EINVAL, format!("invalid {what} name {name:?}: use 1-63 letters, digits, '.', '-' or '_', not starting with '.'")))
+        Err(FsError::new(
+            libc::EINVAL,
+            format!("invalid {what} name {name:?}: use 1-63 letters, digits, '.', '-' or '_', not starting with '.'"),
+        ))
     }
 }
 
@@ -147,7 +153,8 @@ impl Engine {
 
     /// The embedded default: SQLite metadata and local data files under one directory.
     pub fn open_dir(dir: &Path) -> FsResult<Engine> {
-        std::fs::create_dir_all(dir).map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", dir.display())))?;
         let meta = sqlite::SqliteMeta::open(&dir.join("meta.db"))?;
         let blobs = blob::LocalBlobs::open(&dir.join("blobs"))?;
         Engine::new(Box::new(meta), Box::new(blobs))
@@ -188,7 +195,19 @@ impl Engine {
             let id = t.insert_volume(name, cap, now)?;
             t.put_inode(
                 id,
-                &Attr { ino: ROOT_INO, kind: Kind::Dir, perm: 0o755, nlink: 2, uid: 0, gid: 0, size: 0, atime: now, mtime: now, ctime: now, rdev: 0 },
+                &Attr {
+                    ino: ROOT_INO,
+                    kind: Kind::Dir,
+                    perm: 0o755,
+                    nlink: 2,
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    atime: now,
+                    mtime: now,
+                    ctime: now,
+                    rdev: 0,
+                },
             )?;
             t.volume_by_id(id)?.ok_or_else(|| enoent(format!("volume `{name}`")))
         })
@@ -313,7 +332,10 @@ impl Engine {
                         return Err(FsError::new(libc::EPERM, "only root may change a file's owner"));
                     }
                     if new_gid != a.gid && !(c.uid == a.uid && c.in_group(new_gid)) {
-                        return Err(FsError::new(libc::EPERM, format!("uid {} may not change the group of inode {ino} to {new_gid}", c.uid)));
+                        return Err(FsError::new(
+                            libc::EPERM,
+                            format!("uid {} may not change the group of inode {ino} to {new_gid}", c.uid),
+                        ));
                     }
                 }
                 if (new_uid != a.uid || new_gid != a.gid) && a.kind != Kind::Dir {
@@ -336,7 +358,10 @@ impl Engine {
                     }
                     SetTime::At(ts) => {
                         if !owner {
-                            return Err(FsError::new(libc::EPERM, format!("only the owner (uid {}) or root may set times of inode {ino}", a.uid)));
+                            return Err(FsError::new(
+                                libc::EPERM,
+                                format!("only the owner (uid {}) or root may set times of inode {ino}", a.uid),
+                            ));
                         }
                         ts
                     }
@@ -416,7 +441,17 @@ impl Engine {
     // ----- creating names -------------------------------------------------------------------
 
     /// Creates a new inode named `name` in `parent`. `perm` is already masked.
-    fn make(&self, vol: VolId, parent: Ino, name: &[u8], kind: Kind, perm: u32, rdev: u32, target: Option<&[u8]>, c: &Caller) -> FsResult<Attr> {
+    fn make(
+        &self,
+        vol: VolId,
+        parent: Ino,
+        name: &[u8],
+        kind: Kind,
+        perm: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+        c: &Caller,
+    ) -> FsResult<Attr> {
         check_name(name)?;
         let now = Timespec::now();
         self.tx(|t| {
@@ -899,7 +934,11 @@ impl Engine {
             return if c.is_root() { Ok(()) } else { Err(FsError::new(libc::EPERM, "trusted xattrs need root")) };
         }
         if name.starts_with(b"security.") {
-            return if !write || c.is_root() || c.uid == a.uid { Ok(()) } else { Err(FsError::new(libc::EPERM, "security xattrs need the owner or root")) };
+            return if !write || c.is_root() || c.uid == a.uid {
+                Ok(())
+            } else {
+                Err(FsError::new(libc::EPERM, "security xattrs need the owner or root"))
+            };
         }
         Err(FsError::new(libc::ENOTSUP, format!("xattr namespace of {:?} is not supported (user., trusted., security.)", lossy(name))))
     }
@@ -919,7 +958,8 @@ impl Engine {
             if flags & XATTR_REPLACE != 0 && old.is_none() {
                 return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
             }
-            let total: usize = existing.iter().filter(|(n, _)| n != name).map(|(n, l)| n.len() + l).sum::<usize>() + name.len() + value.len();
+            let total: usize =
+                existing.iter().filter(|(n, _)| n != name).map(|(n, l)| n.len() + l).sum::<usize>() + name.len() + value.len();
             if total > XATTR_TOTAL_MAX {
                 return Err(FsError::new(libc::ENOSPC, format!("xattrs of inode {ino} would exceed {XATTR_TOTAL_MAX} bytes")));
             }

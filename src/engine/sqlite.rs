@@ -126,8 +126,7 @@ fn row_volume(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
     })
 }
 
-const VOLUME_COLS: &str =
-    "id, name, cap, used, (SELECT COUNT(*) FROM inodes WHERE inodes.vol = volumes.id), created";
+const VOLUME_COLS: &str = "id, name, cap, used, (SELECT COUNT(*) FROM inodes WHERE inodes.vol = volumes.id), created";
 
 fn row_attr(r: &Row<'_>) -> rusqlite::Result<Attr> {
     let kind: i64 = r.get(1)?;
@@ -266,17 +265,14 @@ impl MetaTxn for SqliteTxn<'_> {
     }
 
     fn set_target(&mut self, vol: VolId, ino: Ino, target: &[u8]) -> FsResult<()> {
-        self.tx
-            .execute("UPDATE inodes SET target = ?3 WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64, target])
-            .map_err(db_err)?;
+        self.tx.execute("UPDATE inodes SET target = ?3 WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64, target]).map_err(db_err)?;
         Ok(())
     }
 
     fn orphans(&mut self) -> FsResult<Vec<(VolId, Ino, u64)>> {
         let mut st = self.tx.prepare("SELECT vol, ino, size FROM inodes WHERE nlink = 0").map_err(db_err)?;
-        let rows = st
-            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
-            .map_err(db_err)?;
+        let rows =
+            st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))).map_err(db_err)?;
         rows.collect::<Result<_, _>>().map_err(db_err)
     }
 
@@ -365,7 +361,8 @@ impl MetaTxn for SqliteTxn<'_> {
     }
 
     fn list_xattrs(&mut self, vol: VolId, ino: Ino) -> FsResult<Vec<(Vec<u8>, usize)>> {
-        let mut st = self.tx.prepare_cached("SELECT name, length(value) FROM xattrs WHERE vol = ?1 AND ino = ?2 ORDER BY name").map_err(db_err)?;
+        let mut st =
+            self.tx.prepare_cached("SELECT name, length(value) FROM xattrs WHERE vol = ?1 AND ino = ?2 ORDER BY name").map_err(db_err)?;
         let rows = st.query_map(params![vol, ino as i64], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize))).map_err(db_err)?;
         rows.collect::<Result<_, _>>().map_err(db_err)
     }
@@ -394,9 +391,7 @@ impl MetaTxn for SqliteTxn<'_> {
 
     fn list_sandboxes(&mut self) -> FsResult<Vec<SandboxRow>> {
         let mut st = self.tx.prepare("SELECT name, created FROM sandboxes ORDER BY name").map_err(db_err)?;
-        let rows = st
-            .query_map([], |r| Ok(SandboxRow { name: r.get(0)?, created: Timespec::from_nanos(r.get(1)?) }))
-            .map_err(db_err)?;
+        let rows = st.query_map([], |r| Ok(SandboxRow { name: r.get(0)?, created: Timespec::from_nanos(r.get(1)?) })).map_err(db_err)?;
         rows.collect::<Result<_, _>>().map_err(db_err)
     }
 

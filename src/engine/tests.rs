@@ -215,7 +215,8 @@ fn permissions_for_non_root_callers() {
     // Explicit times need the owner; "now" needs write permission.
     let t = Timespec { sec: 1_600_000_000, nsec: 123_456_789 };
     assert_eq!(errno(e.setattr(v, af.ino, &SetAttr { mtime: Some(SetTime::At(t)), ..Default::default() }, &bob)), libc::EPERM);
-    let set = e.setattr(v, af.ino, &SetAttr { mtime: Some(SetTime::At(t)), atime: Some(SetTime::At(t)), ..Default::default() }, &alice).unwrap();
+    let set =
+        e.setattr(v, af.ino, &SetAttr { mtime: Some(SetTime::At(t)), atime: Some(SetTime::At(t)), ..Default::default() }, &alice).unwrap();
     assert_eq!((set.mtime, set.atime), (t, t));
     e.setattr(v, af.ino, &SetAttr { mtime: Some(SetTime::Now), ..Default::default() }, &bob).unwrap();
     e.unlink(v, tmp.ino, b"alice", &alice).unwrap();

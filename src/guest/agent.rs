@@ -16,12 +16,12 @@ use crate::fs::FsError;
 use crate::proto::{self, AgentCommand, AgentReply, AttachmentSpec, MountStatus};
 use crate::transport::{Endpoint, Listener, AGENT_CONTROL_PORT};
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -45,7 +45,8 @@ impl Mount {
         if is_mountpoint(&path) {
             return Err(format!("{} is already a mount point", path.display()));
         }
-        let client = MountClient::connect(endpoint.clone(), &spec.path).map_err(|e| format!("volume {} at {}: {e}", spec.volume, spec.path))?;
+        let client =
+            MountClient::connect(endpoint.clone(), &spec.path).map_err(|e| format!("volume {} at {}: {e}", spec.volume, spec.path))?;
         let granted = client.granted();
         let mut options = vec![
             fuser::MountOption::FSName(format!("volumefs:{}", granted.volume)),
@@ -154,7 +155,8 @@ impl Agent {
     }
 
     fn detach(&self, path: &str, force: bool) -> Result<(), FsError> {
-        let m = self.mounts.lock().unwrap().remove(path).ok_or_else(|| FsError::new(libc::ENOENT, format!("nothing is mounted at {path}")))?;
+        let m =
+            self.mounts.lock().unwrap().remove(path).ok_or_else(|| FsError::new(libc::ENOENT, format!("nothing is mounted at {path}")))?;
         let p = PathBuf::from(path);
         syncfs(&p);
         let c = cpath(&p);
@@ -315,7 +317,9 @@ pub fn run(server: Endpoint, control: Option<Endpoint>) -> Result<(), String> {
     let control = control.or_else(|| control_endpoint(&server));
     let listener = match &control {
         Some(Endpoint::Unix(p)) => Some(Listener::bind_unix(p).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?),
-        Some(Endpoint::Vsock { port, .. }) => Some(Listener::bind_vsock(*port).map_err(|e| format!("cannot listen on vsock port {port}: {e}"))?),
+        Some(Endpoint::Vsock { port, .. }) => {
+            Some(Listener::bind_vsock(*port).map_err(|e| format!("cannot listen on vsock port {port}: {e}"))?)
+        }
         _ => None,
     };
     let (sandbox, attachments) = connect_with_retry(&server)?;

@@ -174,9 +174,13 @@ impl MountClient {
         }
         *self.hibernated.lock().unwrap() = true;
         let (tx, rx) = mpsc::channel();
-        self.send_now(Caller::root(), Op::ReleaseLease, Box::new(move |r| {
-            let _ = tx.send(r);
-        }));
+        self.send_now(
+            Caller::root(),
+            Op::ReleaseLease,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
         let released = rx.recv_timeout(timeout).unwrap_or_else(|_| Err(FsError::new(libc::ETIMEDOUT, "no answer to the lease release")));
         self.drop_connection();
         released.map(|_| ())
@@ -290,9 +294,13 @@ impl MountClient {
     /// Sends and waits for the reply.
     pub fn call(&self, caller: Caller, op: Op) -> FsResult<Reply> {
         let (tx, rx) = mpsc::channel();
-        self.call_async(caller, op, Box::new(move |r| {
-            let _ = tx.send(r);
-        }));
+        self.call_async(
+            caller,
+            op,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
         rx.recv().unwrap_or_else(|_| Err(FsError::new(libc::EIO, "mount client stopped")))
     }
 
@@ -325,9 +333,13 @@ impl MountClient {
             // Hold the reader back from reconnecting when the server closes after the release.
             *self.hibernated.lock().unwrap() = true;
             let (tx, rx) = mpsc::channel();
-            self.send_now(Caller::root(), Op::ReleaseLease, Box::new(move |r| {
-                let _ = tx.send(r);
-            }));
+            self.send_now(
+                Caller::root(),
+                Op::ReleaseLease,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
             let _ = rx.recv_timeout(Duration::from_secs(2));
         }
         self.closing.store(true, Ordering::SeqCst);

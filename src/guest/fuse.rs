@@ -8,9 +8,9 @@ use super::client::MountClient;
 use crate::fs::{Attr, Caller, FsError, Kind, SetAttr, SetTime, Timespec};
 use crate::proto::{Lock, Notice, Op, Reply, MAX_IO};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -219,19 +219,32 @@ impl Invalidator {
 
 /// Asks the host for a lock; a waiting request (F_SETLKW, flock without LOCK_NB) retries on
 /// `EAGAIN` from a timer thread with backoff, so no FUSE thread ever waits for a lock.
-fn try_lock(client: Arc<MountClient>, inval: Arc<Invalidator>, who: Caller, ino: u64, lock: Lock, sleep: bool, delay: Duration, reply: ReplyEmpty) {
+fn try_lock(
+    client: Arc<MountClient>,
+    inval: Arc<Invalidator>,
+    who: Caller,
+    ino: u64,
+    lock: Lock,
+    sleep: bool,
+    delay: Duration,
+    reply: ReplyEmpty,
+) {
     let c = client.clone();
-    client.call_async(who.clone(), Op::SetLk { ino, lock: lock.clone() }, Box::new(move |r| match r {
-        Ok(_) if lock.typ == libc::F_UNLCK => reply.ok(),
-        Ok(_) => inval.invalidate_then(ino, move || reply.ok()),
-        Err(e) if e.errno == libc::EAGAIN && sleep => {
-            let _ = std::thread::Builder::new().name("vfs-lockwait".into()).spawn(move || {
-                std::thread::sleep(delay);
-                try_lock(c, inval, who, ino, lock, sleep, (delay * 2).min(Duration::from_millis(50)), reply);
-            });
-        }
-        Err(e) => reply.error(errno(&e)),
-    }));
+    client.call_async(
+        who.clone(),
+        Op::SetLk { ino, lock: lock.clone() },
+        Box::new(move |r| match r {
+            Ok(_) if lock.typ == libc::F_UNLCK => reply.ok(),
+            Ok(_) => inval.invalidate_then(ino, move || reply.ok()),
+            Err(e) if e.errno == libc::EAGAIN && sleep => {
+                let _ = std::thread::Builder::new().name("vfs-lockwait".into()).spawn(move || {
+                    std::thread::sleep(delay);
+                    try_lock(c, inval, who, ino, lock, sleep, (delay * 2).min(Duration::from_millis(50)), reply);
+                });
+            }
+            Err(e) => reply.error(errno(&e)),
+        }),
+    );
 }
 
 impl Filesystem for VolumeFs {
@@ -322,7 +335,16 @@ impl Filesystem for VolumeFs {
         self.send(req, op, entry_reply(reply));
     }
 
-    fn rename(&self, req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
         let op = Op::Rename {
             parent: parent.0,
             name: name.as_bytes().to_vec(),
@@ -344,7 +366,17 @@ impl Filesystem for VolumeFs {
         self.send(req, Op::Open { ino: ino.0, flags: flags.0 }, open_reply(reply, FopenFlags::empty()));
     }
 
-    fn read(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
         self.send(req, Op::Read { ino: ino.0, fh: fh.0, offset, size }, move |r| match r {
             Ok(Reply::Data(d)) => reply.data(&d),
             Ok(other) => reply.error(unexpected(other)),
@@ -377,11 +409,31 @@ impl Filesystem for VolumeFs {
         self.send(req, Op::Flush { ino: ino.0, fh: fh.0, lock_owner: lock_owner.0 }, empty_reply(reply));
     }
 
-    fn release(&self, req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
         self.send(req, Op::Release { ino: ino.0, fh: fh.0, lock_owner: lock.map(|l| l.0) }, empty_reply(reply));
     }
 
-    fn getlk(&self, req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32, reply: ReplyLock) {
+    fn getlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
         let lock = Lock { owner: lock_owner.0, start, end, typ, pid };
         self.send(req, Op::GetLk { ino: ino.0, lock }, move |r| match r {
             Ok(Reply::Lock(l)) => reply.locked(l.start, l.end, l.typ, l.pid),

@@ -61,10 +61,8 @@ fn serve(server: &Arc<Server>, rt: &SandboxRt, mut stream: Stream) -> std::io::R
     };
     stream.set_read_timeout(None)?;
     if hello.version != PROTOCOL_VERSION {
-        let refusal = FsError::new(
-            libc::EPROTO,
-            format!("protocol version {} is not supported (server speaks {PROTOCOL_VERSION})", hello.version),
-        );
+        let refusal =
+            FsError::new(libc::EPROTO, format!("protocol version {} is not supported (server speaks {PROTOCOL_VERSION})", hello.version));
         proto::write_frame(&mut stream, &Welcome::Refused(refusal))?;
         return Ok(());
     }
@@ -126,7 +124,8 @@ fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<
         .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no volume attached at {path}")))?;
     let result = (|| {
         if let Some(id) = resume {
-            let found = server.sessions_where(|s| s.sandbox == sandbox && s.attachment == row.id && (s.id == id || s.forked_from == Some(id)));
+            let found =
+                server.sessions_where(|s| s.sandbox == sandbox && s.attachment == row.id && (s.id == id || s.forked_from == Some(id)));
             if let Some(s) = found.into_iter().next() {
                 s.set_lease(session::LeaseState::Live);
                 return Ok(s);

@@ -123,7 +123,11 @@ fn authorized(server: &Server, req: &tiny_http::Request) -> bool {
 
 fn handle(server: &Arc<Server>, mut req: tiny_http::Request) {
     if !authorized(server, &req) {
-        return respond(req, 401, &json!({"error": "missing or wrong API token (Authorization: Bearer <DATA/api-token>)", "errno": "EACCES"}));
+        return respond(
+            req,
+            401,
+            &json!({"error": "missing or wrong API token (Authorization: Bearer <DATA/api-token>)", "errno": "EACCES"}),
+        );
     }
     let method = req.method().as_str().to_string();
     let url = req.url().to_string();
@@ -156,11 +160,8 @@ fn handle(server: &Arc<Server>, mut req: tiny_http::Request) {
             }
         };
     }
-    let result = if body.len() as u64 > MAX_BODY {
-        Err(bad_request("request body too large"))
-    } else {
-        route(server, &method, &segs, query, &body)
-    };
+    let result =
+        if body.len() as u64 > MAX_BODY { Err(bad_request("request body too large")) } else { route(server, &method, &segs, query, &body) };
     match result {
         Ok((status, v)) => respond(req, status, &v),
         Err(e) => respond(req, e.status, &json!({"error": e.msg, "errno": e.errno})),
@@ -305,10 +306,9 @@ fn route(server: &Arc<Server>, method: &str, segs: &[&str], query: &str, body: &
             let timeout_ms = b.get("timeout_ms").and_then(Value::as_u64).unwrap_or(600_000);
             let cmd = crate::proto::AgentCommand::Exec { argv, stdin, timeout_ms };
             match server.agent_command(name, cmd, std::time::Duration::from_millis(timeout_ms + 10_000))? {
-                crate::proto::AgentReply::Exec { code, stdout, stderr } => Ok((
-                    200,
-                    json!({"code": code, "stdout": String::from_utf8_lossy(&stdout), "stderr": String::from_utf8_lossy(&stderr)}),
-                )),
+                crate::proto::AgentReply::Exec { code, stdout, stderr } => {
+                    Ok((200, json!({"code": code, "stdout": String::from_utf8_lossy(&stdout), "stderr": String::from_utf8_lossy(&stderr)})))
+                }
                 other => Err(HttpError { status: 502, msg: format!("unexpected answer from the agent: {other:?}"), errno: "EIO" }),
             }
         }

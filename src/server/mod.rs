@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-
 pub struct Config {
     pub data: PathBuf,
     /// How long a session may go without its guest before its lease lapses.
@@ -158,16 +157,20 @@ impl Server {
         // Firecracker's hybrid vsock: the VM's uds is `<dir>/vsock`; a guest connecting to the
         // host on port P reaches `<dir>/vsock_P`.
         let socket = dir.join(format!("vsock_{GUEST_SERVER_PORT}"));
-        let listener = Listener::bind_unix(&socket)
-            .map_err(|e| FsError::new(libc::EIO, format!("cannot listen on {}: {e}", socket.display())))?;
-        let rt = Arc::new(SandboxRt { name: name.to_string(), socket, listener, conns: Mutex::new(HashMap::new()), next_conn: AtomicU64::new(1), vm: Mutex::new(None) });
+        let listener =
+            Listener::bind_unix(&socket).map_err(|e| FsError::new(libc::EIO, format!("cannot listen on {}: {e}", socket.display())))?;
+        let rt = Arc::new(SandboxRt {
+            name: name.to_string(),
+            socket,
+            listener,
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            vm: Mutex::new(None),
+        });
         self.sandboxes.lock().unwrap().insert(name.to_string(), rt.clone());
         let server = Arc::downgrade(self);
         let rt2 = rt.clone();
-        std::thread::Builder::new()
-            .name(format!("listen-{name}"))
-            .spawn(move || guest::accept_loop(server, rt2))
-            .map_err(FsError::from)?;
+        std::thread::Builder::new().name(format!("listen-{name}")).spawn(move || guest::accept_loop(server, rt2)).map_err(FsError::from)?;
         Ok(rt)
     }
 
@@ -209,10 +212,13 @@ impl Server {
     pub fn list_sandboxes(&self) -> FsResult<Vec<(String, PathBuf)>> {
         let rows = self.engine.tx(|t| t.list_sandboxes())?;
         let live = self.sandboxes.lock().unwrap();
-        Ok(rows.into_iter().map(|r| {
-            let sock = live.get(&r.name).map(|rt| rt.socket.clone()).unwrap_or_default();
-            (r.name, sock)
-        }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let sock = live.get(&r.name).map(|rt| rt.socket.clone()).unwrap_or_default();
+                (r.name, sock)
+            })
+            .collect())
     }
 
     // ----- attachments ----------------------------------------------------------------------
@@ -232,7 +238,10 @@ impl Server {
         let row = self.engine.tx(|t| {
             t.get_sandbox(sandbox)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` not found")))?;
             if let Some(other) = t.list_attachments(Some(sandbox), None)?.into_iter().find(|a| a.path == path) {
-                return Err(FsError::new(libc::EBUSY, format!("sandbox `{sandbox}` already has a volume at {path} (attachment {})", other.id)));
+                return Err(FsError::new(
+                    libc::EBUSY,
+                    format!("sandbox `{sandbox}` already has a volume at {path} (attachment {})", other.id),
+                ));
             }
             let mut row = AttachmentRow {
                 id: 0,
@@ -286,7 +295,12 @@ impl Server {
 
     /// Boots a microVM for `sandbox` (created if new) with `volumes` attached at boot, and
     /// returns once its agent is up and has mounted them (or said why not).
-    pub fn run_sandbox(self: &Arc<Self>, sandbox: &str, volumes: &[(String, String, bool, String)], memory: &str) -> FsResult<Vec<AttachmentInfo>> {
+    pub fn run_sandbox(
+        self: &Arc<Self>,
+        sandbox: &str,
+        volumes: &[(String, String, bool, String)],
+        memory: &str,
+    ) -> FsResult<Vec<AttachmentInfo>> {
         let rt = match self.sandbox_rt(sandbox) {
             Ok(rt) => rt,
             Err(_) => self.create_sandbox(sandbox)?,
@@ -323,7 +337,10 @@ impl Server {
                     vm.stop(Duration::ZERO);
                     t
                 });
-                return Err(FsError::new(libc::ETIMEDOUT, format!("the agent of sandbox `{sandbox}` did not come up; console:\n{}", tail.unwrap_or_default())));
+                return Err(FsError::new(
+                    libc::ETIMEDOUT,
+                    format!("the agent of sandbox `{sandbox}` did not come up; console:\n{}", tail.unwrap_or_default()),
+                ));
             }
             std::thread::sleep(Duration::from_millis(200));
         };
@@ -413,10 +430,13 @@ impl Server {
             t.list_attachments(sandbox, None)
         })?;
         let names: HashMap<VolId, String> = self.engine.list_volumes()?.into_iter().map(|v| (v.id, v.name)).collect();
-        Ok(rows.into_iter().map(|row| {
-            let volume_name = names.get(&row.volume).cloned().unwrap_or_default();
-            AttachmentInfo { row, volume_name }
-        }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let volume_name = names.get(&row.volume).cloned().unwrap_or_default();
+                AttachmentInfo { row, volume_name }
+            })
+            .collect())
     }
 
     /// Flushes and unmounts (through the agent, if one runs) and forgets the attachment. A mount
@@ -432,11 +452,16 @@ impl Server {
         let sessions = self.sessions_where(|s| s.attachment == row.id);
         let open: usize = sessions.iter().map(|s| s.open_files()).sum();
         if open > 0 && !force {
-            return Err(FsError::new(libc::EBUSY, format!("{open} file(s) are open on {path} in sandbox `{sandbox}` (use --force to detach anyway)")));
+            return Err(FsError::new(
+                libc::EBUSY,
+                format!("{open} file(s) are open on {path} in sandbox `{sandbox}` (use --force to detach anyway)"),
+            ));
         }
         if let Some(ep) = self.agent_endpoint(sandbox) {
             match self.agent_call(&ep, &AgentCommand::Detach { path: path.clone(), force }, Duration::from_secs(60)) {
-                Ok(AgentReply::Failed(e)) if e.errno != libc::ENOENT => return Err(FsError::new(e.errno, format!("agent of sandbox `{sandbox}`: {}", e.msg))),
+                Ok(AgentReply::Failed(e)) if e.errno != libc::ENOENT => {
+                    return Err(FsError::new(e.errno, format!("agent of sandbox `{sandbox}`: {}", e.msg)))
+                }
                 _ => {}
             }
         }
@@ -536,10 +561,9 @@ impl Server {
         crate::fs::check_name(name.as_bytes())?;
         let tmp = format!(".{name}.volumefs-{}", self.new_session_id());
         let a = self.engine.create(vol.id, parent, tmp.as_bytes(), 0o644, 0, &root)?;
-        let written = data
-            .chunks(crate::proto::MAX_IO as usize)
-            .enumerate()
-            .try_for_each(|(i, chunk)| self.engine.write(vol.id, a.ino, (i * crate::proto::MAX_IO as usize) as u64, chunk, false, &root).map(|_| ()));
+        let written = data.chunks(crate::proto::MAX_IO as usize).enumerate().try_for_each(|(i, chunk)| {
+            self.engine.write(vol.id, a.ino, (i * crate::proto::MAX_IO as usize) as u64, chunk, false, &root).map(|_| ())
+        });
         let renamed = written.and_then(|_| self.engine.rename(vol.id, parent, tmp.as_bytes(), parent, name.as_bytes(), 0, &root));
         if renamed.is_err() {
             let _ = self.engine.unlink(vol.id, parent, tmp.as_bytes(), &root);

@@ -242,7 +242,9 @@ impl Session {
     fn handle(&self, fh: u64, ino: Ino, write: bool) -> FsResult<()> {
         match self.handles.lock().unwrap().get(&fh) {
             Some(h) if h.ino == ino && !h.dir && (!write || h.writable) => Ok(()),
-            Some(h) if h.ino == ino && write && !h.writable => Err(FsError::new(libc::EBADF, format!("handle {fh} is not open for writing"))),
+            Some(h) if h.ino == ino && write && !h.writable => {
+                Err(FsError::new(libc::EBADF, format!("handle {fh} is not open for writing")))
+            }
             _ => Err(FsError::new(libc::EBADF, format!("no open handle {fh} for inode {ino}"))),
         }
     }
@@ -475,7 +477,9 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::ReleaseLease => {
             s.set_lease(LeaseState::Released);
             server.locks.release_session(s.id);
-            let _ = e.tx(|t| t.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)"));
+            let _ = e.tx(|t| {
+                t.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)")
+            });
             (Reply::Empty, Changed::Nothing)
         }
         Op::OpenDir { ino } => {
