@@ -29,7 +29,7 @@ log "static guest binary (no host-only dependencies)"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked --release \
     --bin volumefs-guest --no-default-features --features guest \
     --target x86_64-unknown-linux-gnu --target-dir target/guest
-if ! ldd target/guest/x86_64-unknown-linux-gnu/release/volumefs-guest 2>&1 | grep -q "not a dynamic executable"; then
+if ! ldd target/guest/x86_64-unknown-linux-gnu/release/volumefs-guest 2>&1 | grep -qE "not a dynamic executable|statically linked"; then
     echo "volumefs-guest is not static" >&2
     exit 1
 fi
