@@ -104,12 +104,12 @@ pub trait MetaTxn {
     /// Adds `delta` bytes to the volume's usage (negative to free).
     fn add_used(&mut self, id: VolId, delta: i64) -> FsResult<()>;
 
-    /// A fresh inode number for this volume (never reused).
+    /// A fresh inode number for this volume (never reused); counts one more inode.
     fn next_ino(&mut self, vol: VolId) -> FsResult<Ino>;
     fn get_inode(&mut self, vol: VolId, ino: Ino) -> FsResult<Option<Attr>>;
     /// Inserts or replaces the inode row.
     fn put_inode(&mut self, vol: VolId, attr: &Attr) -> FsResult<()>;
-    /// Removes the inode row and its xattrs and symlink target.
+    /// Removes the inode row and its xattrs and symlink target; counts one inode less.
     fn delete_inode(&mut self, vol: VolId, ino: Ino) -> FsResult<()>;
     fn get_target(&mut self, vol: VolId, ino: Ino) -> FsResult<Vec<u8>>;
     fn set_target(&mut self, vol: VolId, ino: Ino, target: &[u8]) -> FsResult<()>;

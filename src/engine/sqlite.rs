@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS volumes (
     cap INTEGER NOT NULL,
     used INTEGER NOT NULL DEFAULT 0,
     next_ino INTEGER NOT NULL DEFAULT 2,
+    inodes INTEGER NOT NULL DEFAULT 1,
     created INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS inodes (
@@ -205,7 +206,7 @@ impl MetaTxn for SqliteTxn<'_> {
     fn next_ino(&mut self, vol: VolId) -> FsResult<Ino> {
         let ino: i64 = self
             .tx
-            .prepare_cached("UPDATE volumes SET next_ino = next_ino + 1 WHERE id = ?1 RETURNING next_ino - 1")
+            .prepare_cached("UPDATE volumes SET next_ino = next_ino + 1, inodes = inodes + 1 WHERE id = ?1 RETURNING next_ino - 1")
             .and_then(|mut st| st.query_row(params![vol], |r| r.get(0)))
             .map_err(db_err)?;
         Ok(ino as u64)
@@ -250,7 +251,8 @@ impl MetaTxn for SqliteTxn<'_> {
     }
 
     fn delete_inode(&mut self, vol: VolId, ino: Ino) -> FsResult<()> {
-        self.tx.execute("DELETE FROM inodes WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64]).map_err(db_err)?;
+        let n = self.tx.execute("DELETE FROM inodes WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64]).map_err(db_err)?;
+        self.tx.execute("UPDATE volumes SET inodes = inodes - ?2 WHERE id = ?1", params![vol, n as i64]).map_err(db_err)?;
         self.tx.execute("DELETE FROM xattrs WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64]).map_err(db_err)?;
         Ok(())
     }

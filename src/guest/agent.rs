@@ -67,6 +67,7 @@ impl Mount {
         let session = fuser::Session::new(fs, &path, &config).map_err(|e| format!("cannot mount {}: {e}", path.display()))?;
         invalidator.start(session.notifier(), &client);
         let session = session.spawn().map_err(|e| format!("cannot start FUSE session for {}: {e}", path.display()))?;
+        raise_readahead(&path);
         Ok(Mount { spec: spec.clone(), client, session: Some(session) })
     }
 
@@ -81,6 +82,20 @@ impl Mount {
             }
         }
         self.client.close();
+    }
+}
+
+/// The kernel grants a FUSE mount 128 KiB of readahead at mount time; with 1 MiB a sequential
+/// read takes a ninth of the round trips. Best effort. The device number comes from
+/// /proc/self/mountinfo: the agent must never make a request to its own mount.
+fn raise_readahead(path: &Path) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dev = mountinfo.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && Path::new(&unescape(f[4])) == path).then(|| f[2].to_string())
+    });
+    if let Some(dev) = dev {
+        let _ = std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), format!("{}", crate::proto::MAX_IO / 1024));
     }
 }
 
