@@ -158,6 +158,7 @@ pub enum Op {
         ino: Ino,
         fh: u64,
         offset: u64,
+        #[serde(with = "bytes")]
         data: Vec<u8>,
     },
     Fsync {
