@@ -145,20 +145,17 @@ fn two_sandboxes_see_new_and_deleted_names() {
         let why = caught_up(|| list(&p.mb.join("d")) == ["two"]);
         panic!("B lists {got:?} after A deleted d/one ({why})");
     }
-    let r = fs::metadata(p.mb.join("d/one"));
-    if r.is_ok() {
-        let why = caught_up(|| fs::metadata(p.mb.join("d/one")).is_err());
-        panic!("B can still stat d/one after A deleted it ({why})");
-    }
-    assert_errno("B stat of the name A deleted", r, libc::ENOENT);
+    // A cached name is promised gone within the entry TTL (1 s), not at once: the deletion is
+    // pushed to B and normally lands within milliseconds (docs/semantics.md).
+    let within_ttl = |f: &mut dyn FnMut() -> bool| eventually(Duration::from_secs(2), f).is_some();
+    assert!(within_ttl(&mut || fs::metadata(p.mb.join("d/one")).is_err()), "B can still stat d/one 2 s after A deleted it");
+    assert_errno("B stat of the name A deleted", fs::metadata(p.mb.join("d/one")), libc::ENOENT);
 
-    // A rename in A: the old name goes, the new one comes, in B.
+    // A rename in A: the old name goes, the new one comes, in B (a name B never looked up is
+    // always asked of the host, so the new one is there at once).
     fs::rename(p.ma.join("d/two"), p.ma.join("moved")).unwrap();
-    let (old_gone, new_there) = (fs::metadata(p.mb.join("d/two")).is_err(), fs::metadata(p.mb.join("moved")).is_ok());
-    if !(old_gone && new_there) {
-        let why = caught_up(|| fs::metadata(p.mb.join("d/two")).is_err() && fs::metadata(p.mb.join("moved")).is_ok());
-        panic!("B after A renamed d/two to moved: old gone {old_gone}, new visible {new_there} ({why})");
-    }
+    assert!(fs::metadata(p.mb.join("moved")).is_ok(), "B cannot see `moved` right after A's rename");
+    assert!(within_ttl(&mut || fs::metadata(p.mb.join("d/two")).is_err()), "B still sees d/two 2 s after A renamed it");
     assert_eq!(read(&p.mb.join("moved")), b"22");
     assert_eq!(list(&p.mb), ["d", "moved"]);
 }
