@@ -27,11 +27,14 @@ const DIR_BATCH: u32 = 256;
 pub struct VolumeFs {
     client: Arc<MountClient>,
     invalidator: Arc<Invalidator>,
+    /// Inodes on which a lock was ever taken through this mount: only their closes need to
+    /// reach the host (to drop POSIX locks); every other close is answered here.
+    locked: Arc<Mutex<std::collections::HashSet<u64>>>,
 }
 
 impl VolumeFs {
     pub fn new(client: Arc<MountClient>, invalidator: Arc<Invalidator>) -> VolumeFs {
-        VolumeFs { client, invalidator }
+        VolumeFs { client, invalidator, locked: Arc::default() }
     }
 
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
@@ -406,6 +409,9 @@ impl Filesystem for VolumeFs {
     fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         // Data needs nothing here (writes reach the host synchronously and the kernel has
         // written back dirty pages); closing a descriptor drops its process's POSIX locks.
+        if !self.locked.lock().unwrap().contains(&ino.0) {
+            return reply.ok();
+        }
         self.send(req, Op::Flush { ino: ino.0, fh: fh.0, lock_owner: lock_owner.0 }, empty_reply(reply));
     }
 
@@ -456,6 +462,7 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         let lock = Lock { owner: lock_owner.0, start, end, typ, pid };
+        self.locked.lock().unwrap().insert(ino.0);
         try_lock(self.client.clone(), self.invalidator.clone(), caller(req), ino.0, lock, sleep, Duration::from_millis(2), reply);
     }
 
