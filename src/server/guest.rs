@@ -68,6 +68,7 @@ fn serve(server: &Arc<Server>, rt: &SandboxRt, mut stream: Stream) -> std::io::R
     }
     match hello.role {
         Role::Control => {
+            rt.hellos.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let welcome = match control_welcome(server, &rt.name) {
                 Ok(w) => w,
                 Err(e) => Welcome::Refused(e),

@@ -43,6 +43,8 @@ pub struct SandboxRt {
     next_conn: AtomicU64,
     /// The sandbox's microVM, when the server runs one for it.
     vm: Mutex<Option<vm::Vm>>,
+    /// Control hellos seen: an agent that said hello has its control port listening.
+    pub hellos: AtomicU64,
 }
 
 impl SandboxRt {
@@ -166,6 +168,7 @@ impl Server {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             vm: Mutex::new(None),
+            hellos: AtomicU64::new(0),
         });
         self.sandboxes.lock().unwrap().insert(name.to_string(), rt.clone());
         let server = Arc::downgrade(self);
@@ -316,6 +319,7 @@ impl Server {
         *rt.vm.lock().unwrap() = Some(vm::Vm::boot(&self.sandbox_dir(sandbox), &images, memory)?);
         let ep = Endpoint::Hybrid { uds: self.sandbox_dir(sandbox).join("vsock"), port: AGENT_CONTROL_PORT };
         let deadline = started + Duration::from_secs(180);
+        let hellos = rt.hellos.load(Ordering::SeqCst);
         let mounted = loop {
             {
                 let mut guard = rt.vm.lock().unwrap();
@@ -328,8 +332,12 @@ impl Server {
                     return Err(FsError::new(libc::EIO, format!("the VM of sandbox `{sandbox}` exited during boot; console:\n{tail}")));
                 }
             }
-            if let Ok(AgentReply::Status(mounts)) = self.agent_call(&ep, &AgentCommand::Status, Duration::from_secs(5)) {
-                break mounts;
+            // Knock on the agent's control port only once it has said hello (it listens before
+            // that): host-side vsock connects to a guest that is not listening yet are best avoided.
+            if rt.hellos.load(Ordering::SeqCst) != hellos {
+                if let Ok(AgentReply::Status(mounts)) = self.agent_call(&ep, &AgentCommand::Status, Duration::from_secs(10)) {
+                    break mounts;
+                }
             }
             if std::time::Instant::now() > deadline {
                 let tail = rt.vm.lock().unwrap().take().map(|vm| {
@@ -382,7 +390,20 @@ impl Server {
     /// Sends one command to an agent and waits for its answer.
     pub fn agent_call(&self, ep: &Endpoint, cmd: &AgentCommand, timeout: Duration) -> FsResult<AgentReply> {
         let unreachable = |e: std::io::Error| FsError::new(libc::EHOSTUNREACH, format!("cannot reach the agent at {ep}: {e}"));
-        let mut s = ep.connect().map_err(unreachable)?;
+        // A VM that was just booted or thawed may not answer its vsock at once: retry the
+        // connection (not the command) for a while. A local agent's socket answers or not.
+        let patience = if matches!(ep, Endpoint::Hybrid { .. }) { timeout.min(Duration::from_secs(30)) } else { Duration::ZERO };
+        let deadline = std::time::Instant::now() + patience;
+        let mut s = loop {
+            match ep.connect() {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    log::info!("agent at {ep} not reachable yet: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(unreachable(e)),
+            }
+        };
         s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
         crate::proto::write_frame(&mut s, cmd).map_err(unreachable)?;
         crate::proto::read_frame::<AgentReply>(&mut s)
