@@ -66,8 +66,6 @@ pub struct Granted {
 #[derive(Default)]
 struct Link {
     writer: Option<Stream>,
-    /// Bumped on every new connection, so a writer error is only acted on once.
-    epoch: u64,
 }
 
 pub struct MountClient {
@@ -129,7 +127,7 @@ impl MountClient {
         let client = Arc::new(MountClient {
             endpoint,
             path: path.to_string(),
-            link: Mutex::new(Link { writer: Some(stream), epoch: 1 }),
+            link: Mutex::new(Link { writer: Some(stream) }),
             granted: Mutex::new(granted),
             pending: Mutex::new(BTreeMap::new()),
             handles: Mutex::new(std::collections::HashMap::new()),
@@ -173,6 +171,15 @@ impl MountClient {
             std::thread::sleep(Duration::from_millis(5));
         }
         *self.hibernated.lock().unwrap() = true;
+        let released = self.release_lease(timeout);
+        self.drop_connection();
+        released.map(|_| ())
+    }
+
+    /// Gives the lease back and waits for the answer (bypassing a pause: the lease release is
+    /// what a paused mount is waiting to send). The caller has stopped the reader from
+    /// reconnecting when the server closes the connection after answering.
+    fn release_lease(&self, timeout: Duration) -> FsResult<Reply> {
         let (tx, rx) = mpsc::channel();
         self.send_now(
             Caller::root(),
@@ -181,9 +188,7 @@ impl MountClient {
                 let _ = tx.send(r);
             }),
         );
-        let released = rx.recv_timeout(timeout).unwrap_or_else(|_| Err(FsError::new(libc::ETIMEDOUT, "no answer to the lease release")));
-        self.drop_connection();
-        released.map(|_| ())
+        rx.recv_timeout(timeout).unwrap_or_else(|_| Err(FsError::new(libc::ETIMEDOUT, "no answer to the lease release")))
     }
 
     /// Takes the lease again (reconnecting with the same session) and lets waiting requests go.
@@ -332,15 +337,7 @@ impl MountClient {
         if self.connected() && !self.is_hibernated() {
             // Hold the reader back from reconnecting when the server closes after the release.
             *self.hibernated.lock().unwrap() = true;
-            let (tx, rx) = mpsc::channel();
-            self.send_now(
-                Caller::root(),
-                Op::ReleaseLease,
-                Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            );
-            let _ = rx.recv_timeout(Duration::from_secs(2));
+            let _ = self.release_lease(Duration::from_secs(2));
         }
         self.closing.store(true, Ordering::SeqCst);
         // A lazily detached mount keeps serving open files: they now fail at once, as on a
@@ -442,7 +439,6 @@ impl MountClient {
                         continue;
                     }
                     link.writer = Some(stream);
-                    link.epoch += 1;
                     // Resend under the link lock so that no new request overtakes an old one.
                     let frames: Vec<Vec<u8>> = self.pending.lock().unwrap().values().filter_map(|p| self.encode(&p.req).ok()).collect();
                     if let Some(w) = link.writer.as_mut() {
