@@ -626,30 +626,30 @@ pub fn cpath(p: &Path) -> CString {
 }
 
 pub fn errno_name(e: i32) -> String {
-    let name = match e {
-        libc::EPERM => "EPERM",
-        libc::ENOENT => "ENOENT",
-        libc::EIO => "EIO",
-        libc::EACCES => "EACCES",
-        libc::EEXIST => "EEXIST",
-        libc::EXDEV => "EXDEV",
-        libc::ENOTDIR => "ENOTDIR",
-        libc::EISDIR => "EISDIR",
-        libc::EINVAL => "EINVAL",
-        libc::EFBIG => "EFBIG",
-        libc::ENOSPC => "ENOSPC",
-        libc::EROFS => "EROFS",
-        libc::ENOTEMPTY => "ENOTEMPTY",
-        libc::ENODATA => "ENODATA",
-        libc::ENOSYS => "ENOSYS",
-        libc::ENOTCONN => "ENOTCONN",
-        libc::EDQUOT => "EDQUOT",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::ERANGE => "ERANGE",
-        libc::EBADF => "EBADF",
-        _ => "",
-    };
-    format!("{e} {name}")
+    format!("{e} {}", volumefs::fs::errno_name(e))
+}
+
+/// Opens an existing file for reading and writing.
+pub fn rw(p: &Path) -> fs::File {
+    fs::OpenOptions::new().read(true).write(true).open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+}
+
+/// A `struct flock` of `typ` on [start, start+len).
+pub fn flock_struct(typ: i32, start: i64, len: i64) -> libc::flock {
+    // SAFETY: a zeroed flock is valid; every field used is set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start as libc::off_t;
+    fl.l_len = len as libc::off_t;
+    fl
+}
+
+/// fcntl(F_SETLK / F_SETLKW) of `typ` on [start, start+len).
+pub fn setlk(f: &fs::File, cmd: i32, typ: i32, start: i64, len: i64) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let fl = flock_struct(typ, start, len);
+    cvt(unsafe { libc::fcntl(f.as_raw_fd(), cmd, &fl) }).map(|_| ())
 }
 
 /// The errno of `r`, with a message naming the operation if it unexpectedly succeeded.

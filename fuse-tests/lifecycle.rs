@@ -195,24 +195,6 @@ fn fnv(data: &[u8]) -> u64 {
     h
 }
 
-fn rw(p: &Path) -> File {
-    OpenOptions::new().read(true).write(true).open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
-}
-
-fn flock_struct(typ: i32, start: i64, len: i64) -> libc::flock {
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = typ as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = start as libc::off_t;
-    fl.l_len = len as libc::off_t;
-    fl
-}
-
-fn setlk(f: &File, cmd: i32, typ: i32, start: i64, len: i64) -> io::Result<()> {
-    let fl = flock_struct(typ, start, len);
-    cvt(unsafe { libc::fcntl(f.as_raw_fd(), cmd, &fl) }).map(|_| ())
-}
-
 fn is_would_block(e: i32) -> bool {
     e == libc::EAGAIN || e == libc::EACCES
 }

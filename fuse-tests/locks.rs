@@ -3,32 +3,12 @@
 //! released by unlock and by close, and a blocking request waits for the holder.
 
 use crate::harness::*;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn rw(p: &Path) -> File {
-    OpenOptions::new().read(true).write(true).open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
-}
-
-fn flock_struct(typ: i32, start: i64, len: i64) -> libc::flock {
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = typ as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = start as libc::off_t;
-    fl.l_len = len as libc::off_t;
-    fl
-}
-
-/// fcntl(F_SETLK / F_SETLKW) of `typ` on [start, start+len).
-fn setlk(f: &File, cmd: i32, typ: i32, start: i64, len: i64) -> io::Result<()> {
-    let fl = flock_struct(typ, start, len);
-    cvt(unsafe { libc::fcntl(f.as_raw_fd(), cmd, &fl) }).map(|_| ())
-}
 
 /// fcntl(F_GETLK): the conflicting lock's (type, start, len), type F_UNLCK if none.
 fn getlk(f: &File, typ: i32, start: i64, len: i64) -> (i32, i64, i64) {
