@@ -40,11 +40,19 @@ const R: u32 = 4;
 const W: u32 = 2;
 const X: u32 = 1;
 
+/// Handles per inode, and the open inodes whose last name is gone: only those need any work
+/// when their last handle is released (every other close costs nothing here).
+#[derive(Default)]
+struct OpenTable {
+    counts: HashMap<(VolId, Ino), u32>,
+    unlinked: std::collections::HashSet<(VolId, Ino)>,
+}
+
 pub struct Engine {
     meta: Box<dyn MetaStore>,
     blobs: Box<dyn BlobStore>,
     /// Open handles per inode, across every session and API caller.
-    open: Mutex<HashMap<(VolId, Ino), u32>>,
+    open: Mutex<OpenTable>,
 }
 
 fn enoent(what: impl std::fmt::Display) -> FsError {
@@ -146,7 +154,7 @@ pub fn check_object_name(what: &str, name: &str) -> FsResult<()> {
 
 impl Engine {
     pub fn new(meta: Box<dyn MetaStore>, blobs: Box<dyn BlobStore>) -> FsResult<Engine> {
-        let engine = Engine { meta, blobs, open: Mutex::new(HashMap::new()) };
+        let engine = Engine { meta, blobs, open: Mutex::new(OpenTable::default()) };
         engine.reclaim_orphans()?;
         Ok(engine)
     }
@@ -228,7 +236,10 @@ impl Engine {
     /// Deletes a volume and all its data. Attachments are the caller's business.
     pub fn delete_volume(&self, id: VolId) -> FsResult<()> {
         self.tx(|t| t.delete_volume(id))?;
-        self.open.lock().unwrap().retain(|(v, _), _| *v != id);
+        let mut open = self.open.lock().unwrap();
+        open.counts.retain(|(v, _), _| *v != id);
+        open.unlinked.retain(|(v, _)| *v != id);
+        drop(open);
         self.blobs.remove_volume(id)
     }
 
@@ -563,7 +574,16 @@ impl Engine {
         child.nlink = if child.kind == Kind::Dir { 0 } else { child.nlink.saturating_sub(1) };
         child.ctime = now;
         t.put_inode(vol, child)?;
-        Ok(child.nlink == 0 && !self.is_open(vol, child.ino))
+        if child.nlink != 0 {
+            return Ok(false);
+        }
+        let mut open = self.open.lock().unwrap();
+        if open.counts.contains_key(&(vol, child.ino)) {
+            // The last release frees it.
+            open.unlinked.insert((vol, child.ino));
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Deletes an inode that has neither names nor handles: its row, xattrs, data and usage.
@@ -753,11 +773,7 @@ impl Engine {
 
     /// Takes one more handle on an inode (open files keep unlinked inodes alive).
     pub fn hold(&self, vol: VolId, ino: Ino) {
-        *self.open.lock().unwrap().entry((vol, ino)).or_insert(0) += 1;
-    }
-
-    fn is_open(&self, vol: VolId, ino: Ino) -> bool {
-        self.open.lock().unwrap().contains_key(&(vol, ino))
+        *self.open.lock().unwrap().counts.entry((vol, ino)).or_insert(0) += 1;
     }
 
     /// Checks access for `flags` (as open(2)) and takes a handle on the inode.
@@ -787,21 +803,21 @@ impl Engine {
     /// Drops a handle taken by `open`, `opendir` or `create`; the last one of an unlinked inode
     /// frees it.
     pub fn release(&self, vol: VolId, ino: Ino) -> FsResult<()> {
-        let last = {
+        let orphan = {
             let mut open = self.open.lock().unwrap();
-            match open.get_mut(&(vol, ino)) {
+            match open.counts.get_mut(&(vol, ino)) {
                 Some(n) if *n > 1 => {
                     *n -= 1;
                     false
                 }
                 Some(_) => {
-                    open.remove(&(vol, ino));
-                    true
+                    open.counts.remove(&(vol, ino));
+                    open.unlinked.remove(&(vol, ino))
                 }
                 None => false,
             }
         };
-        if last {
+        if orphan {
             self.purge(vol, ino)?;
         }
         Ok(())
