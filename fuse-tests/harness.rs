@@ -306,6 +306,18 @@ impl Cluster {
             let _ = self.server.wait();
         }
         assert!(status.is_some(), "server ignored SIGTERM for {STOP_TIMEOUT:?}:\n{}", self.server_log());
+        self.start_server();
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and reaps it. Agents are not touched;
+    /// [`Cluster::start_server`] brings a server back on the same data directory.
+    pub fn kill_server(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+
+    /// Starts a server on the cluster's data directory after [`Cluster::kill_server`].
+    pub fn start_server(&mut self) {
         let _ = fs::remove_file(self.data.join("http-addr"));
         self.server = spawn_server(&self.data, &self.server_log, &self.server_args);
         self.wait_ready();
@@ -437,6 +449,11 @@ impl Cluster {
     /// Starts `volumefs-guest agent` on `guest_socket` and waits until every path in `mounts`
     /// is mounted.
     pub fn start_agent(&self, guest_socket: &Path, mounts: &[&Path]) -> Agent {
+        self.start_agent_with(guest_socket, mounts, &[])
+    }
+
+    /// [`Cluster::start_agent`] with extra agent arguments (e.g. `--host-timeout 3`).
+    pub fn start_agent_with(&self, guest_socket: &Path, mounts: &[&Path], extra: &[&str]) -> Agent {
         static N: AtomicU64 = AtomicU64::new(0);
         let log = self.dir.join(format!("agent-{}.log", N.fetch_add(1, Ordering::SeqCst)));
         let file = fs::File::create(&log).unwrap();
@@ -444,6 +461,7 @@ impl Cluster {
             .arg("agent")
             .arg("--server")
             .arg(format!("unix:{}", guest_socket.display()))
+            .args(extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -546,6 +564,18 @@ impl Agent {
             lazy_unmount(m);
         }
         left
+    }
+
+    /// SIGTERM, and how long the agent took to exit, if it did within `limit` (else it is
+    /// killed and `None` returned). Leftover mounts are lazily unmounted either way.
+    pub fn terminate_within(mut self, limit: Duration) -> Option<(ExitStatus, Duration)> {
+        let start = Instant::now();
+        signal(&self.child, libc::SIGTERM);
+        let status = wait_timeout(&mut self.child, limit);
+        let took = start.elapsed();
+        self.shutdown();
+        self.unmount_leftovers();
+        status.map(|s| (s, took))
     }
 
     /// Stops the agent the way the platform does (SIGTERM) and asserts the documented outcome:

@@ -809,28 +809,34 @@ fn mutations_replayed_after_reconnect_are_applied_once() {
         other => panic!("lookup b: {other:?}"),
     }
 
-    // Write ("append" at the current size) and a truncate after it: replaying the write must
-    // return its recorded reply without writing again (a second application would grow the
-    // file back).
-    assert_eq!(w.call(50, Op::Write { ino: a_ino, fh: a_fh, offset: 0, data: vec![b'x'; 100] }), Ok(Reply::Written(100)));
+    // A write, then an O_APPEND write (placed by the host at its end of file) and a truncate
+    // after it: replaying the append must return its recorded reply without writing again (a
+    // second application would grow the file back).
+    assert_eq!(w.call(50, Op::Write { ino: a_ino, fh: a_fh, offset: 0, append: false, data: vec![b'x'; 100] }), Ok(Reply::Written(100)));
     assert_eq!(size_of(&mut w, a_ino), 100);
-    let append = Op::Write { ino: a_ino, fh: a_fh, offset: 100, data: vec![b'y'; 50] };
-    assert_eq!(w.call(51, append.clone()), Ok(Reply::Written(50)));
+    // The guest's offset is only its kernel's guess: the host appends at 100 whatever it says.
+    let append = Op::Write { ino: a_ino, fh: a_fh, offset: 7, append: true, data: vec![b'y'; 50] };
+    let appended_at = |r: Result<Reply, FsError>| match r {
+        Ok(Reply::Appended { written: 50, offset, attr }) => (offset, attr.size),
+        other => panic!("append: {other:?}"),
+    };
+    assert_eq!(appended_at(w.call(51, append.clone())), (100, 150));
     assert_eq!(size_of(&mut w, a_ino), 150, "the append grew the file once");
     let mut w = reconnect(w);
-    assert_eq!(w.call(51, append.clone()), Ok(Reply::Written(50)), "replayed append");
+    assert_eq!(appended_at(w.call(51, append.clone())), (100, 150), "replayed append answers from the record");
     assert_eq!(size_of(&mut w, a_ino), 150, "the replayed append did not grow the file again");
     let trunc = Op::SetAttr { ino: a_ino, set: SetAttr { size: Some(120), ..Default::default() } };
     assert!(matches!(w.call(52, trunc), Ok(Reply::Attr(a)) if a.size == 120));
     let mut w = reconnect(w);
-    assert_eq!(w.call(51, append.clone()), Ok(Reply::Written(50)), "replayed append after truncate");
+    assert_eq!(appended_at(w.call(51, append.clone())), (100, 150), "replayed append after truncate");
     assert_eq!(size_of(&mut w, a_ino), 120, "a replay of an applied write must not write again");
-    // A new seq of the same write does apply.
-    assert_eq!(w.call(53, append.clone()), Ok(Reply::Written(50)));
-    assert_eq!(size_of(&mut w, a_ino), 150);
+    // A new seq of the same append does apply, at the end as it now stands.
+    assert_eq!(appended_at(w.call(53, append.clone())), (120, 170));
+    assert_eq!(size_of(&mut w, a_ino), 170);
     match w.call(0, Op::Read { ino: a_ino, fh: a_fh, offset: 0, size: 1000 }) {
         Ok(Reply::Data(d)) => {
             let mut want = vec![b'x'; 100];
+            want.extend_from_slice(&[b'y'; 20]);
             want.extend_from_slice(&[b'y'; 50]);
             assert_bytes_eq("contents of b", &d, &want);
         }

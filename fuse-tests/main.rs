@@ -11,6 +11,7 @@
 //! `VOLUMEFS_KEEP_TEST_DIRS=1` keeps each test's temporary directory (logs, data) for debugging.
 //!
 //! Modules, by the behaviour they cover:
+//! - [`appends`]: O_APPEND from many sandboxes, lock revalidation, a stop with the server down.
 //! - [`files`]: reading and writing file contents (overwrite, sparse, truncate, append, large).
 //! - [`namespace`]: directories, rename (all flavours), hard links, symlinks, fifos, unlink of
 //!   open files.
@@ -24,6 +25,7 @@
 #[macro_use]
 mod harness;
 
+mod appends;
 mod attrs;
 mod files;
 mod lifecycle;

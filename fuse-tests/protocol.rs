@@ -125,7 +125,7 @@ fn read_only_attachment_refuses_every_mutation_from_a_raw_client() {
     let mutations = vec![
         Op::Open { ino: inner, flags: libc::O_RDWR },
         Op::Open { ino: inner, flags: libc::O_RDONLY | libc::O_TRUNC },
-        Op::Write { ino: inner, fh, offset: 0, data: b"pwned".to_vec() },
+        Op::Write { ino: inner, fh, offset: 0, append: false, data: b"pwned".to_vec() },
         Op::SetAttr { ino: inner, set: SetAttr { size: Some(0), ..Default::default() } },
         Op::SetAttr { ino: inner, set: SetAttr { mode: Some(0o777), ..Default::default() } },
         Op::Create { parent: 1, name: name("new"), mode: 0o644, umask: 0, flags: libc::O_RDWR },
@@ -163,7 +163,11 @@ fn subpath_attachment_cannot_be_escaped_with_forged_inodes_or_names() {
         assert_eq!(raw.errno(Op::GetAttr { ino }), libc::ESTALE, "getattr of forged inode {ino}");
         assert_eq!(raw.errno(Op::Open { ino, flags: libc::O_RDONLY }), libc::ESTALE, "open of forged inode {ino}");
         assert_eq!(raw.errno(Op::Read { ino, fh: 1, offset: 0, size: 64 }), libc::ESTALE, "read of forged inode {ino}");
-        assert_eq!(raw.errno(Op::Write { ino, fh: 1, offset: 0, data: b"x".to_vec() }), libc::ESTALE, "write to forged inode {ino}");
+        assert_eq!(
+            raw.errno(Op::Write { ino, fh: 1, offset: 0, append: true, data: b"x".to_vec() }),
+            libc::ESTALE,
+            "write to forged inode {ino}"
+        );
         assert_eq!(
             raw.errno(Op::Link { ino, new_parent: 1, new_name: b"stolen".to_vec() }),
             libc::ESTALE,

@@ -254,3 +254,44 @@ fn vm_connection_resets_while_the_guest_streams_writes() {
     eprintln!("vm: {resets} connection resets during the stream; guest md5: {}", String::from_utf8_lossy(&out.stdout).trim());
     assert!(resets >= 3, "the writer finished before the resets could interfere ({resets})");
 }
+
+/// Two microVMs append to one file of a shared volume at once, with no lock: the host places
+/// each O_APPEND write at its end of file, so every record is there exactly once.
+#[test]
+fn vm_appends_from_two_microvms_keep_every_record() {
+    use crate::appends::{check_records, record, Locking};
+    require_vm!();
+    let c = Cluster::new();
+    c.create_volume("data", None);
+    api_write(&c, "data", "/log", b"");
+    let _a = Running::boot(&c, "sb1", &["data:/mnt/data"]);
+    let _b = Running::boot(&c, "sb2", &["data:/mnt/data"]);
+    const N: usize = 150;
+    // The shell's `>>` opens with O_APPEND; printf writes each 40-byte record in one write.
+    let pad = ".".repeat(39 - format!("w00 r0000 {:?}", Locking::NoLock).len());
+    assert_eq!(record(1, 7, Locking::NoLock), format!("w01 r0007 NoLock{pad}\n").into_bytes(), "the guest's record format");
+    let writers: Vec<_> = [(0, "sb1"), (1, "sb2")]
+        .into_iter()
+        .map(|(w, sb)| {
+            let script =
+                format!("i=0; while [ $i -lt {N} ]; do printf 'w{w:02} r%04d NoLock{pad}\\n' $i >> /mnt/data/log; i=$((i+1)); done");
+            let (addr, token) = (c.addr.clone(), c.token.clone());
+            std::thread::spawn(move || {
+                std::process::Command::new(SERVER_BIN)
+                    .args(["sandbox", "exec", sb, "--", "sh", "-c", &script])
+                    .env("VOLUMEFS_SERVER", format!("http://{addr}"))
+                    .env("VOLUMEFS_TOKEN", token)
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for w in writers {
+        let out = w.join().unwrap();
+        assert!(out.status.success(), "guest appender failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let n = check_records("appends from two microVMs", &api_read(&c, "data", "/log"), 2, N, Locking::NoLock);
+    let inside = guest_ok(&c, "sb2", "cat /mnt/data/log");
+    check_records("read back inside sb2", inside.as_bytes(), 2, N, Locking::NoLock);
+    eprintln!("vm: two microVMs appended {n} records, each exactly once");
+}

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Protocol version spoken by this build. The server accepts exactly the versions it knows.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest read or write carried by one request (the FUSE max_write / max_read).
 pub const MAX_IO: u32 = 1 << 20;
@@ -154,10 +154,15 @@ pub enum Op {
         offset: u64,
         size: u32,
     },
+    /// Writes `data` at `offset`, or, with `append` (the file was opened with `O_APPEND`), at the
+    /// host's end of file, placed in the same transaction that extends the size: appends from
+    /// any number of sandboxes never overwrite one another. `offset` is then only the guest
+    /// kernel's guess and is ignored.
     Write {
         ino: Ino,
         fh: u64,
         offset: u64,
+        append: bool,
         #[serde(with = "bytes")]
         data: Vec<u8>,
     },
@@ -312,6 +317,13 @@ pub enum Reply {
     Attr(Attr),
     Data(#[serde(with = "bytes")] Vec<u8>),
     Written(u32),
+    /// Answer to an appending `Write`: where the bytes landed and the file's attributes after it,
+    /// so the writer can bring its cached size and pages up to date.
+    Appended {
+        written: u32,
+        offset: u64,
+        attr: Attr,
+    },
     Opened {
         fh: u64,
     },
@@ -428,7 +440,12 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let req = Request { id: 7, seq: 3, caller: Caller::root(), op: Op::Write { ino: 5, fh: 1, offset: 9, data: vec![1, 2, 3] } };
+        let req = Request {
+            id: 7,
+            seq: 3,
+            caller: Caller::root(),
+            op: Op::Write { ino: 5, fh: 1, offset: 9, append: true, data: vec![1, 2, 3] },
+        };
         let buf = encode(&req).unwrap();
         let back: Request = read_frame(&mut &buf[..]).unwrap().unwrap();
         assert_eq!(back, req);
@@ -452,7 +469,8 @@ mod tests {
     #[test]
     fn a_vec_claiming_more_than_the_frame_is_refused() {
         // A Write whose data length prefix claims far more bytes than the frame holds.
-        let req = Request { id: 1, seq: 1, caller: Caller::root(), op: Op::Write { ino: 1, fh: 1, offset: 0, data: vec![0; 4] } };
+        let req =
+            Request { id: 1, seq: 1, caller: Caller::root(), op: Op::Write { ino: 1, fh: 1, offset: 0, append: false, data: vec![0; 4] } };
         let mut buf = encode(&req).unwrap();
         let n = buf.len();
         // Corrupt the trailing varint length of `data` into a huge u64 marker.

@@ -1,41 +1,68 @@
 //! `volumefs-guest`: the agent and FUSE daemon that runs inside a sandbox VM (or on an ordinary
 //! Linux host, over a unix socket, for tests).
 
-const USAGE: &str = "volumefs-guest agent --server ENDPOINT [--control ENDPOINT]
+use std::time::Duration;
+
+const USAGE: &str = "volumefs-guest agent --server ENDPOINT [--control ENDPOINT] [--host-timeout SECS]
 
   --server is unix:PATH (the sandbox's guest socket on an ordinary host) or
   vsock:2:1024 (inside a VM: the host, port 1024).
   --control is where the agent takes the host's commands: by default vsock port 1025
   in a VM, or unix:agent.sock beside the guest socket.
+  --host-timeout is how long a file operation waits for a host that cannot be reached
+  before it fails with EIO (default 60). Reconnects shorter than that are invisible.
 
 Mounts every volume attached to the sandbox at its path and serves them until SIGTERM,
 then flushes and unmounts them.";
 
+struct Options {
+    server: volumefs::transport::Endpoint,
+    control: Option<volumefs::transport::Endpoint>,
+    host_timeout: Duration,
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let parse_ep = |s: &str| volumefs::transport::Endpoint::parse(s);
+    let (mut server, mut control, mut host_timeout) = (None, None, Duration::from_secs(60));
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n\n{USAGE}"));
+        match flag.as_str() {
+            "--server" => server = Some(parse_ep(value()?)?),
+            "--control" => control = Some(parse_ep(value()?)?),
+            "--host-timeout" => {
+                let v = value()?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| format!("--host-timeout takes a positive number of seconds, not {v:?}"))?;
+                host_timeout = Duration::from_secs_f64(secs);
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    let server = server.ok_or_else(|| format!("--server is required\n\n{USAGE}"))?;
+    Ok(Options { server, control, host_timeout })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let parse = |s: &str| volumefs::transport::Endpoint::parse(s);
-    let code = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["agent", "--server", ep, rest @ ..] => {
-            let control = match rest {
-                [] => Ok(None),
-                ["--control", c] => parse(c).map(Some),
-                _ => Err(USAGE.to_string()),
-            };
-            match parse(ep).and_then(|ep| control.map(|c| (ep, c))) {
-                Ok((ep, control)) => match volumefs::guest::agent::run(ep, control) {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("volumefs-guest: {e}");
-                        1
-                    }
-                },
+    let code = match args.split_first() {
+        Some((cmd, rest)) if cmd == "agent" => match parse(rest) {
+            Ok(o) => match volumefs::guest::agent::run(o.server, o.control, o.host_timeout) {
+                Ok(()) => 0,
                 Err(e) => {
                     eprintln!("volumefs-guest: {e}");
-                    2
+                    1
                 }
+            },
+            Err(e) => {
+                eprintln!("volumefs-guest: {e}");
+                2
             }
-        }
-        ["--help"] | ["help"] => {
+        },
+        Some((cmd, _)) if cmd == "--help" || cmd == "help" => {
             println!("{USAGE}");
             0
         }

@@ -24,7 +24,8 @@ token from --token or VOLUMEFS_TOKEN):
   volumefs volume inspect NAME [--json]
   volumefs volume delete NAME [--force]
   volumefs file read VOLUME PATH                        file contents to stdout
-  volumefs file write VOLUME PATH                       stdin replaces the file (atomically)
+  volumefs file write VOLUME PATH [--append]            stdin replaces the file (atomically), or
+                                                        with --append is added at its end as one write
   volumefs sandbox create SB [--json]                   prints the sandbox's guest socket
   volumefs sandbox list [--json]
   volumefs sandbox delete SB
@@ -226,12 +227,13 @@ fn run(argv: &[String]) -> Result<(), String> {
             std::io::stdout().write_all(&bytes).map_err(|e| e.to_string())
         }
         ["file", "write", volume, path] => {
-            a.only(&[])?;
+            a.only(&["--append"])?;
             use std::io::Read;
             let mut data = Vec::new();
             std::io::stdin().read_to_end(&mut data).map_err(|e| format!("cannot read stdin: {e}"))?;
+            let (method, q) = if a.has("--append") { ("POST", "?append") } else { ("PUT", "") };
             client(&a)?
-                .call_bytes("PUT", &format!("/v1/volumes/{}/files/{}", encode(volume), encode(path.trim_start_matches('/'))), &data)
+                .call_bytes(method, &format!("/v1/volumes/{}/files/{}{q}", encode(volume), encode(path.trim_start_matches('/'))), &data)
                 .map_err(|e| e.msg)?;
             Ok(())
         }

@@ -839,8 +839,10 @@ impl Engine {
         Ok(buf)
     }
 
-    /// Writes `data` at `offset` (or at the end when `append`); returns the offset written at.
-    pub fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<u64> {
+    /// Writes `data` at `offset`, or, when `append`, at the end of file as it stands inside this
+    /// transaction (so concurrent appenders never overwrite one another); returns the offset
+    /// written at and the attributes after the write.
+    pub fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<(u64, Attr)> {
         let now = Timespec::now();
         self.tx(|t| {
             let mut a = Self::inode(t, vol, ino)?;
@@ -869,7 +871,7 @@ impl Engine {
             // Data first, inside the transaction: if it fails, the size change is rolled back.
             self.blobs.write(vol, ino, offset, data)?;
             t.put_inode(vol, &a)?;
-            Ok(offset)
+            Ok((offset, a))
         })
     }
 

@@ -39,14 +39,14 @@ pub struct Mount {
 
 impl Mount {
     /// Connects to the host for `spec` and mounts it at `spec.path`.
-    pub fn start(endpoint: &Endpoint, spec: &AttachmentSpec) -> Result<Mount, String> {
+    pub fn start(endpoint: &Endpoint, spec: &AttachmentSpec, host_timeout: Duration) -> Result<Mount, String> {
         let path = PathBuf::from(&spec.path);
         std::fs::create_dir_all(&path).map_err(|e| format!("cannot create mount point {}: {e}", path.display()))?;
         if is_mountpoint(&path) {
             return Err(format!("{} is already a mount point", path.display()));
         }
-        let client =
-            MountClient::connect(endpoint.clone(), &spec.path).map_err(|e| format!("volume {} at {}: {e}", spec.volume, spec.path))?;
+        let client = MountClient::connect(endpoint.clone(), &spec.path, host_timeout)
+            .map_err(|e| format!("volume {} at {}: {e}", spec.volume, spec.path))?;
         let granted = client.granted();
         let mut options = vec![
             fuser::MountOption::FSName(format!("volumefs:{}", granted.volume)),
@@ -71,8 +71,10 @@ impl Mount {
         Ok(Mount { spec: spec.clone(), client, session: Some(session) })
     }
 
-    /// Flushes and unmounts. A mount still busy is detached lazily so the agent can exit.
+    /// Flushes and unmounts. A mount still busy is detached lazily so the agent can exit; a
+    /// host that stays unreachable for [`STOP_GRACE`] is given up on (requests fail with EIO).
     pub fn stop(mut self) {
+        self.client.stopping(STOP_GRACE);
         let path = PathBuf::from(&self.spec.path);
         syncfs(&path);
         if let Some(session) = self.session.take() {
@@ -132,6 +134,8 @@ fn unescape(s: &str) -> String {
 /// The agent's state: its mounts by path, and whether it is hibernated.
 pub struct Agent {
     server: Endpoint,
+    /// See [`MountClient`]: how long a request waits for an unreachable host.
+    host_timeout: Duration,
     mounts: Mutex<BTreeMap<String, Mount>>,
     hibernated: Mutex<bool>,
     /// Inside a VM a shutdown powers the machine off; on an ordinary host it only exits.
@@ -140,6 +144,9 @@ pub struct Agent {
 
 /// How long hibernation may wait for requests in flight, and resume for the host.
 const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a mount being stopped waits for a host it cannot reach before failing what is
+/// pending with EIO: a server restart fits in it, a server that is gone does not hang the guest.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 impl Agent {
     fn mount(&self, spec: &AttachmentSpec) -> Result<(), FsError> {
@@ -147,7 +154,7 @@ impl Agent {
         if mounts.contains_key(&spec.path) {
             return Err(FsError::new(libc::EBUSY, format!("{} is already mounted", spec.path)));
         }
-        let m = Mount::start(&self.server, spec).map_err(|e| FsError::new(libc::EIO, e))?;
+        let m = Mount::start(&self.server, spec, self.host_timeout).map_err(|e| FsError::new(libc::EIO, e))?;
         println!("mounted {} {}{}", spec.path, spec.volume, if spec.read_only { " ro" } else { "" });
         mounts.insert(spec.path.clone(), m);
         Ok(())
@@ -321,14 +328,15 @@ fn serve_control(agent: Arc<Agent>, listener: Listener) {
 
 /// `volumefs-guest agent`: mounts the sandbox's attachments, takes commands, serves until
 /// SIGTERM or a shutdown command.
-pub fn run(server: Endpoint, control: Option<Endpoint>) -> Result<(), String> {
+pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration) -> Result<(), String> {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     let in_vm = matches!(server, Endpoint::Vsock { .. });
-    let agent = Arc::new(Agent { server: server.clone(), mounts: Mutex::new(BTreeMap::new()), hibernated: Mutex::new(false), in_vm });
+    let agent =
+        Arc::new(Agent { server: server.clone(), host_timeout, mounts: Mutex::new(BTreeMap::new()), hibernated: Mutex::new(false), in_vm });
     let control = control.or_else(|| control_endpoint(&server));
     let listener = match &control {
         Some(Endpoint::Unix(p)) => Some(Listener::bind_unix(p).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?),
@@ -358,9 +366,12 @@ pub fn run(server: Endpoint, control: Option<Endpoint>) -> Result<(), String> {
     }
     let mounts = std::mem::take(&mut *agent.mounts.lock().unwrap());
     eprintln!("volumefs-guest: stopping: flushing and unmounting {} volume(s)", mounts.len());
+    for m in mounts.values() {
+        m.client.stopping(STOP_GRACE);
+    }
     if *agent.hibernated.lock().unwrap() {
         for m in mounts.values() {
-            let _ = m.client.wake(LIFECYCLE_TIMEOUT);
+            let _ = m.client.wake(STOP_GRACE);
         }
     }
     for (_, m) in mounts {

@@ -20,14 +20,18 @@ use crate::transport::{Endpoint, Stream};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub type Callback = Box<dyn FnOnce(FsResult<Reply>) + Send>;
+/// Where pushed invalidations go.
+type NoticeSink = Box<dyn Fn(Notice) + Send + Sync>;
 
 struct Pending {
     /// As the caller made it: handle numbers are the kernel's, translated at each send.
     req: Request,
     cb: Callback,
+    /// When it was handed in, for the host timeout.
+    since: Instant,
 }
 
 /// A handle the kernel holds: what it opened, and its number in the current session.
@@ -84,9 +88,16 @@ pub struct MountClient {
     /// Set while the lease is given up: the reader does not reconnect until it is cleared.
     hibernated: Mutex<bool>,
     woken: Condvar,
-    notices: Mutex<Option<Box<dyn Fn(Notice) + Send + Sync>>>,
+    notices: Mutex<Option<NoticeSink>>,
     /// Why the mount is dead, if it is (attachment gone): every request fails with it.
     dead: Mutex<Option<FsError>>,
+    /// Set when the mount is being stopped: past this instant, a host that cannot be reached
+    /// is given up on (pending requests fail with EIO) instead of waited for.
+    give_up_at: Mutex<Option<Instant>>,
+    /// How long a request may wait for a host that cannot be reached before it fails with EIO
+    /// (an NFS "soft" mount's timeout): a server that is gone never leaves a process, an
+    /// `umount` or a `stat`, sleeping for good.
+    host_timeout: Duration,
     /// Itself, for callbacks that outlive a call.
     me: Mutex<std::sync::Weak<MountClient>>,
 }
@@ -121,7 +132,7 @@ pub fn control_hello(endpoint: &Endpoint) -> Result<(String, Vec<proto::Attachme
 impl MountClient {
     /// Connects and opens a session for the attachment at `path`; fails with the server's
     /// reason. A renewal thread keeps the lease alive from then on.
-    pub fn connect(endpoint: Endpoint, path: &str) -> Result<Arc<MountClient>, FsError> {
+    pub fn connect(endpoint: Endpoint, path: &str, host_timeout: Duration) -> Result<Arc<MountClient>, FsError> {
         let (stream, granted) = handshake(&endpoint, path, None)?;
         let reader = stream.try_clone().map_err(FsError::from)?;
         let client = Arc::new(MountClient {
@@ -140,6 +151,8 @@ impl MountClient {
             woken: Condvar::new(),
             notices: Mutex::new(None),
             dead: Mutex::new(None),
+            give_up_at: Mutex::new(None),
+            host_timeout,
             me: Mutex::new(std::sync::Weak::new()),
         });
         *client.me.lock().unwrap() = Arc::downgrade(&client);
@@ -255,7 +268,7 @@ impl MountClient {
         // Registered and written under the link lock, so a reconnect's resend (which holds it
         // too) sends each request exactly once.
         let mut link = self.link.lock().unwrap();
-        self.pending.lock().unwrap().insert(id, Pending { req, cb });
+        self.pending.lock().unwrap().insert(id, Pending { req, cb, since: Instant::now() });
         if let Some(w) = link.writer.as_mut() {
             if std::io::Write::write_all(w, &frame).is_err() {
                 w.shutdown();
@@ -331,6 +344,13 @@ impl MountClient {
         }
     }
 
+    /// The mount is being stopped (agent shutdown, detach): from now on the host is waited for
+    /// at most `grace` more. A host still unreachable then is given up on: pending and new
+    /// requests fail with EIO, so a flush or an unmount never sleeps until a server returns.
+    pub fn stopping(&self, grace: Duration) {
+        self.give_up_at.lock().unwrap().get_or_insert(Instant::now() + grace);
+    }
+
     /// Stops for good: gives the lease back (so the host records a clean release rather than
     /// an expiry), then no reconnect; pending requests fail.
     pub fn close(&self) {
@@ -347,6 +367,27 @@ impl MountClient {
         self.resume();
         self.drop_connection();
         self.fail_all(FsError::new(libc::ENOTCONN, "volume detached from this sandbox"));
+    }
+
+    /// Fails, with EIO, each pending request that has waited longer than the host timeout since
+    /// the connection was lost at `lost` (or since it was made, if later). A mutation failed
+    /// this way may still have been applied if its reply was what got lost.
+    fn expire_pending(&self, lost: Instant, e: &FsError) {
+        let now = Instant::now();
+        let expired: Vec<Pending> = {
+            let mut pending = self.pending.lock().unwrap();
+            let ids: Vec<u64> =
+                pending.iter().filter(|(_, p)| now.duration_since(p.since.max(lost)) >= self.host_timeout).map(|(id, _)| *id).collect();
+            ids.iter().filter_map(|id| pending.remove(id)).collect()
+        };
+        if expired.is_empty() {
+            return;
+        }
+        let why = FsError::new(libc::EIO, format!("host unreachable for {:?}: {}", self.host_timeout, e.msg));
+        log::warn!("mount at {}: failing {} request(s): {why}", self.path, expired.len());
+        for p in expired {
+            (p.cb)(Err(why.clone()));
+        }
     }
 
     fn fail_all(&self, e: FsError) {
@@ -416,6 +457,7 @@ impl MountClient {
     /// Reconnects with backoff, resumes the session and resends every pending request.
     fn reconnect(&self) -> Option<Stream> {
         self.link.lock().unwrap().writer = None;
+        let lost = Instant::now();
         let mut delay = Duration::from_millis(10);
         loop {
             {
@@ -451,8 +493,16 @@ impl MountClient {
                     return Some(reader);
                 }
                 Err(e) if e.errno == libc::ENOTCONN => {
+                    if self.give_up_at.lock().unwrap().is_some_and(|t| Instant::now() >= t) {
+                        let why = FsError::new(libc::EIO, format!("host unreachable while stopping the mount: {}", e.msg));
+                        log::error!("mount at {}: {why}", self.path);
+                        *self.dead.lock().unwrap() = Some(why.clone());
+                        self.fail_all(why);
+                        return None;
+                    }
+                    self.expire_pending(lost, &e);
                     std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                    delay = (delay * 2).min(Duration::from_millis(500));
                 }
                 Err(e) => {
                     // The server refused us for good (attachment detached, volume deleted).

@@ -130,6 +130,17 @@ fn attr_reply(reply: ReplyAttr) -> impl FnOnce(Result<Reply, FsError>) + Send {
     }
 }
 
+/// How the kernel should treat a file opened with `flags`. An `O_APPEND` descriptor bypasses the
+/// page cache: the host decides where its writes land, so the kernel must not file them in
+/// pages at its own guess of the end of file.
+fn open_flags(flags: i32) -> FopenFlags {
+    if flags & libc::O_APPEND != 0 {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 fn open_reply(reply: ReplyOpen, flags: FopenFlags) -> impl FnOnce(Result<Reply, FsError>) + Send {
     move |r| match r {
         Ok(Reply::Opened { fh }) => reply.opened(FileHandle(fh), flags),
@@ -212,6 +223,12 @@ impl Invalidator {
         }
     }
 
+    /// Drops what the kernel caches of `ino` (attributes and pages), soon, on the invalidation
+    /// thread.
+    pub fn invalidate(&self, ino: u64) {
+        self.send(Job::Notice(Notice::InvalInode { ino }));
+    }
+
     /// Drops what the kernel caches of `ino`, then runs `then`. Taking a lock is a coherence
     /// point (as on NFS): whatever another sandbox wrote before releasing the lock must be read
     /// from the host, not from pages cached before.
@@ -260,7 +277,9 @@ impl Filesystem for VolumeFs {
             | InitFlags::FUSE_AUTO_INVAL_DATA
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_POSIX_LOCKS
-            | InitFlags::FUSE_FLOCK_LOCKS;
+            | InitFlags::FUSE_FLOCK_LOCKS
+            // mmap keeps working on descriptors opened with O_APPEND (direct I/O, see open_flags).
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
         // No FUSE_WRITEBACK_CACHE: with it the kernel trusts its own size and times of regular
         // files and ignores the host's, so a file grown or truncated by another sandbox would
         // keep its old size here (and SQLite on a shared volume corrupts). Writes are
@@ -366,7 +385,7 @@ impl Filesystem for VolumeFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // No FOPEN_KEEP_CACHE: each open drops cached pages, which gives close-to-open
         // consistency with other sandboxes.
-        self.send(req, Op::Open { ino: ino.0, flags: flags.0 }, open_reply(reply, FopenFlags::empty()));
+        self.send(req, Op::Open { ino: ino.0, flags: flags.0 }, open_reply(reply, open_flags(flags.0)));
     }
 
     fn read(
@@ -395,12 +414,22 @@ impl Filesystem for VolumeFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.send(req, Op::Write { ino: ino.0, fh: fh.0, offset, data: data.to_vec() }, move |r| match r {
+        // The kernel placed an O_APPEND write at its cached idea of the file's size, which may be
+        // stale (another sandbox appended since); the host places it at its own end of file.
+        let append = flags.0 & libc::O_APPEND != 0;
+        let inval = self.invalidator.clone();
+        self.send(req, Op::Write { ino: ino.0, fh: fh.0, offset, append, data: data.to_vec() }, move |r| match r {
             Ok(Reply::Written(n)) => reply.written(n),
+            Ok(Reply::Appended { written, .. }) => {
+                reply.written(written);
+                // The kernel's size and any pages it filled are at its guess: drop them, so the
+                // next stat or read asks the host. After the reply: the write holds page locks.
+                inval.invalidate(ino.0);
+            }
             Ok(other) => reply.error(unexpected(other)),
             Err(e) => reply.error(errno(&e)),
         });
@@ -555,7 +584,7 @@ impl Filesystem for VolumeFs {
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
         let op = Op::Create { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask, flags };
         self.send(req, op, move |r| match r {
-            Ok(Reply::Created { attr: a, fh }) => reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Ok(Reply::Created { attr: a, fh }) => reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), open_flags(flags)),
             Ok(other) => reply.error(unexpected(other)),
             Err(e) => reply.error(errno(&e)),
         });

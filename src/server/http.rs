@@ -11,7 +11,8 @@
 //!   `POST /sandboxes/{name}/attachments {volume, path, read_only?, subpath?}`,
 //!   `DELETE /sandboxes/{name}/attachments?path=/mnt/x`
 //! - `GET /volumes/{name}/files/{path}` (raw bytes), `PUT /volumes/{name}/files/{path}` (raw
-//!   bytes; atomic replace, parents created)
+//!   bytes; atomic replace, parents created), `POST /volumes/{name}/files/{path}?append` (raw
+//!   bytes added at the end of file in one transaction; the file is created if missing)
 //! - `POST /sandboxes/{name}/reset-connections`, `POST /sandboxes/{name}/hibernate`,
 //!   `POST /sandboxes/{name}/resume`, `POST /sandboxes/{name}/fork {name}`,
 //!   `POST /sandboxes/{name}/exec {argv, stdin?, timeout_ms?}`
@@ -144,9 +145,12 @@ fn handle(server: &Arc<Server>, mut req: tiny_http::Request) {
         let path = segs[4..].join("/");
         let result = match method.as_str() {
             "GET" => server.read_file(segs[2], &path).map(Some),
-            "PUT" if body.len() as u64 > limit => Err(FsError::new(libc::EFBIG, format!("file bodies are limited to {limit} bytes"))),
+            "PUT" | "POST" if body.len() as u64 > limit => {
+                Err(FsError::new(libc::EFBIG, format!("file bodies are limited to {limit} bytes")))
+            }
             "PUT" => server.write_file(segs[2], &path, &body).map(|_| None),
-            _ => Err(FsError::new(libc::EINVAL, format!("{method} is not supported on files (GET, PUT)"))),
+            "POST" if query_param(query, "append").is_some() => server.append_file(segs[2], &path, &body).map(|_| None),
+            _ => Err(FsError::new(libc::EINVAL, format!("{method} is not supported on files (GET, PUT, POST ?append)"))),
         };
         return match result {
             Ok(Some(bytes)) => {

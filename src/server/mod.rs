@@ -558,28 +558,66 @@ impl Server {
         result.map(|_| out)
     }
 
-    /// Replaces (or creates) a file of a volume by path, atomically: the bytes go to a hidden
-    /// temporary file that is then renamed over the target, so readers see the old or the new
-    /// contents, never a mix. Missing parent directories are created.
-    pub fn write_file(&self, volume: &str, path: &str, data: &[u8]) -> FsResult<crate::fs::Attr> {
+    /// Adds `data` at the end of a file of a volume (created, with its parents, if missing) in
+    /// one engine write: the append is atomic against every other appender, guests included.
+    pub fn append_file(&self, volume: &str, path: &str, data: &[u8]) -> FsResult<crate::fs::Attr> {
         let vol = self.engine.volume(volume)?;
+        let root = Caller::root();
+        let (parent, name) = self.parent_dir(vol.id, path)?;
+        let a = match self.engine.lookup(vol.id, parent, name.as_bytes(), &root) {
+            Ok(a) => {
+                self.engine.open(vol.id, a.ino, libc::O_WRONLY | libc::O_APPEND, &root)?;
+                a
+            }
+            Err(e) if e.errno == libc::ENOENT => {
+                let a = self.engine.create(vol.id, parent, name.as_bytes(), 0o644, 0, &root)?;
+                self.invalidate(vol.id, &[(parent, name.as_bytes().to_vec())]);
+                a
+            }
+            Err(e) => return Err(e),
+        };
+        if a.kind != Kind::File {
+            self.engine.release(vol.id, a.ino)?;
+            return Err(FsError::new(libc::EISDIR, format!("{path} is not a regular file")));
+        }
+        let written = self.engine.write(vol.id, a.ino, 0, data, true, &root);
+        self.engine.release(vol.id, a.ino)?;
+        let (_, attr) = written?;
+        for s in self.peers(vol.id, 0) {
+            s.invalidate_inode(a.ino);
+        }
+        Ok(attr)
+    }
+
+    /// The directory that holds `path` (created with its parents if missing) and the last name.
+    fn parent_dir<'p>(&self, vol: VolId, path: &'p str) -> FsResult<(crate::fs::Ino, &'p str)> {
         let root = Caller::root();
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
         let (name, dirs) = parts.split_last().ok_or_else(|| FsError::new(libc::EINVAL, "a file path needs a name"))?;
         let mut parent = crate::fs::ROOT_INO;
         for d in dirs {
-            parent = match self.engine.lookup(vol.id, parent, d.as_bytes(), &root) {
+            parent = match self.engine.lookup(vol, parent, d.as_bytes(), &root) {
                 Ok(a) if a.kind == Kind::Dir => a.ino,
                 Ok(_) => return Err(FsError::new(libc::ENOTDIR, format!("{d} in {path} is not a directory"))),
                 Err(e) if e.errno == libc::ENOENT => {
-                    let a = self.engine.mkdir(vol.id, parent, d.as_bytes(), 0o755, 0, &root)?;
-                    self.invalidate(vol.id, &[(parent, d.as_bytes().to_vec())]);
+                    let a = self.engine.mkdir(vol, parent, d.as_bytes(), 0o755, 0, &root)?;
+                    self.invalidate(vol, &[(parent, d.as_bytes().to_vec())]);
                     a.ino
                 }
                 Err(e) => return Err(e),
             };
         }
         crate::fs::check_name(name.as_bytes())?;
+        Ok((parent, name))
+    }
+
+    /// Replaces (or creates) a file of a volume by path, atomically: the bytes go to a hidden
+    /// temporary file that is then renamed over the target, so readers see the old or the new
+    /// contents, never a mix. Missing parent directories are created.
+    pub fn write_file(&self, volume: &str, path: &str, data: &[u8]) -> FsResult<crate::fs::Attr> {
+        let vol = self.engine.volume(volume)?;
+        let root = Caller::root();
+        let (parent, name) = self.parent_dir(vol.id, path)?;
         let tmp = format!(".{name}.volumefs-{}", self.new_session_id());
         let a = self.engine.create(vol.id, parent, tmp.as_bytes(), 0o644, 0, &root)?;
         let written = data.chunks(crate::proto::MAX_IO as usize).enumerate().try_for_each(|(i, chunk)| {

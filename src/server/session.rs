@@ -274,7 +274,7 @@ impl Session {
     }
 
     /// Tells this session that `ino` changed, if it has it cached.
-    fn invalidate_inode(&self, real: Ino) {
+    pub fn invalidate_inode(&self, real: Ino) {
         if self.known.lock().unwrap().contains_key(&real) {
             self.push(Notice::InvalInode { ino: self.to_wire(real) });
         }
@@ -437,11 +437,13 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             s.handle(*fh, real, false)?;
             (Reply::Data(e.read(v, real, *offset, (*size).min(crate::proto::MAX_IO))?), Changed::Nothing)
         }
-        Op::Write { ino, fh, offset, data } => {
+        Op::Write { ino, fh, offset, append, data } => {
             let real = s.to_real(e, *ino)?;
             s.handle(*fh, real, true)?;
-            e.write(v, real, *offset, data, false, c)?;
-            (Reply::Written(data.len() as u32), Changed::Inode(real))
+            let (at, attr) = e.write(v, real, *offset, data, *append, c)?;
+            let written = data.len() as u32;
+            let reply = if *append { Reply::Appended { written, offset: at, attr: s.wire_attr(attr) } } else { Reply::Written(written) };
+            (reply, Changed::Inode(real))
         }
         Op::Fsync { ino, fh: _, datasync } => {
             e.fsync(v, s.to_real(e, *ino)?, *datasync)?;
