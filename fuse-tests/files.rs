@@ -67,7 +67,7 @@ fn sparse_file_hole_reads_zeros() {
     require_fuse!();
     let s = Single::new();
     let p = s.p("sparse");
-    let f = OpenOptions::new().write(true).create(true).open(&p).unwrap();
+    let f = OpenOptions::new().write(true).create(true).truncate(false).open(&p).unwrap();
     f.write_all_at(b"tail", MIB).unwrap();
     drop(f);
     assert_eq!(fs::metadata(&p).unwrap().len(), MIB + 4);
@@ -175,7 +175,7 @@ fn mmap_shared_write_read_back() {
     let s = Single::new();
     let p = s.p("mapped");
     let len = 3 * 4096 + 100;
-    let f = OpenOptions::new().read(true).write(true).create(true).open(&p).unwrap();
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).unwrap();
     f.set_len(len as u64).unwrap();
     let want = pattern(len, 5);
     unsafe {

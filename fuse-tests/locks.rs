@@ -14,7 +14,7 @@ use std::time::Duration;
 fn getlk(f: &File, typ: i32, start: i64, len: i64) -> (i32, i64, i64) {
     let mut fl = flock_struct(typ, start, len);
     cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut fl) }).expect("F_GETLK");
-    (fl.l_type as i32, fl.l_start as i64, fl.l_len as i64)
+    (fl.l_type as i32, fl.l_start, fl.l_len)
 }
 
 #[track_caller]

@@ -108,7 +108,7 @@ fn unlink_open_file_keeps_data_until_close() {
     let p = s.p("doomed");
     let baseline = s.used();
     let data = pattern(4 * MIB as usize, 3);
-    let mut f = OpenOptions::new().read(true).write(true).create(true).open(&p).unwrap();
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).unwrap();
     f.write_all(&data).unwrap();
     f.sync_all().unwrap();
     let with_file = s.used();

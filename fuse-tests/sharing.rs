@@ -208,7 +208,7 @@ fn read_only_attachment_refuses_every_mutation() {
     assert_eq!(getxattr(&ro.join("file"), "user.k").unwrap(), b"v");
 
     let f = ro.join("file");
-    erofs("create", OpenOptions::new().write(true).create(true).open(ro.join("new")));
+    erofs("create", OpenOptions::new().write(true).create(true).truncate(false).open(ro.join("new")));
     erofs("open for write", OpenOptions::new().write(true).open(&f));
     erofs("open O_TRUNC", OpenOptions::new().write(true).truncate(true).open(&f));
     erofs("mkdir", fs::create_dir(ro.join("newdir")));

@@ -7,7 +7,8 @@
 # Tier 2: fuse-tests/, real FUSE mounts through the real server over unix sockets (root).
 # Tier 3: fuse-tests/vm.rs, real microVMs (QEMU, software CPU) booting the guest image, with
 #         vsock through vhost-device-vsock (root; installed here when missing).
-# Also checked: the guest binary builds static without any host-only dependency.
+# Also checked: formatting (cargo fmt --check), lints (cargo clippy -D warnings), and that the
+# guest binary builds static without any host-only dependency.
 #
 # VOLUMEFS_SKIP_VM=1 leaves out tier 3 (and its installs).
 set -euo pipefail
@@ -21,6 +22,10 @@ if [ "$(id -u)" = 0 ] && [ -e /dev/fuse ]; then
 else
     echo "*** not root or no /dev/fuse: the FUSE tiers will be SKIPPED" >&2
 fi
+
+log "format and lints"
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
 
 log "build"
 cargo build --locked --all-targets

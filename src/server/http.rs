@@ -172,7 +172,7 @@ fn handle(server: &Arc<Server>, mut req: tiny_http::Request) {
     }
 }
 
-fn query_param<'a>(query: &'a str, key: &str) -> Option<String> {
+fn query_param(query: &str, key: &str) -> Option<String> {
     query.split('&').filter_map(|kv| kv.split_once('=').or(Some((kv, "")))).find(|(k, _)| *k == key).map(|(_, v)| percent_decode(v))
 }
 
