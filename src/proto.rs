@@ -283,29 +283,80 @@ pub enum AgentReply {
 }
 
 impl Op {
-    /// Whether this op changes the volume (refused on read-only attachments, sequenced for
-    /// exactly-once replay).
+    /// Whether this op changes the volume: refused on read-only attachments, sequenced for
+    /// exactly-once replay. Every op is named here on purpose (no wildcard): a new op does not
+    /// compile until someone decides which side it is on.
     pub fn is_mutation(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Op::SetAttr { .. }
-                | Op::MkNod { .. }
-                | Op::MkDir { .. }
-                | Op::Symlink { .. }
-                | Op::Link { .. }
-                | Op::Unlink { .. }
-                | Op::RmDir { .. }
-                | Op::Rename { .. }
-                | Op::Create { .. }
-                | Op::Write { .. }
-                | Op::SetXattr { .. }
-                | Op::RemoveXattr { .. }
-        )
+            | Op::MkNod { .. }
+            | Op::MkDir { .. }
+            | Op::Symlink { .. }
+            | Op::Link { .. }
+            | Op::Unlink { .. }
+            | Op::RmDir { .. }
+            | Op::Rename { .. }
+            | Op::Create { .. }
+            | Op::Write { .. }
+            | Op::SetXattr { .. }
+            | Op::RemoveXattr { .. } => true,
+            Op::Lookup { .. }
+            | Op::Forget { .. }
+            | Op::GetAttr { .. }
+            | Op::ReadLink { .. }
+            | Op::Open { .. }
+            | Op::Read { .. }
+            | Op::Fsync { .. }
+            | Op::Release { .. }
+            | Op::OpenDir { .. }
+            | Op::ReadDir { .. }
+            | Op::ReleaseDir { .. }
+            | Op::StatFs
+            | Op::GetXattr { .. }
+            | Op::ListXattr { .. }
+            | Op::Renew
+            | Op::ReleaseLease
+            | Op::Flush { .. }
+            | Op::GetLk { .. }
+            | Op::SetLk { .. } => false,
+        }
     }
 
-    /// Whether a replay of this op must be recognised (it changes state on the server).
+    /// Whether a replay of this op must be recognised: it changes state on the server (the
+    /// volume, locks or the lease), so applying it twice would differ from applying it once.
+    /// Exhaustive, like [`Op::is_mutation`].
     pub fn is_sequenced(&self) -> bool {
-        self.is_mutation() || matches!(self, Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease)
+        match self {
+            Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease => true,
+            Op::SetAttr { .. }
+            | Op::MkNod { .. }
+            | Op::MkDir { .. }
+            | Op::Symlink { .. }
+            | Op::Link { .. }
+            | Op::Unlink { .. }
+            | Op::RmDir { .. }
+            | Op::Rename { .. }
+            | Op::Create { .. }
+            | Op::Write { .. }
+            | Op::SetXattr { .. }
+            | Op::RemoveXattr { .. } => true,
+            Op::Lookup { .. }
+            | Op::Forget { .. }
+            | Op::GetAttr { .. }
+            | Op::ReadLink { .. }
+            | Op::Open { .. }
+            | Op::Read { .. }
+            | Op::Fsync { .. }
+            | Op::Release { .. }
+            | Op::OpenDir { .. }
+            | Op::ReadDir { .. }
+            | Op::ReleaseDir { .. }
+            | Op::StatFs
+            | Op::GetXattr { .. }
+            | Op::ListXattr { .. }
+            | Op::Renew
+            | Op::GetLk { .. } => false,
+        }
     }
 }
 
