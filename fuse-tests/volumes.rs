@@ -373,3 +373,21 @@ fn usage_tracks_overwrite_truncate_rename_and_links() {
     fs::remove_file(s.p("a-link")).unwrap();
     expect("after unlinking the last link", 0);
 }
+
+/// A second server on a data directory that a running server serves is refused at once, names
+/// the directory and the holder's PID, and touches nothing: the first server keeps serving.
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let c = Cluster::new();
+    c.create_volume("vol", None);
+    let addr_before = std::fs::read_to_string(c.data.join("http-addr")).unwrap();
+    let out =
+        std::process::Command::new(SERVER_BIN).args(["server", "--data"]).arg(&c.data).args(["--http", "127.0.0.1:0"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second server started: {stderr}");
+    assert!(stderr.contains(&c.data.display().to_string()) && stderr.contains("in use"), "{stderr}");
+    let holder = std::fs::read_to_string(c.data.join("lock")).unwrap();
+    assert!(stderr.contains(&format!("pid {}", holder.trim())), "names the holder's pid ({}): {stderr}", holder.trim());
+    assert_eq!(std::fs::read_to_string(c.data.join("http-addr")).unwrap(), addr_before, "http-addr untouched");
+    assert!(c.volumes().iter().any(|v| v.name == "vol"), "the first server still answers");
+}

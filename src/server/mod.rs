@@ -73,6 +73,8 @@ impl SandboxRt {
 }
 
 pub struct Server {
+    /// Held for the server's life: see [`lock_data_dir`].
+    _data_lock: std::fs::File,
     pub engine: Engine,
     pub config: Config,
     pub token: String,
@@ -116,13 +118,46 @@ fn load_token(dir: &Path) -> FsResult<String> {
     Ok(token)
 }
 
+/// Takes the data directory for this process: an exclusive `flock` on `DATA/lock`, held until
+/// the process exits (the kernel drops it on any exit, even SIGKILL), with the holder's PID
+/// written inside. A second server on the same directory is refused before it touches anything.
+fn lock_data_dir(dir: &Path) -> FsResult<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| FsError::new(libc::EIO, format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        let holder = holder.trim();
+        let who = if holder.is_empty() { "another process".to_string() } else { format!("pid {holder}") };
+        return Err(FsError::new(
+            libc::EBUSY,
+            format!("data directory {} is in use by another volumefs server ({who}); one server per data directory", dir.display()),
+        ));
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
 impl Server {
     pub fn open(config: Config) -> FsResult<Arc<Server>> {
         std::fs::create_dir_all(&config.data)
             .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", config.data.display())))?;
+        let data_lock = lock_data_dir(&config.data)?;
         let engine = Engine::open_dir(&config.data)?;
         let token = load_token(&config.data)?;
         let server = Arc::new(Server {
+            _data_lock: data_lock,
             engine,
             config,
             token,
