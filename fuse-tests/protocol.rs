@@ -277,3 +277,42 @@ fn bad_frames_close_only_their_connection() {
     assert_eq!(read(&owner_mnt.join("after.txt")), b"still serving");
     assert!(!Raw::attachments(&s.evil).is_empty());
 }
+
+/// An inode looked up inside a subpath and then moved out of it (by another sandbox, or by the
+/// API) is out of reach from then on: no read through a handle opened before, no getattr, no
+/// create next to it. Scope is checked on every use, not only when the inode was handed out.
+#[test]
+fn inodes_moved_out_of_a_subpath_are_revoked() {
+    require_fuse!();
+    let s = setup();
+    let owner = s.c.path("owner");
+    std::fs::create_dir(owner.join("sub/dir")).unwrap();
+    write(&owner.join("sub/dir/f"), b"was inside");
+    let rw = Raw::attachments(&s.evil).into_iter().find(|a| !a.read_only).expect("rw attachment");
+    let (mut raw, _) = Raw::mount(&s.evil, &rw.path);
+    let dir = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"dir".to_vec() }));
+    let f = entry_ino(raw.call(Op::Lookup { parent: dir, name: b"f".to_vec() }));
+    let fh = match raw.call(Op::Open { ino: f, flags: libc::O_RDWR }) {
+        Ok(Reply::Opened { fh }) => fh,
+        other => panic!("open inside the subpath: {other:?}"),
+    };
+    assert_eq!(raw.call(Op::Read { ino: f, fh, offset: 0, size: 100 }), Ok(Reply::Data(b"was inside".to_vec())));
+
+    // The owner moves the directory out of the subpath.
+    std::fs::rename(owner.join("sub/dir"), owner.join("outside")).unwrap();
+    assert_eq!(raw.errno(Op::Read { ino: f, fh, offset: 0, size: 100 }), libc::ESTALE, "read of a moved-out file");
+    assert_eq!(raw.errno(Op::GetAttr { ino: dir }), libc::ESTALE, "getattr of a moved-out directory");
+    let create = Op::Create { parent: dir, name: b"planted".to_vec(), mode: 0o644, umask: 0, flags: libc::O_RDWR };
+    assert_eq!(raw.errno(create), libc::ESTALE, "create next to a moved-out inode");
+    assert_eq!(raw.errno(Op::Write { ino: f, fh, offset: 0, append: false, data: b"x".to_vec() }), libc::ESTALE);
+    assert!(!owner.join("outside/planted").exists(), "nothing was created outside the subpath");
+    assert_eq!(read(&owner.join("outside/f")), b"was inside", "nothing was written outside the subpath");
+
+    // Moved back in, it is reachable again.
+    std::fs::rename(owner.join("outside"), owner.join("sub/back")).unwrap();
+    assert_eq!(raw.call(Op::Read { ino: f, fh, offset: 0, size: 100 }), Ok(Reply::Data(b"was inside".to_vec())));
+    // A hard link's inside name removed: the inode only has a name outside, and is refused.
+    std::fs::hard_link(owner.join("sub/back/f"), owner.join("linked")).unwrap();
+    std::fs::remove_file(owner.join("sub/back/f")).unwrap();
+    assert_eq!(raw.errno(Op::GetAttr { ino: f }), libc::ESTALE, "a file whose only name is now outside");
+}

@@ -53,6 +53,10 @@ pub struct Engine {
     blobs: Box<dyn BlobStore>,
     /// Open handles per inode, across every session and API caller.
     open: Mutex<OpenTable>,
+    /// Per volume, a counter moved by every operation that can take a name out of a subtree
+    /// (rename, unlink): whoever caches "inode I lies inside subtree S" must check again once
+    /// it moves. See [`Engine::scope_epoch`].
+    scope_epochs: Mutex<HashMap<VolId, u64>>,
 }
 
 fn enoent(what: impl std::fmt::Display) -> FsError {
@@ -154,7 +158,7 @@ pub fn check_object_name(what: &str, name: &str) -> FsResult<()> {
 
 impl Engine {
     pub fn new(meta: Box<dyn MetaStore>, blobs: Box<dyn BlobStore>) -> FsResult<Engine> {
-        let engine = Engine { meta, blobs, open: Mutex::new(OpenTable::default()) };
+        let engine = Engine { meta, blobs, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default() };
         engine.reclaim_orphans()?;
         Ok(engine)
     }
@@ -299,6 +303,22 @@ impl Engine {
             }
             Ok(false)
         })
+    }
+
+    /// The volume's scope epoch. A result of [`Engine::within`] obtained after reading epoch
+    /// `e` stays true while the epoch is still `e`: the epoch moves before and after every
+    /// operation that can move a name out of a subtree, so no such change can slip between.
+    pub fn scope_epoch(&self, vol: VolId) -> u64 {
+        self.scope_epochs.lock().unwrap().get(&vol).copied().unwrap_or(0)
+    }
+
+    /// Runs a namespace change that may move names out of subtrees, between two epoch moves.
+    fn moving<T>(&self, vol: VolId, f: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
+        let bump = || *self.scope_epochs.lock().unwrap().entry(vol).or_insert(0) += 1;
+        bump();
+        let r = f();
+        bump();
+        r
     }
 
     /// Resolves a `/`-separated path from the volume root (no symlinks followed).
@@ -606,7 +626,8 @@ impl Engine {
     }
 
     pub fn unlink(&self, vol: VolId, parent: Ino, name: &[u8], c: &Caller) -> FsResult<()> {
-        self.remove(vol, parent, name, false, c)
+        // A hard-linked file may lose its only name inside a subtree.
+        self.moving(vol, || self.remove(vol, parent, name, false, c))
     }
 
     pub fn rmdir(&self, vol: VolId, parent: Ino, name: &[u8], c: &Caller) -> FsResult<()> {
@@ -663,6 +684,10 @@ impl Engine {
     }
 
     pub fn rename(&self, vol: VolId, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32, c: &Caller) -> FsResult<()> {
+        self.moving(vol, || self.rename_names(vol, parent, name, new_parent, new_name, flags, c))
+    }
+
+    fn rename_names(&self, vol: VolId, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32, c: &Caller) -> FsResult<()> {
         check_name(name)?;
         check_name(new_name)?;
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {

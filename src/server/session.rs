@@ -28,7 +28,7 @@ use crate::engine::Engine;
 use crate::fs::{Attr, FsError, FsResult, Ino, ROOT_INO};
 use crate::proto::{Notice, Op, Reply, Request, ServerMsg};
 use crate::transport::Stream;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -80,6 +80,8 @@ pub struct Session {
     pub root: Ino,
     pub read_only: bool,
     known: Mutex<HashMap<Ino, u64>>,
+    /// Subpath mounts: inodes found inside the subpath, valid for one scope epoch of the volume.
+    verified: Mutex<(u64, HashSet<Ino>)>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     replay: Mutex<Replay>,
@@ -101,6 +103,7 @@ impl Session {
             root,
             read_only,
             known: Mutex::new(HashMap::from([(root, 1)])),
+            verified: Mutex::default(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             replay: Mutex::new(Replay::default()),
@@ -175,6 +178,7 @@ impl Session {
             root: self.root,
             read_only: self.read_only,
             known: Mutex::new(self.known.lock().unwrap().clone()),
+            verified: Mutex::default(),
             handles: Mutex::new(handles),
             next_fh: AtomicU64::new(self.next_fh.load(Ordering::Relaxed)),
             replay: Mutex::new(Replay::default()),
@@ -195,12 +199,44 @@ impl Session {
         }
     }
 
+    /// The volume's inode number for a number the guest sent, if this session may reach it.
+    ///
+    /// The rule is the subtree: an inode is reachable if it is the mount's root or has a name
+    /// below it, checked on every use, not only when the inode was handed out. For a mount of
+    /// the whole volume every existing inode qualifies, so the session's own table suffices.
+    /// A subpath mount caches "inside" answers per scope epoch of the volume: a rename or
+    /// unlink anywhere in it (by any session or the API) moves the epoch, and every cached
+    /// answer is checked again, so an inode moved out of the subpath is refused from then on.
     fn to_real(&self, engine: &Engine, wire: Ino) -> FsResult<Ino> {
         let real = if wire == ROOT_INO { self.root } else { wire };
-        if self.known.lock().unwrap().contains_key(&real) {
+        if real == self.root {
             return Ok(real);
         }
-        if wire != ROOT_INO && engine.within(self.vol, real, self.root)? {
+        if self.root == ROOT_INO {
+            if self.known.lock().unwrap().contains_key(&real) {
+                return Ok(real);
+            }
+        } else {
+            let epoch = engine.scope_epoch(self.vol);
+            {
+                let v = self.verified.lock().unwrap();
+                if v.0 == epoch && v.1.contains(&real) {
+                    return Ok(real);
+                }
+            }
+            if engine.within(self.vol, real, self.root)? {
+                let mut v = self.verified.lock().unwrap();
+                if v.0 < epoch {
+                    *v = (epoch, HashSet::new());
+                }
+                if v.0 == epoch {
+                    v.1.insert(real);
+                }
+                return Ok(real);
+            }
+            return Err(FsError::new(libc::ESTALE, format!("inode {wire} is not inside this mount's subpath")));
+        }
+        if engine.within(self.vol, real, self.root)? {
             self.known.lock().unwrap().entry(real).or_insert(0);
             return Ok(real);
         }
