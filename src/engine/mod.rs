@@ -6,9 +6,10 @@
 //!
 //! Invariants:
 //! - A directory's `nlink` is 2 plus its number of subdirectories; the root has no dentry.
-//! - A volume's `used` is the sum of the sizes of its regular files, including files unlinked
-//!   while still open; it never exceeds `cap` (a write or truncate that would pass it fails with
-//!   `EDQUOT` and changes nothing). Sparse files count at their apparent size, which keeps the
+//! - A volume's `used` is the sum of the sizes of its regular files (including files unlinked
+//!   while still open), of its symlink targets and of its xattr names and values; it never
+//!   exceeds `cap` (a write, truncate, symlink or setxattr that would pass it fails with
+//!   `EDQUOT` and changes nothing). Inodes are bounded by [`max_inodes`]. Sparse files count at their apparent size, which keeps the
 //!   number exact and predictable whatever the host filesystem does with holes.
 //! - An inode whose last name is removed while it is open stays (with `nlink == 0`) until the last
 //!   handle is released; orphans left by a server stop are reclaimed at the next start.
@@ -34,6 +35,16 @@ pub const MAX_FILE_SIZE: u64 = 16 << 40;
 const MAX_LINKS: u32 = 65000;
 /// Total bytes of xattr names and values on one inode.
 const XATTR_TOTAL_MAX: usize = 64 << 10;
+/// A volume may hold one inode per this many bytes of its cap (at least [`MIN_INODES`]): the
+/// metadata rows of a volume, which the cap does not count, stay bounded by its size. ext4's
+/// default is one per 16 KiB.
+pub const BYTES_PER_INODE: u64 = 4096;
+pub const MIN_INODES: u64 = 4096;
+
+/// The most inodes a volume with this cap may hold.
+pub fn max_inodes(cap: u64) -> u64 {
+    (cap / BYTES_PER_INODE).max(MIN_INODES)
+}
 const BLOCK: u64 = 4096;
 
 const R: u32 = 4;
@@ -499,6 +510,16 @@ impl Engine {
             } else if kind != Kind::Dir && perm & libc::S_ISGID != 0 && !c.is_root() && !c.in_group(gid) {
                 perm &= !libc::S_ISGID;
             }
+            let v = t.volume_by_id(vol)?.ok_or_else(|| stale(ROOT_INO))?;
+            if v.inodes >= max_inodes(v.cap) {
+                return Err(FsError::new(
+                    libc::ENOSPC,
+                    format!("volume `{}` holds its most inodes ({}: one per {BYTES_PER_INODE} bytes of cap)", v.name, v.inodes),
+                ));
+            }
+            if let Some(target) = target {
+                Self::charge(t, vol, 0, target.len() as u64)?;
+            }
             let ino = t.next_ino(vol)?;
             let a = Attr {
                 ino,
@@ -613,9 +634,9 @@ impl Engine {
             if a.nlink != 0 {
                 return Ok(false);
             }
-            if a.kind == Kind::File {
-                t.add_used(vol, -(a.size as i64))?;
-            }
+            let xattrs: usize = t.list_xattrs(vol, ino)?.iter().map(|(n, l)| n.len() + l).sum();
+            let data = if matches!(a.kind, Kind::File | Kind::Symlink) { a.size } else { 0 };
+            t.add_used(vol, -((data + xattrs as u64) as i64))?;
             t.delete_inode(vol, ino)?;
             Ok(true)
         })?;
@@ -948,7 +969,7 @@ impl Engine {
         let v = self.volume_by_id(vol)?;
         let blocks = v.cap / BLOCK;
         let free = v.cap.saturating_sub(v.used) / BLOCK;
-        let files = 1u64 << 32;
+        let files = max_inodes(v.cap);
         Ok(StatFs {
             blocks,
             bfree: free,
@@ -1006,6 +1027,8 @@ impl Engine {
             if total > XATTR_TOTAL_MAX {
                 return Err(FsError::new(libc::ENOSPC, format!("xattrs of inode {ino} would exceed {XATTR_TOTAL_MAX} bytes")));
             }
+            let before = old.map_or(0, |(n, l)| n.len() + l);
+            Self::charge(t, vol, before as u64, (name.len() + value.len()) as u64)?;
             t.set_xattr(vol, ino, name, value)?;
             a.ctime = Timespec::now();
             t.put_inode(vol, &a)
@@ -1040,6 +1063,9 @@ impl Engine {
         self.tx(|t| {
             let mut a = Self::inode(t, vol, ino)?;
             Self::xattr_access(&a, name, c, true)?;
+            if let Some((n, l)) = t.list_xattrs(vol, ino)?.iter().find(|(n, _)| n == name) {
+                Self::charge(t, vol, (n.len() + l) as u64, 0)?;
+            }
             if !t.remove_xattr(vol, ino, name)? {
                 return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
             }

@@ -127,7 +127,7 @@ fn row_volume(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
     })
 }
 
-const VOLUME_COLS: &str = "id, name, cap, used, (SELECT COUNT(*) FROM inodes WHERE inodes.vol = volumes.id), created";
+const VOLUME_COLS: &str = "id, name, cap, used, inodes, created";
 
 fn row_attr(r: &Row<'_>) -> rusqlite::Result<Attr> {
     let kind: i64 = r.get(1)?;

@@ -86,6 +86,50 @@ fn quota_is_exact_and_returns_on_delete() {
     assert_eq!(e.volume("v").unwrap().used, 0);
 }
 
+/// Regression: xattrs were not charged, so a 1 MiB volume accepted megabytes of xattr values
+/// with `used` still 0. Xattrs and symlink targets count against the cap and return on delete.
+#[test]
+fn xattrs_and_symlink_targets_count_against_the_cap() {
+    let f = fixture(10_000);
+    let (e, v) = (&f.engine, f.vol);
+    let a = e.create(v, ROOT_INO, b"a", 0o644, 0, &root()).unwrap();
+    e.setxattr(v, a.ino, b"user.k", &[7u8; 4000], 0, &root()).unwrap();
+    assert_eq!(e.volume("v").unwrap().used, 4006);
+    // Replacing a value charges the difference only.
+    e.setxattr(v, a.ino, b"user.k", &[7u8; 1000], 0, &root()).unwrap();
+    assert_eq!(e.volume("v").unwrap().used, 1006);
+    let b = e.create(v, ROOT_INO, b"b", 0o644, 0, &root()).unwrap();
+    e.setxattr(v, b.ino, b"user.big", &[1u8; 8000], 0, &root()).unwrap();
+    assert_eq!(errno(e.setxattr(v, a.ino, b"user.more", &[1u8; 1000], 0, &root())), libc::EDQUOT);
+    assert_eq!(errno(e.symlink(v, ROOT_INO, b"l", &[b'x'; 2000], &root())), libc::EDQUOT);
+    e.removexattr(v, b.ino, b"user.big", &root()).unwrap();
+    assert_eq!(e.volume("v").unwrap().used, 1006);
+    e.symlink(v, ROOT_INO, b"l", &[b'x'; 2000], &root()).unwrap();
+    assert_eq!(e.volume("v").unwrap().used, 3006);
+    e.unlink(v, ROOT_INO, b"l", &root()).unwrap();
+    e.release(v, a.ino).unwrap();
+    e.release(v, b.ino).unwrap();
+    e.unlink(v, ROOT_INO, b"a", &root()).unwrap();
+    assert_eq!(e.volume("v").unwrap().used, 0, "usage returns when the inodes go");
+}
+
+/// A volume holds at most one inode per BYTES_PER_INODE of cap (at least MIN_INODES); statfs
+/// reports that as its file count.
+#[test]
+fn inodes_are_bounded_per_volume() {
+    let f = fixture(1 << 20);
+    let (e, v) = (&f.engine, f.vol);
+    let max = max_inodes(1 << 20);
+    assert_eq!(e.statfs(v).unwrap().files, max);
+    for i in 1..max {
+        e.mknod(v, ROOT_INO, format!("n{i}").as_bytes(), libc::S_IFIFO | 0o644, 0, 0, &root()).unwrap();
+    }
+    assert_eq!(e.statfs(v).unwrap().ffree, 0);
+    assert_eq!(errno(e.mkdir(v, ROOT_INO, b"one-more", 0o755, 0, &root())), libc::ENOSPC);
+    e.unlink(v, ROOT_INO, b"n1", &root()).unwrap();
+    e.mkdir(v, ROOT_INO, b"one-more", 0o755, 0, &root()).unwrap();
+}
+
 #[test]
 fn unlinked_open_file_lives_until_release() {
     let f = fixture(DEFAULT_CAP);
