@@ -167,9 +167,16 @@ fn mount_loop(server: &Arc<Server>, s: &Arc<Session>, mut stream: Stream) -> std
         server.pool.run(move || {
             let id = req.id;
             let (result, close) = session::handle(&server2, &s2, req);
-            let _ = conn2.send(&ServerMsg::Reply { id, result });
+            if let Err(e) = conn2.send(&ServerMsg::Reply { id, result }) {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    // The reply does not fit a frame: the request still gets an answer.
+                    log::warn!("sandbox {}: reply to request {id} cannot be sent: {e}", s2.sandbox);
+                    let err = FsError::new(libc::EIO, format!("the reply does not fit a frame: {e}"));
+                    let _ = conn2.send(&ServerMsg::Reply { id, result: Err(err) });
+                }
+            }
             if close {
-                conn2.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+                conn2.close_after_queued();
                 // A released session without handles has nothing a resume would need (requests
                 // in flight were drained first, and scope is checked by ancestry): drop it.
                 if !s2.has_handles() {

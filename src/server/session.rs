@@ -35,6 +35,11 @@ use std::time::{Duration, Instant};
 
 /// How many recent mutation results a session keeps for replay after a reconnect.
 const REPLAY_KEEP: usize = 4096;
+/// Bytes of directory entries one readdir reply may carry: a frame less room for the envelope.
+const READDIR_BUDGET: usize = crate::proto::MAX_FRAME - (16 << 10);
+/// An upper bound on an encoded directory entry's size besides its name (numbers, kind,
+/// cookie and attributes, each a varint of at most 10 bytes).
+const DIRENT_OVERHEAD: usize = 192;
 
 struct Handle {
     ino: Ino,
@@ -528,6 +533,15 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::ReadDir { ino, fh: _, cookie, plus, max_entries } => {
             let real = s.to_real(e, *ino)?;
             let mut entries = e.readdir(v, real, *cookie, *max_entries, *plus)?;
+            // Stop at a byte budget, before anything is counted as looked up: the reply must
+            // fit one frame whatever the names' lengths (the guest asks again from the cookie).
+            let mut bytes = 0;
+            let fit = entries.iter().take_while(|d| {
+                bytes += d.name.len() + DIRENT_OVERHEAD;
+                bytes <= READDIR_BUDGET
+            });
+            let keep = fit.count().max(1);
+            entries.truncate(keep);
             for d in &mut entries {
                 if d.name == b".." && real == s.root {
                     // The mount's root is its own parent: nothing above it is named.
