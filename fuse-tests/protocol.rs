@@ -316,3 +316,91 @@ fn inodes_moved_out_of_a_subpath_are_revoked() {
     std::fs::remove_file(owner.join("sub/back/f")).unwrap();
     assert_eq!(raw.errno(Op::GetAttr { ino: f }), libc::ESTALE, "a file whose only name is now outside");
 }
+
+/// Regression: a readdir whose entries exceeded the frame limit (long names, many entries per
+/// request) failed to encode and was never answered. Replies now stop at a byte budget, and a
+/// listing continued by cookie returns every entry once.
+#[test]
+fn readdir_of_long_names_fits_its_frame_and_lists_everything() {
+    require_fuse!();
+    let s = setup();
+    let rw = Raw::attachments(&s.evil).into_iter().find(|a| !a.read_only).expect("rw attachment");
+    let (mut raw, _) = Raw::mount(&s.evil, &rw.path);
+    let dir = entry_ino(raw.call(Op::MkDir { parent: 1, name: b"many".to_vec(), mode: 0o755, umask: 0 }));
+    const N: usize = 4200;
+    for i in 0..N {
+        let mut name = format!("{i:05}-").into_bytes();
+        name.resize(255, b'n');
+        match raw.call(Op::MkNod { parent: dir, name, mode: libc::S_IFREG | 0o644, umask: 0, rdev: 0 }) {
+            Ok(Reply::Entry(_)) => {}
+            other => panic!("mknod {i}: {other:?}"),
+        }
+    }
+    let fh = match raw.call(Op::OpenDir { ino: dir }) {
+        Ok(Reply::Opened { fh }) => fh,
+        other => panic!("opendir: {other:?}"),
+    };
+    let (mut cookie, mut names, mut replies) = (0, std::collections::BTreeSet::new(), 0);
+    loop {
+        let entries = match raw.call(Op::ReadDir { ino: dir, fh, cookie, plus: true, max_entries: 4096 }) {
+            Ok(Reply::Dir(e)) => e,
+            other => panic!("readdir from cookie {cookie}: {other:?}"),
+        };
+        if entries.is_empty() {
+            break;
+        }
+        replies += 1;
+        let size = proto::encode(&ServerMsg::Reply { id: 1, result: Ok(Reply::Dir(entries.clone())) }).unwrap().len();
+        assert!(size <= proto::MAX_FRAME, "a reply of {size} bytes");
+        for d in &entries {
+            assert!(names.insert(d.name.clone()) || d.name == b"." || d.name == b"..", "entry listed twice");
+        }
+        cookie = entries.last().unwrap().cookie;
+    }
+    assert_eq!(names.len(), N + 2, "every entry (and . and ..) listed once");
+    assert!(replies > 1, "{N} names of 255 bytes cannot fit one frame");
+}
+
+/// Requests whose replies the sender never reads: 64 reads of 256 KiB on one mount connection.
+fn stall(socket: &Path, path: &str) -> Raw {
+    let (mut raw, _) = Raw::mount(socket, path);
+    let big = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"big".to_vec() }));
+    let fh = match raw.call(Op::Open { ino: big, flags: libc::O_RDONLY }) {
+        Ok(Reply::Opened { fh }) => fh,
+        other => panic!("open big: {other:?}"),
+    };
+    for i in 0..64u64 {
+        let op = Op::Read { ino: big, fh, offset: (i % 16) << 18, size: 1 << 18 };
+        proto::write_frame(&mut raw.s, &Request { id: 1000 + i, seq: 0, caller: Caller::root(), op }).unwrap();
+    }
+    raw
+}
+
+/// One stalled guest must not stall everyone: with 1, 8 and 16 connections of another sandbox
+/// that send requests and never read their replies (and hold cached the very file the healthy
+/// sandbox writes, so invalidations are pushed at them), the healthy sandbox's mount keeps
+/// answering. Asserted on completion: before, its reads waited for the stalled ones' writes.
+#[test]
+fn stalled_connections_do_not_stall_other_sandboxes() {
+    require_fuse!();
+    let s = setup();
+    let owner = s.c.path("owner");
+    write(&owner.join("sub/big"), &pattern(4 << 20, 1));
+    let rw = Raw::attachments(&s.evil).into_iter().find(|a| !a.read_only).expect("rw attachment");
+    for n in [1, 8, 16] {
+        let stalled: Vec<Raw> = (0..n).map(|_| stall(&s.evil, &rw.path)).collect();
+        for k in 0..20 {
+            let p = owner.join(format!("sub/healthy-{n}-{k}"));
+            write(&p, &pattern(4096, k));
+            assert_bytes_eq("healthy sandbox reads back", &read(&p), &pattern(4096, k));
+            // The file every stalled connection has cached: each write pushes invalidations.
+            let f = std::fs::OpenOptions::new().write(true).open(owner.join("sub/big")).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &pattern(4096, 100 + k), k * 4096).unwrap();
+        }
+        drop(stalled);
+        eprintln!("protocol: healthy sandbox served 20 writes, reads and pushes past {n} stalled connection(s)");
+    }
+    // The server is unharmed: a fresh connection of the stalling sandbox works.
+    let (mut raw, _) = Raw::mount(&s.evil, &rw.path);
+    entry_ino(raw.call(Op::Lookup { parent: 1, name: b"big".to_vec() }));
+}

@@ -1,7 +1,9 @@
 //! Guest connections: the handshake on each sandbox listener and the request loop of a mount.
 //!
 //! A connection's reader thread decodes frames and hands each request to the shared worker pool,
-//! so many requests are in flight and replies go out in whatever order they finish. A frame that
+//! so many requests are in flight and replies go out in whatever order they finish. Replies and
+//! pushes are queued to the connection's own writer thread ([`Conn`]): no worker ever waits on a
+//! guest's socket. A frame that
 //! is too large or does not decode ends that connection only.
 
 use super::session::{self, Conn, Session};
@@ -153,7 +155,7 @@ fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<
 }
 
 fn mount_loop(server: &Arc<Server>, s: &Arc<Session>, mut stream: Stream) -> std::io::Result<()> {
-    let conn = Arc::new(Conn { writer: std::sync::Mutex::new(stream.try_clone()?) });
+    let conn = Conn::start(&stream, &s.sandbox)?;
     s.bind(conn.clone());
     let window = Arc::new(super::pool::Window::new(WINDOW));
     let result = loop {

@@ -47,16 +47,71 @@ struct Handle {
     dir: bool,
 }
 
-/// The connection a session currently speaks through.
+/// Frames a connection may have queued for its guest. Replies are bounded by the request
+/// window, so only pushes can fill it: a guest that stops reading loses its connection (and
+/// reconnects), never anyone else's time.
+const SEND_QUEUE: usize = 256;
+
+enum Outgoing {
+    Frame(Vec<u8>),
+    /// Close the connection once everything queued before has been written.
+    Close,
+}
+
+/// The connection a session currently speaks through. Only its writer thread writes to the
+/// socket; everyone else queues frames without waiting, so a guest that stops reading stalls
+/// only its own connection.
 pub struct Conn {
-    pub writer: Mutex<Stream>,
+    tx: std::sync::mpsc::SyncSender<Outgoing>,
+    stream: Stream,
 }
 
 impl Conn {
+    /// Starts the writer thread of `stream` (which keeps its own clone for shutdowns).
+    pub fn start(stream: &Stream, sandbox: &str) -> std::io::Result<Arc<Conn>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Outgoing>(SEND_QUEUE);
+        let mut w = stream.try_clone()?;
+        std::thread::Builder::new().name(format!("send-{sandbox}")).spawn(move || {
+            for out in rx {
+                match out {
+                    Outgoing::Frame(buf) => {
+                        if std::io::Write::write_all(&mut w, &buf).is_err() {
+                            break;
+                        }
+                    }
+                    Outgoing::Close => break,
+                }
+            }
+            w.shutdown();
+        })?;
+        Ok(Arc::new(Conn { tx, stream: stream.try_clone()? }))
+    }
+
+    /// Queues one message. A full queue means the guest stopped reading: its connection is
+    /// closed (it will reconnect, and resend what had no reply) rather than anyone waiting.
     pub fn send(&self, msg: &ServerMsg) -> std::io::Result<()> {
         let buf = crate::proto::encode(msg)?;
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        std::io::Write::write_all(&mut *w, &buf).inspect_err(|_| w.shutdown())
+        match self.tx.try_send(Outgoing::Frame(buf)) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                log::warn!("a guest connection stopped reading ({SEND_QUEUE} frames queued): closing it");
+                self.shutdown();
+                Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, "the guest is not reading: connection closed"))
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(std::io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    /// Closes the connection after what is already queued has been written.
+    pub fn close_after_queued(&self) {
+        if self.tx.try_send(Outgoing::Close).is_err() {
+            self.shutdown();
+        }
+    }
+
+    /// Closes the connection now.
+    pub fn shutdown(&self) {
+        self.stream.shutdown();
     }
 }
 
@@ -196,7 +251,7 @@ impl Session {
     /// Releases every handle and closes the connection.
     pub fn close(&self, engine: &Engine) {
         if let Some(c) = self.conn.lock().unwrap().take() {
-            c.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+            c.shutdown();
         }
         let handles: Vec<Handle> = self.handles.lock().unwrap().drain().map(|(_, h)| h).collect();
         for h in handles {
