@@ -51,13 +51,7 @@ fi
 
 log "tests"
 # The FUSE suite starts a server and agents per test; two at a time suits a 2-core machine.
-# The microVM tier runs after it, alone: a software-emulated guest wants a whole core, and
-# sharing it with FUSE tests has made the VM's vsock miss its deadlines.
+# The microVM tier runs after it, one VM test at a time: a software-emulated guest wants a core.
 cargo test --locked -- --test-threads=2 --skip vm::
 log "microVM tier"
-# One process per VM test: vm_hibernate_and_resume_with_a_file_held_open fails (its agent's vsock
-# port stops answering after the resume) when another VM test ran before it in the same test
-# process, and passes first in a process; not yet diagnosed (see the closing note of #14/#8).
-for t in $(cargo test --locked --test fuse -- --list vm:: 2>/dev/null | sed -n 's/: test$//p'); do
-    cargo test --locked --test fuse -- --exact "$t" --test-threads=1
-done
+cargo test --locked --test fuse vm:: -- --test-threads=1

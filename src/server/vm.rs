@@ -11,8 +11,6 @@
 //! developed on, /dev/kvm is a PVM host on which stock kernels do not boot.
 
 use crate::fs::{FsError, FsResult};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -173,42 +171,30 @@ impl Vm {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    fn qmp(&self, command: &str) -> FsResult<()> {
-        let err = |e: std::io::Error| vm_err(format!("QMP {command}: {e}"));
-        let s = UnixStream::connect(&self.qmp).map_err(err)?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(err)?;
-        let mut w = s.try_clone().map_err(err)?;
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line).map_err(err)?; // greeting
-        for cmd in ["qmp_capabilities", command] {
-            writeln!(w, "{{\"execute\":\"{cmd}\"}}").map_err(err)?;
-            loop {
-                line.clear();
-                if r.read_line(&mut line).map_err(err)? == 0 {
-                    return Err(vm_err(format!("QMP {cmd}: connection closed")));
-                }
-                if line.contains("\"return\"") {
-                    break;
-                }
-                if line.contains("\"error\"") {
-                    return Err(vm_err(format!("QMP {cmd}: {}", line.trim())));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Freezes the VM (its vsock must not be touched until `cont`).
+    /// Freezes the VM by stopping the QEMU process (SIGSTOP), not with QMP `stop`: QMP stops the
+    /// vhost-user vsock device (GET_VRING_BASE), and after `cont` the guest's vsock sometimes
+    /// never answers again (a descriptor in flight at the stop is lost and the rings' event
+    /// indices no longer agree; measured here: 6 of 8 hibernate/resume cycles wedged with
+    /// vhost-device-vsock 0.3.0). A stopped process keeps the device and its rings exactly as
+    /// they were; the backend may queue into shared memory meanwhile, and QEMU delivers it on
+    /// `cont`.
     pub fn pause(&mut self) -> FsResult<()> {
-        self.qmp("stop")?;
+        self.signal(libc::SIGSTOP)?;
         self.paused = true;
         Ok(())
     }
 
     pub fn cont(&mut self) -> FsResult<()> {
-        self.qmp("cont")?;
+        self.signal(libc::SIGCONT)?;
         self.paused = false;
+        Ok(())
+    }
+
+    fn signal(&self, sig: libc::c_int) -> FsResult<()> {
+        // SAFETY: kill(2) on the QEMU child this server started and has not reaped.
+        if unsafe { libc::kill(self.qemu.id() as libc::pid_t, sig) } != 0 {
+            return Err(vm_err(format!("cannot signal QEMU: {}", std::io::Error::last_os_error())));
+        }
         Ok(())
     }
 
