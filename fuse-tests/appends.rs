@@ -65,13 +65,25 @@ pub fn record(writer: usize, i: usize, how: Locking) -> Vec<u8> {
     r
 }
 
+/// Takes (`on`) or releases a whole-file lock of kind `how` on `fd`, blocking; the raw return
+/// value. Allocates nothing and cannot panic, so a forked child may call it.
+fn lock_raw(fd: libc::c_int, how: Locking, on: bool) -> libc::c_int {
+    let fl = flock_struct(if on { libc::F_WRLCK } else { libc::F_UNLCK }, 0, 0);
+    unsafe {
+        match how {
+            Locking::Flock => libc::flock(fd, if on { libc::LOCK_EX } else { libc::LOCK_UN }),
+            Locking::Fcntl => libc::fcntl(fd, if on { libc::F_SETLKW } else { libc::F_SETLK }, &fl),
+            Locking::Ofd => libc::fcntl(fd, if on { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK }, &fl),
+            Locking::NoLock => 0,
+        }
+    }
+}
+
 /// Forks a process that appends `records` to `path` (opened `O_WRONLY | O_APPEND`), each under
 /// the lock `how` and followed by `fsync`. Exit status 0, or the step that failed (10 + errno
 /// class). Everything the child needs is prepared before the fork.
 fn spawn_appender(path: &Path, how: Locking, records: Vec<Vec<u8>>) -> libc::pid_t {
     let cpath = CString::new(path.as_os_str().to_str().unwrap()).unwrap();
-    let wrlck = flock_struct(libc::F_WRLCK, 0, 0);
-    let unlck = flock_struct(libc::F_UNLCK, 0, 0);
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork");
     if pid > 0 {
@@ -84,13 +96,7 @@ fn spawn_appender(path: &Path, how: Locking, records: Vec<Vec<u8>>) -> libc::pid
             libc::_exit(10);
         }
         for r in &records {
-            let locked = match how {
-                Locking::Flock => libc::flock(fd, libc::LOCK_EX),
-                Locking::Fcntl => libc::fcntl(fd, libc::F_SETLKW, &wrlck),
-                Locking::Ofd => libc::fcntl(fd, libc::F_OFD_SETLKW, &wrlck),
-                Locking::NoLock => 0,
-            };
-            if locked != 0 {
+            if lock_raw(fd, how, true) != 0 {
                 libc::_exit(11);
             }
             if libc::write(fd, r.as_ptr().cast(), r.len()) != r.len() as isize {
@@ -99,13 +105,7 @@ fn spawn_appender(path: &Path, how: Locking, records: Vec<Vec<u8>>) -> libc::pid
             if libc::fsync(fd) != 0 {
                 libc::_exit(13);
             }
-            let unlocked = match how {
-                Locking::Flock => libc::flock(fd, libc::LOCK_UN),
-                Locking::Fcntl => libc::fcntl(fd, libc::F_SETLK, &unlck),
-                Locking::Ofd => libc::fcntl(fd, libc::F_OFD_SETLK, &unlck),
-                Locking::NoLock => 0,
-            };
-            if unlocked != 0 {
+            if lock_raw(fd, how, false) != 0 {
                 libc::_exit(14);
             }
         }
@@ -212,15 +212,7 @@ fn alternating_appends_under_flock_lose_nothing() {
 
 /// Takes a lock of kind `how` on `f` (blocking) or releases it.
 fn lock(f: &fs::File, how: Locking, on: bool) {
-    let fd = f.as_raw_fd();
-    let fl = flock_struct(if on { libc::F_WRLCK } else { libc::F_UNLCK }, 0, 0);
-    let r = match how {
-        Locking::Flock => unsafe { libc::flock(fd, if on { libc::LOCK_EX } else { libc::LOCK_UN }) },
-        Locking::Fcntl => unsafe { libc::fcntl(fd, if on { libc::F_SETLKW } else { libc::F_SETLK }, &fl) },
-        Locking::Ofd => unsafe { libc::fcntl(fd, if on { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK }, &fl) },
-        Locking::NoLock => 0,
-    };
-    cvt(r).unwrap_or_else(|e| panic!("{how:?} lock({on}): {e}"));
+    cvt(lock_raw(f.as_raw_fd(), how, on)).unwrap_or_else(|e| panic!("{how:?} lock({on}): {e}"));
 }
 
 /// After taking a lock, what the other sandbox wrote before releasing it is seen: by `fstat`

@@ -282,11 +282,22 @@ pub enum AgentReply {
     Failed(FsError),
 }
 
+/// What an op does to the server's state: the one classification that the read-only check
+/// and exactly-once replay both follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpClass {
+    /// Changes the volume: refused on read-only attachments, sequenced for replay.
+    Mutation,
+    /// Changes locks or the lease, not the volume: sequenced for replay.
+    SessionState,
+    /// Reads, or changes only this session's own bookkeeping (handles, references).
+    Query,
+}
+
 impl Op {
-    /// Whether this op changes the volume: refused on read-only attachments, sequenced for
-    /// exactly-once replay. Every op is named here on purpose (no wildcard): a new op does not
-    /// compile until someone decides which side it is on.
-    pub fn is_mutation(&self) -> bool {
+    /// Every op is named here on purpose (no wildcard): a new op does not compile until someone
+    /// decides what it is.
+    pub fn class(&self) -> OpClass {
         match self {
             Op::SetAttr { .. }
             | Op::MkNod { .. }
@@ -299,7 +310,8 @@ impl Op {
             | Op::Create { .. }
             | Op::Write { .. }
             | Op::SetXattr { .. }
-            | Op::RemoveXattr { .. } => true,
+            | Op::RemoveXattr { .. } => OpClass::Mutation,
+            Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease => OpClass::SessionState,
             Op::Lookup { .. }
             | Op::Forget { .. }
             | Op::GetAttr { .. }
@@ -315,48 +327,19 @@ impl Op {
             | Op::GetXattr { .. }
             | Op::ListXattr { .. }
             | Op::Renew
-            | Op::ReleaseLease
-            | Op::Flush { .. }
-            | Op::GetLk { .. }
-            | Op::SetLk { .. } => false,
+            | Op::GetLk { .. } => OpClass::Query,
         }
     }
 
-    /// Whether a replay of this op must be recognised: it changes state on the server (the
-    /// volume, locks or the lease), so applying it twice would differ from applying it once.
-    /// Exhaustive, like [`Op::is_mutation`].
+    /// Whether this op changes the volume (refused on read-only attachments).
+    pub fn is_mutation(&self) -> bool {
+        self.class() == OpClass::Mutation
+    }
+
+    /// Whether a replay of this op must be recognised: applying it twice would differ from
+    /// applying it once.
     pub fn is_sequenced(&self) -> bool {
-        match self {
-            Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease => true,
-            Op::SetAttr { .. }
-            | Op::MkNod { .. }
-            | Op::MkDir { .. }
-            | Op::Symlink { .. }
-            | Op::Link { .. }
-            | Op::Unlink { .. }
-            | Op::RmDir { .. }
-            | Op::Rename { .. }
-            | Op::Create { .. }
-            | Op::Write { .. }
-            | Op::SetXattr { .. }
-            | Op::RemoveXattr { .. } => true,
-            Op::Lookup { .. }
-            | Op::Forget { .. }
-            | Op::GetAttr { .. }
-            | Op::ReadLink { .. }
-            | Op::Open { .. }
-            | Op::Read { .. }
-            | Op::Fsync { .. }
-            | Op::Release { .. }
-            | Op::OpenDir { .. }
-            | Op::ReadDir { .. }
-            | Op::ReleaseDir { .. }
-            | Op::StatFs
-            | Op::GetXattr { .. }
-            | Op::ListXattr { .. }
-            | Op::Renew
-            | Op::GetLk { .. } => false,
-        }
+        self.class() != OpClass::Query
     }
 }
 

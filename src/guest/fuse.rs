@@ -421,14 +421,16 @@ impl Filesystem for VolumeFs {
         // The kernel placed an O_APPEND write at its cached idea of the file's size, which may be
         // stale (another sandbox appended since); the host places it at its own end of file.
         let append = flags.0 & libc::O_APPEND != 0;
-        let inval = self.invalidator.clone();
+        let inval = append.then(|| self.invalidator.clone());
         self.send(req, Op::Write { ino: ino.0, fh: fh.0, offset, append, data: data.to_vec() }, move |r| match r {
             Ok(Reply::Written(n)) => reply.written(n),
             Ok(Reply::Appended { written, .. }) => {
                 reply.written(written);
                 // The kernel's size and any pages it filled are at its guess: drop them, so the
                 // next stat or read asks the host. After the reply: the write holds page locks.
-                inval.invalidate(ino.0);
+                if let Some(inval) = inval {
+                    inval.invalidate(ino.0);
+                }
             }
             Ok(other) => reply.error(unexpected(other)),
             Err(e) => reply.error(errno(&e)),
