@@ -391,3 +391,34 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
     assert_eq!(std::fs::read_to_string(c.data.join("http-addr")).unwrap(), addr_before, "http-addr untouched");
     assert!(c.volumes().iter().any(|v| v.name == "vol"), "the first server still answers");
 }
+
+/// The server logs lifecycle events: as text by default, as one JSON object per line with
+/// `--log-format json` (every line, so a log shipper can parse the whole stream).
+#[test]
+fn the_server_logs_lifecycle_events_as_text_or_json() {
+    require_fuse!();
+    let s = Single::new();
+    let log = s.c.server_log();
+    assert!(log.contains("server started") && log.contains("HTTP API listening"), "{log}");
+    assert!(log.contains("session opened") && log.contains("sb"), "a mount's session is logged:\n{log}");
+    // The agent logs to its console (stderr) and, with --log-file, to a file too.
+    let file = s.c.path("agent.log");
+    let socket = s.c.sandbox("logged");
+    let mnt = s.c.path("logged-mnt");
+    s.c.attach("logged", "vol", &mnt, &[]);
+    let agent = s.c.start_agent_with(&socket, &[&mnt], &["--log-file", file.to_str().unwrap()]);
+    agent.stop();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("mounted") && text.contains("stopping"), "agent log file:\n{text}");
+
+    let c = Cluster::with_server_args(&["--log-format", "json"]);
+    c.create_volume("vol", None);
+    let log = c.server_log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "the JSON log is empty");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
+        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
+    }
+    assert!(lines.iter().any(|l| l.contains("server started")), "{log}");
+}

@@ -5,6 +5,7 @@
 //! - [`fs`]: the filesystem vocabulary (attributes, kinds, errors) shared by every layer.
 //! - [`proto`]: the guest ⇄ host wire protocol (framed, multiplexed, versioned).
 //! - [`transport`]: unix sockets, AF_VSOCK and Firecracker-style hybrid vsock.
+//! - [`logging`]: the one `tracing` setup of every binary.
 //! - `engine` (host): POSIX semantics over a `MetaStore` (SQLite) and a `BlobStore` (local files).
 //! - `server` (host): guest listeners, sessions, scope checks, the HTTP API.
 //! - `guest`: the FUSE adapter and the agent that runs inside the VM.
@@ -14,6 +15,7 @@
 //! or HTTP code; the guest sits behind `guest` so the host-only build does not need fuser.
 
 pub mod fs;
+pub mod logging;
 pub mod proto;
 pub mod transport;
 

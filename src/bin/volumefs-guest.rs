@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-const USAGE: &str = "volumefs-guest agent --server ENDPOINT [--control ENDPOINT] [--host-timeout SECS]
+const USAGE: &str = "volumefs-guest agent --server ENDPOINT [--control ENDPOINT] [--host-timeout SECS] [--log-file PATH]
 
   --server is unix:PATH (the sandbox's guest socket on an ordinary host) or
   vsock:2:1024 (inside a VM: the host, port 1024).
@@ -11,6 +11,7 @@ const USAGE: &str = "volumefs-guest agent --server ENDPOINT [--control ENDPOINT]
   in a VM, or unix:agent.sock beside the guest socket.
   --host-timeout is how long a file operation waits for a host that cannot be reached
   before it fails with EIO (default 60). Reconnects shorter than that are invisible.
+  --log-file copies the log (stderr, the console in a VM; RUST_LOG filters it) to PATH.
 
 Mounts every volume attached to the sandbox at its path and serves them until SIGTERM,
 then flushes and unmounts them.";
@@ -19,17 +20,19 @@ struct Options {
     server: volumefs::transport::Endpoint,
     control: Option<volumefs::transport::Endpoint>,
     host_timeout: Duration,
+    log_file: Option<std::path::PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let parse_ep = |s: &str| volumefs::transport::Endpoint::parse(s);
-    let (mut server, mut control, mut host_timeout) = (None, None, Duration::from_secs(60));
+    let (mut server, mut control, mut host_timeout, mut log_file) = (None, None, Duration::from_secs(60), None);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n\n{USAGE}"));
         match flag.as_str() {
             "--server" => server = Some(parse_ep(value()?)?),
             "--control" => control = Some(parse_ep(value()?)?),
+            "--log-file" => log_file = Some(std::path::PathBuf::from(value()?)),
             "--host-timeout" => {
                 let v = value()?;
                 let secs: f64 = v
@@ -43,13 +46,16 @@ fn parse(args: &[String]) -> Result<Options, String> {
         }
     }
     let server = server.ok_or_else(|| format!("--server is required\n\n{USAGE}"))?;
-    Ok(Options { server, control, host_timeout })
+    Ok(Options { server, control, host_timeout, log_file })
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match args.split_first() {
-        Some((cmd, rest)) if cmd == "agent" => match parse(rest) {
+        Some((cmd, rest)) if cmd == "agent" => match parse(rest).and_then(|o| {
+            volumefs::logging::init(volumefs::logging::Format::Text, o.log_file.as_deref())?;
+            Ok(o)
+        }) {
             Ok(o) => match volumefs::guest::agent::run(o.server, o.control, o.host_timeout) {
                 Ok(()) => 0,
                 Err(e) => {

@@ -13,9 +13,10 @@ use std::path::PathBuf;
 const USAGE: &str = "volumefs: durable volumes for microVM sandboxes
 
 Server:
-  volumefs server [--data DIR] [--http ADDR] [--lease-ttl SECS] [--images DIR]
+  volumefs server [--data DIR] [--http ADDR] [--lease-ttl SECS] [--images DIR] [--log-format text|json]
       Runs the storage server in the foreground (default --data ./volumefs-data,
-      --http 127.0.0.1:7070). The API token is created in DIR/api-token.
+      --http 127.0.0.1:7070). The API token is created in DIR/api-token. Logs go to
+      stderr, filtered by RUST_LOG (default info).
 
 Client (server from --server URL or VOLUMEFS_SERVER, default http://127.0.0.1:7070;
 token from --token or VOLUMEFS_TOKEN):
@@ -62,6 +63,7 @@ const VALUED: &[&str] = &[
     "--volume",
     "--memory",
     "--timeout",
+    "--log-format",
 ];
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -420,7 +422,9 @@ fn print_attachments(a: &Args, v: &Value) {
 }
 
 fn serve(a: &Args) -> Result<(), String> {
-    a.only(&["--data", "--http", "--lease-ttl", "--images"])?;
+    a.only(&["--data", "--http", "--lease-ttl", "--images", "--log-format"])?;
+    let format: crate::logging::Format = a.flag("--log-format").unwrap_or("text").parse()?;
+    crate::logging::init(format, None)?;
     let data = PathBuf::from(a.flag("--data").unwrap_or("volumefs-data"));
     let http = a.flag("--http").unwrap_or("127.0.0.1:7070");
     let ttl: u64 = a.flag("--lease-ttl").unwrap_or("30").parse().map_err(|_| "--lease-ttl takes whole seconds")?;
@@ -434,7 +438,7 @@ fn serve(a: &Args) -> Result<(), String> {
     // Written after binding, so a script can wait for this file and then talk to the server.
     std::fs::write(data.join("http-addr"), addr.to_string())
         .map_err(|e| format!("cannot write {}: {e}", data.join("http-addr").display()))?;
-    eprintln!("volumefs server: data in {}, HTTP API on http://{addr}, token in {}", data.display(), data.join("api-token").display());
+    tracing::info!(api = %format!("http://{addr}"), token = %data.join("api-token").display(), "HTTP API listening");
     for t in threads {
         let _ = t.join();
     }

@@ -79,7 +79,7 @@ impl Mount {
         syncfs(&path);
         if let Some(session) = self.session.take() {
             if let Err(e) = session.umount_and_join() {
-                log::warn!("unmount of {} failed ({e}); detaching it", path.display());
+                tracing::warn!("unmount of {} failed ({e}); detaching it", path.display());
                 lazy_unmount(&path);
             }
         }
@@ -155,7 +155,7 @@ impl Agent {
             return Err(FsError::new(libc::EBUSY, format!("{} is already mounted", spec.path)));
         }
         let m = Mount::start(&self.server, spec, self.host_timeout).map_err(|e| FsError::new(libc::EIO, e))?;
-        println!("mounted {} {}{}", spec.path, spec.volume, if spec.read_only { " ro" } else { "" });
+        tracing::info!(path = %spec.path, volume = %spec.volume, read_only = spec.read_only, "mounted");
         mounts.insert(spec.path.clone(), m);
         Ok(())
     }
@@ -193,7 +193,7 @@ impl Agent {
             ));
         }
         m.stop();
-        println!("unmounted {path}");
+        tracing::info!(path, "unmounted");
         Ok(())
     }
 
@@ -210,7 +210,7 @@ impl Agent {
             m.client.hibernate(LIFECYCLE_TIMEOUT)?;
         }
         *h = true;
-        println!("hibernated");
+        tracing::info!("hibernated: every lease released");
         Ok(())
     }
 
@@ -221,7 +221,7 @@ impl Agent {
             m.client.wake(LIFECYCLE_TIMEOUT)?;
         }
         *h = false;
-        println!("resumed");
+        tracing::info!("resumed: every lease taken again");
         Ok(())
     }
 
@@ -346,11 +346,11 @@ pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration) 
         _ => None,
     };
     let (sandbox, attachments) = connect_with_retry(&server)?;
-    eprintln!("volumefs-guest: sandbox {sandbox}: {} attachment(s)", attachments.len());
+    tracing::info!(sandbox, attachments = attachments.len(), "agent started");
     let mut failed = 0;
     for spec in &attachments {
         if let Err(e) = agent.mount(spec) {
-            eprintln!("volumefs-guest: {e}");
+            tracing::error!("{e}");
             failed += 1;
         }
     }
@@ -365,7 +365,7 @@ pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration) 
         std::thread::sleep(Duration::from_millis(50));
     }
     let mounts = std::mem::take(&mut *agent.mounts.lock().unwrap());
-    eprintln!("volumefs-guest: stopping: flushing and unmounting {} volume(s)", mounts.len());
+    tracing::info!(mounts = mounts.len(), "stopping: flushing and unmounting");
     for m in mounts.values() {
         m.client.stopping(STOP_GRACE);
     }

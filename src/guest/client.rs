@@ -384,7 +384,7 @@ impl MountClient {
             return;
         }
         let why = FsError::new(libc::EIO, format!("host unreachable for {:?}: {}", self.host_timeout, e.msg));
-        log::warn!("mount at {}: failing {} request(s): {why}", self.path, expired.len());
+        tracing::warn!("mount at {}: failing {} request(s): {why}", self.path, expired.len());
         for p in expired {
             (p.cb)(Err(why.clone()));
         }
@@ -448,7 +448,7 @@ impl MountClient {
                         h.current = fh;
                     }
                 }
-                other => log::warn!("could not reopen inode {} after the host lost this mount's session: {other:?}", h.ino),
+                other => tracing::warn!("could not reopen inode {} after the host lost this mount's session: {other:?}", h.ino),
             }
         }
         Ok(())
@@ -495,7 +495,7 @@ impl MountClient {
                 Err(e) if e.errno == libc::ENOTCONN => {
                     if self.give_up_at.lock().unwrap().is_some_and(|t| Instant::now() >= t) {
                         let why = FsError::new(libc::EIO, format!("host unreachable while stopping the mount: {}", e.msg));
-                        log::error!("mount at {}: {why}", self.path);
+                        tracing::error!("mount at {}: {why}", self.path);
                         *self.dead.lock().unwrap() = Some(why.clone());
                         self.fail_all(why);
                         return None;
@@ -506,7 +506,7 @@ impl MountClient {
                 }
                 Err(e) => {
                     // The server refused us for good (attachment detached, volume deleted).
-                    log::error!("mount at {} ended: {e}", self.path);
+                    tracing::error!("mount at {} ended: {e}", self.path);
                     *self.dead.lock().unwrap() = Some(FsError::new(libc::EIO, format!("volume unavailable: {}", e.msg)));
                     self.fail_all(FsError::new(libc::EIO, format!("volume unavailable: {}", e.msg)));
                     return None;

@@ -103,7 +103,7 @@ fn set_time(t: TimeOrNow) -> SetTime {
 }
 
 fn unexpected(r: Reply) -> Errno {
-    log::error!("unexpected reply from the host: {r:?}");
+    tracing::error!("unexpected reply from the host: {r:?}");
     Errno::EIO
 }
 

@@ -31,7 +31,7 @@ pub fn accept_loop(server: Weak<Server>, rt: Arc<SandboxRt>) {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) => {
-                log::warn!("sandbox {}: accept: {e}", rt.name);
+                tracing::warn!("sandbox {}: accept: {e}", rt.name);
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
@@ -43,7 +43,7 @@ pub fn accept_loop(server: Weak<Server>, rt: Arc<SandboxRt>) {
             let key = rt.track(&stream);
             let closer = stream.try_clone();
             if let Err(e) = serve(&srv, &rt, stream) {
-                log::info!("sandbox {}: connection ended: {e}", rt.name);
+                tracing::info!("sandbox {}: connection ended: {e}", rt.name);
             }
             // Close for real: other clones of this socket must not keep the peer waiting.
             if let Ok(c) = closer {
@@ -131,11 +131,13 @@ fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<
                 server.sessions_where(|s| s.sandbox == sandbox && s.attachment == row.id && (s.id == id || s.forked_from == Some(id)));
             if let Some(s) = found.into_iter().next() {
                 s.set_lease(session::LeaseState::Live);
+                tracing::info!(sandbox, path, session = s.id, "session resumed");
                 return Ok(s);
             }
         }
         let live = server.sessions_where(|s| s.sandbox == sandbox).len();
         if live >= MAX_SESSIONS {
+            tracing::warn!(sandbox, live, "limit hit: mount sessions per sandbox");
             return Err(FsError::new(libc::EAGAIN, format!("sandbox `{sandbox}` already has {live} mount sessions")));
         }
         let root = server.engine.resolve(row.volume, &row.subpath, &Caller::root())?;
@@ -144,6 +146,7 @@ fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<
         }
         let s = Arc::new(Session::new(server.new_session_id(), sandbox, row.id, row.volume, root.ino, row.read_only));
         server.register_session(s.clone());
+        tracing::info!(sandbox, path, session = s.id, read_only = row.read_only, subpath = %row.subpath, "session opened");
         Ok(s)
     })();
     let (state, reason) = match &result {
@@ -172,7 +175,7 @@ fn mount_loop(server: &Arc<Server>, s: &Arc<Session>, mut stream: Stream) -> std
             if let Err(e) = conn2.send(&ServerMsg::Reply { id, result }) {
                 if e.kind() == std::io::ErrorKind::InvalidData {
                     // The reply does not fit a frame: the request still gets an answer.
-                    log::warn!("sandbox {}: reply to request {id} cannot be sent: {e}", s2.sandbox);
+                    tracing::warn!("sandbox {}: reply to request {id} cannot be sent: {e}", s2.sandbox);
                     let err = FsError::new(libc::EIO, format!("the reply does not fit a frame: {e}"));
                     let _ = conn2.send(&ServerMsg::Reply { id, result: Err(err) });
                 }

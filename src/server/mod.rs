@@ -179,6 +179,7 @@ impl Server {
             server.start_listener(&sb.name)?;
         }
         session::start_reaper(&server);
+        tracing::info!(data = %server.config.data.display(), pid = std::process::id(), "server started");
         Ok(server)
     }
 
@@ -387,7 +388,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(200));
         };
-        log::info!("sandbox {sandbox}: VM up with {} mount(s) in {:?}", mounted.len(), started.elapsed());
+        tracing::info!("sandbox {sandbox}: VM up with {} mount(s) in {:?}", mounted.len(), started.elapsed());
         let console = rt.vm.lock().unwrap().as_ref().map(|vm| vm.console_tail(40)).unwrap_or_default();
         for a in self.attachments(Some(sandbox))? {
             if !mounted.iter().any(|m| m.path == a.row.path) && a.row.state != AttachState::Failed {
@@ -433,7 +434,7 @@ impl Server {
             match ep.connect() {
                 Ok(s) => break s,
                 Err(e) if std::time::Instant::now() < deadline => {
-                    log::info!("agent at {ep} not reachable yet: {e}");
+                    tracing::info!("agent at {ep} not reachable yet: {e}");
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(e) => return Err(unreachable(e)),
@@ -713,6 +714,7 @@ impl Server {
     /// Ends a session: drops its handles (freeing unlinked files), closes its connection and
     /// records why in the attachment.
     pub fn end_session(&self, s: &Arc<Session>, state: AttachState, reason: &str) {
+        tracing::info!(sandbox = %s.sandbox, session = s.id, state = state.name(), reason, "session ended");
         self.sessions.lock().unwrap().remove(&s.id);
         self.locks.release_session(s.id);
         s.close(&self.engine);

@@ -94,7 +94,7 @@ impl Conn {
         match self.tx.try_send(Outgoing::Frame(buf)) {
             Ok(()) => Ok(()),
             Err(std::sync::mpsc::TrySendError::Full(_)) => {
-                log::warn!("a guest connection stopped reading ({SEND_QUEUE} frames queued): closing it");
+                tracing::warn!("a guest connection stopped reading ({SEND_QUEUE} frames queued): closing it");
                 self.shutdown();
                 Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, "the guest is not reading: connection closed"))
             }
@@ -395,6 +395,7 @@ enum Changed {
 /// Runs one request for `s`, with replay of already-applied mutations. The flag says the
 /// connection must be closed after the reply (the guest released its lease).
 pub fn handle(server: &Server, s: &Session, req: Request) -> (FsResult<Reply>, bool) {
+    let _span = tracing::debug_span!("request", sandbox = %s.sandbox, session = s.id, id = req.id).entered();
     let close = matches!(req.op, Op::ReleaseLease);
     (run(server, s, req), close)
 }
@@ -573,6 +574,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             (Reply::Empty, Changed::Nothing)
         }
         Op::ReleaseLease => {
+            tracing::info!(sandbox = %s.sandbox, session = s.id, "lease released by the guest");
             s.set_lease(LeaseState::Released);
             server.locks.release_session(s.id);
             let _ = e.tx(|t| {
