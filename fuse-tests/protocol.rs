@@ -404,3 +404,28 @@ fn stalled_connections_do_not_stall_other_sandboxes() {
     let (mut raw, _) = Raw::mount(&s.evil, &rw.path);
     entry_ino(raw.call(Op::Lookup { parent: 1, name: b"big".to_vec() }));
 }
+
+/// A hostile guest cannot grow the server's tables without bound: open handles per session stop
+/// at the limit with EMFILE (changing nothing), and closing one makes room again.
+#[test]
+fn open_handles_per_session_are_bounded() {
+    require_fuse!();
+    let s = setup();
+    let rw = Raw::attachments(&s.evil).into_iter().find(|a| !a.read_only).expect("rw attachment");
+    let (mut raw, _) = Raw::mount(&s.evil, &rw.path);
+    let inner = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"inner.txt".to_vec() }));
+    let mut last = 0;
+    for _ in 0..16384 {
+        last = match raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY }) {
+            Ok(Reply::Opened { fh }) => fh,
+            other => panic!("open below the limit: {other:?}"),
+        };
+    }
+    assert_eq!(raw.errno(Op::Open { ino: inner, flags: libc::O_RDONLY }), libc::EMFILE);
+    assert_eq!(raw.errno(Op::OpenDir { ino: 1 }), libc::EMFILE);
+    let create = Op::Create { parent: 1, name: b"not-made".to_vec(), mode: 0o644, umask: 0, flags: libc::O_RDWR };
+    assert_eq!(raw.errno(create), libc::EMFILE);
+    assert!(!s.c.path("owner").join("sub/not-made").exists(), "a refused create made nothing");
+    assert_eq!(raw.call(Op::Release { ino: inner, fh: last, lock_owner: None }), Ok(Reply::Empty));
+    assert!(matches!(raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY }), Ok(Reply::Opened { .. })));
+}

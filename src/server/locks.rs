@@ -31,16 +31,27 @@ impl Held {
     }
 }
 
+/// Locks one session may hold at once (ranges, after merging its own): a guest cannot grow the
+/// table, or the time every lock request of its neighbours takes, without bound.
+pub const MAX_LOCKS_PER_SESSION: usize = 4096;
+
+#[derive(Default)]
+struct Tables {
+    files: HashMap<(VolId, Ino), Vec<Held>>,
+    /// Ranges held per session, for the limit.
+    per_session: HashMap<u64, usize>,
+}
+
 #[derive(Default)]
 pub struct LockTable {
-    files: Mutex<HashMap<(VolId, Ino), Vec<Held>>>,
+    tables: Mutex<Tables>,
 }
 
 impl LockTable {
     /// The first lock of another owner that conflicts with `l`.
     pub fn test(&self, vol: VolId, ino: Ino, session: u64, l: &Lock) -> Lock {
-        let files = self.files.lock().unwrap();
-        match files.get(&(vol, ino)).and_then(|v| v.iter().find(|h| h.conflicts(session, l))) {
+        let t = self.tables.lock().unwrap();
+        match t.files.get(&(vol, ino)).and_then(|v| v.iter().find(|h| h.conflicts(session, l))) {
             Some(h) => Lock { owner: h.owner, start: h.start, end: h.end, typ: h.typ, pid: h.pid },
             None => Lock { typ: libc::F_UNLCK, ..l.clone() },
         }
@@ -51,7 +62,8 @@ impl LockTable {
         if l.start > l.end {
             return Err(FsError::new(libc::EINVAL, "lock range ends before it starts"));
         }
-        let mut files = self.files.lock().unwrap();
+        let mut t = self.tables.lock().unwrap();
+        let Tables { files, per_session } = &mut *t;
         let held = files.entry((vol, ino)).or_default();
         if l.typ != libc::F_UNLCK {
             if let Some(h) = held.iter().find(|h| h.conflicts(session, l)) {
@@ -60,8 +72,10 @@ impl LockTable {
         }
         // Cut the owner's existing locks out of the range, then add the new one: this gives
         // POSIX replace, upgrade, downgrade and split semantics.
+        let mine = |h: &Held| (h.session, h.owner) == (session, l.owner);
+        let before = held.iter().filter(|h| mine(h)).count();
         let mut kept = Vec::with_capacity(held.len() + 1);
-        for h in held.drain(..) {
+        for h in held.iter().cloned() {
             let mine = (h.session, h.owner) == (session, l.owner);
             if !mine || h.end < l.start || h.start > l.end {
                 kept.push(h);
@@ -77,6 +91,16 @@ impl LockTable {
         if l.typ != libc::F_UNLCK {
             kept.push(Held { session, owner: l.owner, start: l.start, end: l.end, typ: l.typ, pid: l.pid });
         }
+        let after = kept.iter().filter(|h| mine(h)).count();
+        let count = per_session.entry(session).or_insert(0);
+        if after > before && *count + after - before > MAX_LOCKS_PER_SESSION {
+            tracing::warn!(session, limit = MAX_LOCKS_PER_SESSION, "limit hit: locks per session");
+            if held.is_empty() {
+                files.remove(&(vol, ino));
+            }
+            return Err(FsError::new(libc::ENOLCK, format!("this mount session holds {MAX_LOCKS_PER_SESSION} locks, the most allowed")));
+        }
+        *count = *count + after - before;
         if kept.is_empty() {
             files.remove(&(vol, ino));
         } else {
@@ -87,9 +111,14 @@ impl LockTable {
 
     /// Drops every lock of one owner on one file (close of a descriptor, flock release).
     pub fn release_owner(&self, vol: VolId, ino: Ino, session: u64, owner: u64) {
-        let mut files = self.files.lock().unwrap();
+        let mut t = self.tables.lock().unwrap();
+        let Tables { files, per_session } = &mut *t;
         if let Some(held) = files.get_mut(&(vol, ino)) {
+            let n = held.len();
             held.retain(|h| (h.session, h.owner) != (session, owner));
+            if let Some(c) = per_session.get_mut(&session) {
+                *c -= n - held.len();
+            }
             if held.is_empty() {
                 files.remove(&(vol, ino));
             }
@@ -98,11 +127,12 @@ impl LockTable {
 
     /// Drops every lock a session holds (its lease ended).
     pub fn release_session(&self, session: u64) {
-        let mut files = self.files.lock().unwrap();
-        files.retain(|_, held| {
+        let mut t = self.tables.lock().unwrap();
+        t.files.retain(|_, held| {
             held.retain(|h| h.session != session);
             !held.is_empty()
         });
+        t.per_session.remove(&session);
     }
 }
 
@@ -136,5 +166,29 @@ mod tests {
         t.set(1, 5, 3, &lk(5, 0, 10, libc::F_WRLCK)).unwrap();
         t.release_owner(1, 5, 3, 5);
         assert_eq!(t.test(1, 5, 7, &lk(1, 0, 10, libc::F_WRLCK)).typ, libc::F_UNLCK);
+    }
+
+    /// A session may hold MAX_LOCKS_PER_SESSION ranges; one more is ENOLCK and changes nothing,
+    /// unlocking or merging always works, and releases give the room back.
+    #[test]
+    fn locks_per_session_are_bounded() {
+        let t = LockTable::default();
+        for i in 0..MAX_LOCKS_PER_SESSION as u64 {
+            t.set(1, 5 + i % 3, 1, &lk(1, i * 10, i * 10, libc::F_WRLCK)).unwrap();
+        }
+        let over = lk(1, 1_000_000, 1_000_000, libc::F_WRLCK);
+        assert_eq!(t.set(1, 5, 1, &over).unwrap_err().errno, libc::ENOLCK);
+        assert_eq!(t.test(1, 5, 2, &over).typ, libc::F_UNLCK, "the refused lock was not taken");
+        // Another session is not affected.
+        t.set(1, 5, 2, &over).unwrap();
+        // Replacing one of its own ranges (same count) and unlocking still work.
+        t.set(1, 5, 1, &lk(1, 0, 0, libc::F_RDLCK)).unwrap();
+        t.set(1, 5, 1, &lk(1, 0, 0, libc::F_UNLCK)).unwrap();
+        t.set(1, 5, 1, &lk(1, 1, 1, libc::F_WRLCK)).unwrap();
+        assert_eq!(t.set(1, 5, 1, &lk(1, 2, 2, libc::F_WRLCK)).unwrap_err().errno, libc::ENOLCK);
+        t.release_owner(1, 6, 1, 1);
+        t.set(1, 5, 1, &lk(1, 2, 2, libc::F_WRLCK)).unwrap();
+        t.release_session(1);
+        t.set(1, 5, 1, &lk(1, 3, 3, libc::F_WRLCK)).unwrap();
     }
 }

@@ -33,6 +33,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+/// Open handles (files and directories) one mount session may hold: a guest cannot grow the
+/// server's tables without bound. Far above what a kernel keeps open through one mount in
+/// practice (Linux's default per-process limit is 1024 descriptors).
+pub const MAX_HANDLES: usize = 16384;
 /// How many recent mutation results a session keeps for replay after a reconnect.
 const REPLAY_KEEP: usize = 4096;
 /// Bytes of directory entries one readdir reply may carry: a frame less room for the envelope.
@@ -345,6 +349,16 @@ impl Session {
         }
     }
 
+    /// Refuses a new handle when the session holds [`MAX_HANDLES`] already (checked before the
+    /// engine takes one, so a refusal changes nothing).
+    fn room_for_handle(&self) -> FsResult<()> {
+        if self.handles.lock().unwrap().len() >= MAX_HANDLES {
+            tracing::warn!(sandbox = %self.sandbox, session = self.id, limit = MAX_HANDLES, "limit hit: open handles per session");
+            return Err(FsError::new(libc::EMFILE, format!("this mount session has {MAX_HANDLES} files open, the most allowed")));
+        }
+        Ok(())
+    }
+
     fn add_handle(&self, ino: Ino, writable: bool, dir: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(fh, Handle { ino, writable, dir });
@@ -519,11 +533,13 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             if s.read_only && (writable || flags & libc::O_TRUNC != 0) {
                 return Err(erofs(s));
             }
+            s.room_for_handle()?;
             e.open(v, real, *flags, c)?;
             (Reply::Opened { fh: s.add_handle(real, writable, false) }, Changed::Nothing)
         }
         Op::Create { parent, name, mode, umask, flags } => {
             let p = s.to_real(e, *parent)?;
+            s.room_for_handle()?;
             let a = e.create(v, p, name, *mode, *umask, c)?;
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             let fh = s.add_handle(a.ino, writable, false);
@@ -584,6 +600,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         }
         Op::OpenDir { ino } => {
             let real = s.to_real(e, *ino)?;
+            s.room_for_handle()?;
             e.opendir(v, real, c)?;
             (Reply::Opened { fh: s.add_handle(real, false, true) }, Changed::Nothing)
         }
