@@ -939,7 +939,7 @@ impl NsAgent {
             let log = fs::read_to_string(&a.log).unwrap_or_default();
             let ok = log.lines().any(|l| l == "ready")
                 && mounts.iter().all(|m| {
-                    log.lines().any(|l| l.starts_with(&format!("mounted {} ", m.display())))
+                    log.lines().any(|l| l.contains(" mounted ") && l.contains(&format!(" path={} ", m.display())))
                         && info.lines().any(|l| {
                             let f: Vec<&str> = l.split(' ').collect();
                             f.len() > 4 && Path::new(f[4]) == *m && l.contains(" - fuse")

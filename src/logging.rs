@@ -7,6 +7,7 @@
 //! never one per byte. Guest requests run inside a `request` span (at debug level) so that
 //! `RUST_LOG=volumefs=debug` shows each one with its sandbox and session.
 
+use std::io::IsTerminal;
 use std::path::Path;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -35,7 +36,7 @@ impl std::str::FromStr for Format {
 pub fn init(format: Format, file: Option<&Path>) -> Result<(), String> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let stderr = match format {
-        Format::Text => fmt::layer().with_writer(std::io::stderr).with_filter(filter()).boxed(),
+        Format::Text => fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).with_filter(filter()).boxed(),
         #[cfg(feature = "host")]
         Format::Json => fmt::layer().json().with_writer(std::io::stderr).with_filter(filter()).boxed(),
         #[cfg(not(feature = "host"))]
