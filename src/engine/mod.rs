@@ -733,6 +733,11 @@ impl Engine {
             }
             if flags & RENAME_EXCHANGE != 0 {
                 let (dst_ino, _) = dst.ok_or_else(|| enoent(format!("`{}`", lossy(new_name))))?;
+                if dst_ino == src_ino {
+                    // Exchanging a name with itself (or with another name of the same inode):
+                    // Linux does nothing and succeeds. Found by the reference model.
+                    return Ok(None);
+                }
                 let mut other = Self::inode(t, vol, dst_ino)?;
                 check_sticky(&dp, &other, c)?;
                 if other.kind == Kind::Dir && new_parent != parent {
@@ -759,12 +764,14 @@ impl Engine {
             }
             let mut purge = None;
             if let Some((dst_ino, _)) = dst {
+                // NOREPLACE refuses any existing target, even another name of the same inode
+                // (Linux checks it before anything else).
+                if flags & RENAME_NOREPLACE != 0 {
+                    return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(new_name))));
+                }
                 if dst_ino == src_ino {
                     // Two names of one inode: POSIX says do nothing.
                     return Ok(None);
-                }
-                if flags & RENAME_NOREPLACE != 0 {
-                    return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(new_name))));
                 }
                 let mut victim = Self::inode(t, vol, dst_ino)?;
                 check_sticky(&dp, &victim, c)?;
@@ -1075,5 +1082,7 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod model_tests;
 #[cfg(test)]
 mod tests;

@@ -331,3 +331,21 @@ fn volume_names_and_sizes() {
     assert!(parse_size("0").is_err());
     assert!(parse_size("").is_err());
 }
+
+/// Found by the reference model: RENAME_EXCHANGE of a name with itself (or with another name
+/// of the same inode) failed with EIO; Linux does nothing and succeeds. RENAME_NOREPLACE onto
+/// another name of the same inode is EEXIST, as Linux checks it first.
+#[test]
+fn rename_exchange_with_itself_is_a_no_op() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v) = (&f.engine, f.vol);
+    let a = e.create(v, ROOT_INO, b"a", 0o644, 0, &root()).unwrap();
+    e.release(v, a.ino).unwrap();
+    e.rename(v, ROOT_INO, b"a", ROOT_INO, b"a", RENAME_EXCHANGE, &root()).unwrap();
+    e.link(v, a.ino, ROOT_INO, b"b", &root()).unwrap();
+    e.rename(v, ROOT_INO, b"a", ROOT_INO, b"b", RENAME_EXCHANGE, &root()).unwrap();
+    assert_eq!(errno(e.rename(v, ROOT_INO, b"a", ROOT_INO, b"b", RENAME_NOREPLACE, &root())), libc::EEXIST);
+    e.rename(v, ROOT_INO, b"a", ROOT_INO, b"b", 0, &root()).unwrap();
+    assert_eq!(names(e, v, ROOT_INO), vec![".", "..", "a", "b"], "a plain rename between two names of one inode changes nothing");
+    assert_eq!(e.getattr(v, a.ino).unwrap().nlink, 2);
+}
