@@ -12,6 +12,7 @@
 //!
 //! Modules, by the behaviour they cover:
 //! - [`appends`]: O_APPEND from many sandboxes, lock revalidation, a stop with the server down.
+//! - [`crash`]: server SIGKILL and SIGTERM under a running workload; nothing acknowledged is lost.
 //! - [`files`]: reading and writing file contents (overwrite, sparse, truncate, append, large).
 //! - [`namespace`]: directories, rename (all flavours), hard links, symlinks, fifos, unlink of
 //!   open files.
@@ -27,6 +28,7 @@ mod harness;
 
 mod appends;
 mod attrs;
+mod crash;
 mod files;
 mod lifecycle;
 mod locks;
