@@ -457,8 +457,13 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> io::Result<Option<T
     if len > MAX_FRAME {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds the maximum of {MAX_FRAME}")));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // The buffer grows with the bytes that actually arrive: a peer that announces a large frame
+    // and sends little makes the server hold little.
+    let mut body = Vec::new();
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("frame of {len} bytes ended after {}", body.len())));
+    }
     let (msg, used) = bincode::serde::decode_from_slice(&body, config())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed frame: {e}")))?;
     if used != len {
@@ -498,6 +503,55 @@ mod tests {
         let mut buf = 8u32.to_le_bytes().to_vec();
         buf.extend_from_slice(&[0xff; 8]);
         assert_eq!(read_frame::<Request>(&mut &buf[..]).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    proptest::proptest! {
+        /// Fuzzing the decoder: arbitrary bytes, and valid frames with bytes flipped, cut or
+        /// inserted, are decoded or refused with an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = read_frame::<Request>(&mut &bytes[..]);
+            let _ = read_frame::<Hello>(&mut &bytes[..]);
+            let _ = read_frame::<ServerMsg>(&mut &bytes[..]);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic_the_decoder(
+            ino in proptest::prelude::any::<u64>(),
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            flips in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()), 1..8),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let ops = [
+                Op::Write { ino, fh: ino, offset: ino, append: ino % 2 == 0, data: data.clone() },
+                Op::Rename { parent: ino, name: data.clone(), new_parent: 1, new_name: data.clone(), flags: ino as u32 },
+                Op::SetXattr { ino, name: data.clone(), value: data.clone(), flags: 0 },
+                Op::Forget { items: vec![(ino, ino); data.len() % 16] },
+            ];
+            for op in ops {
+                let mut buf = encode(&Request { id: ino, seq: ino, caller: Caller::root(), op }).unwrap();
+                for (at, b) in &flips {
+                    let i = 4 + at.index(buf.len() - 4);
+                    buf[i] ^= b | 1;
+                }
+                let _ = read_frame::<Request>(&mut &buf[..]);
+                // The same body cut short, with its length prefix corrected.
+                let keep = 4 + cut.index(buf.len() - 4);
+                buf.truncate(keep);
+                let n = (keep - 4) as u32;
+                buf[..4].copy_from_slice(&n.to_le_bytes());
+                let _ = read_frame::<Request>(&mut &buf[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_that_announces_more_than_it_sends_holds_only_what_arrived() {
+        let mut buf = (MAX_FRAME as u32).to_le_bytes().to_vec();
+        buf.extend_from_slice(&[0; 100]);
+        let err = read_frame::<Request>(&mut &buf[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(err.to_string().contains("ended after 100"), "{err}");
     }
 
     #[test]
