@@ -85,18 +85,6 @@ impl Kind {
             _ => return None,
         })
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::File => "file",
-            Kind::Dir => "dir",
-            Kind::Symlink => "symlink",
-            Kind::Fifo => "fifo",
-            Kind::Socket => "socket",
-            Kind::CharDev => "chardev",
-            Kind::BlockDev => "blockdev",
-        }
-    }
 }
 
 /// Seconds and nanoseconds since the Unix epoch (seconds may be negative).

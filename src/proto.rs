@@ -64,7 +64,7 @@ pub struct AttachmentSpec {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Welcome {
     Control { sandbox: String, attachments: Vec<AttachmentSpec> },
-    Mount { session: u64, attachment: u64, read_only: bool, volume: String, max_io: u32, lease_ttl_ms: u64 },
+    Mount { session: u64, attachment: u64, read_only: bool, volume: String, lease_ttl_ms: u64 },
     Refused(FsError),
 }
 

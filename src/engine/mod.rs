@@ -114,6 +114,26 @@ fn check_access(a: &Attr, c: &Caller, want: u32) -> FsResult<()> {
     ))
 }
 
+/// Data operations need a regular file: `EISDIR` for a directory, `EINVAL` for anything else.
+fn regular(a: &Attr) -> FsResult<()> {
+    match a.kind {
+        Kind::File => Ok(()),
+        Kind::Dir => Err(FsError::new(libc::EISDIR, format!("inode {} is a directory", a.ino))),
+        Kind::Symlink | Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
+            Err(FsError::new(libc::EINVAL, format!("inode {} is not a regular file", a.ino)))
+        }
+    }
+}
+
+/// A write, truncate or owner change by someone other than root drops setuid, and setgid when
+/// the group may execute (without group execute, setgid means mandatory locking and stays).
+fn drop_setid(a: &mut Attr) {
+    a.perm &= !libc::S_ISUID;
+    if a.perm & libc::S_IXGRP != 0 {
+        a.perm &= !libc::S_ISGID;
+    }
+}
+
 /// The sticky-bit rule: in a sticky directory only the owner of the entry, the owner of the
 /// directory or root may remove or rename it.
 fn check_sticky(dir: &Attr, child: &Attr, c: &Caller) -> FsResult<()> {
@@ -381,10 +401,7 @@ impl Engine {
                     }
                 }
                 if (new_uid != a.uid || new_gid != a.gid) && a.kind != Kind::Dir {
-                    a.perm &= !libc::S_ISUID;
-                    if a.perm & libc::S_IXGRP != 0 {
-                        a.perm &= !libc::S_ISGID;
-                    }
+                    drop_setid(&mut a);
                 }
                 a.uid = new_uid;
                 a.gid = new_gid;
@@ -415,11 +432,7 @@ impl Engine {
                 }
             }
             if let Some(size) = set.size {
-                match a.kind {
-                    Kind::File => {}
-                    Kind::Dir => return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory"))),
-                    _ => return Err(FsError::new(libc::EINVAL, format!("inode {ino} is not a regular file"))),
-                }
+                regular(&a)?;
                 if size > MAX_FILE_SIZE {
                     return Err(FsError::new(libc::EFBIG, format!("{size} bytes is larger than the largest file ({MAX_FILE_SIZE})")));
                 }
@@ -431,10 +444,7 @@ impl Engine {
                     }
                 }
                 if !c.is_root() {
-                    a.perm &= !libc::S_ISUID;
-                    if a.perm & libc::S_IXGRP != 0 {
-                        a.perm &= !libc::S_ISGID;
-                    }
+                    drop_setid(&mut a);
                 }
             }
             a.ctime = now;
@@ -878,11 +888,7 @@ impl Engine {
 
     pub fn read(&self, vol: VolId, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let a = self.getattr(vol, ino)?;
-        match a.kind {
-            Kind::File => {}
-            Kind::Dir => return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory"))),
-            _ => return Err(FsError::new(libc::EINVAL, format!("inode {ino} is not a regular file"))),
-        }
+        regular(&a)?;
         if offset >= a.size {
             return Ok(Vec::new());
         }
@@ -899,11 +905,7 @@ impl Engine {
         let now = Timespec::now();
         self.tx(|t| {
             let mut a = Self::inode(t, vol, ino)?;
-            match a.kind {
-                Kind::File => {}
-                Kind::Dir => return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory"))),
-                _ => return Err(FsError::new(libc::EINVAL, format!("inode {ino} is not a regular file"))),
-            }
+            regular(&a)?;
             let offset = if append { a.size } else { offset };
             let end = offset
                 .checked_add(data.len() as u64)
@@ -915,11 +917,8 @@ impl Engine {
             }
             a.mtime = now;
             a.ctime = now;
-            if !c.is_root() && a.perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
-                a.perm &= !libc::S_ISUID;
-                if a.perm & libc::S_IXGRP != 0 {
-                    a.perm &= !libc::S_ISGID;
-                }
+            if !c.is_root() {
+                drop_setid(&mut a);
             }
             // Data first, inside the transaction: if it fails, the size change is rolled back.
             self.blobs.write(vol, ino, offset, data)?;

@@ -87,7 +87,6 @@ fn serve(server: &Arc<Server>, rt: &SandboxRt, mut stream: Stream) -> std::io::R
                 attachment: s.attachment,
                 read_only: s.read_only,
                 volume: server.engine.volume_by_id(s.vol).map(|v| v.name).unwrap_or_default(),
-                max_io: proto::MAX_IO,
                 lease_ttl_ms: server.config.lease_ttl.as_millis() as u64,
             };
             proto::write_frame(&mut stream, &welcome)?;
@@ -118,13 +117,8 @@ fn control_welcome(server: &Server, sandbox: &str) -> Result<Welcome, FsError> {
 /// value is ignored and a fresh session is made; the guest's cached inode numbers stay usable
 /// because scope is checked by ancestry, not only by the session's memory.
 fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<u64>) -> Result<Arc<Session>, FsError> {
-    let path = super::normalize(path);
-    let row = server
-        .engine
-        .tx(|t| t.list_attachments(Some(sandbox), None))?
-        .into_iter()
-        .find(|a| a.path == path)
-        .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no volume attached at {path}")))?;
+    let row = server.attachment_at(sandbox, path)?;
+    let path = row.path.as_str();
     let result = (|| {
         if let Some(id) = resume {
             let found =

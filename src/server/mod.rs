@@ -499,13 +499,8 @@ impl Server {
     /// Flushes and unmounts (through the agent, if one runs) and forgets the attachment. A mount
     /// with open files is refused unless `force`.
     pub fn detach(&self, sandbox: &str, path: &str, force: bool) -> FsResult<()> {
-        let path = normalize(path);
-        let row = self
-            .engine
-            .tx(|t| t.list_attachments(Some(sandbox), None))?
-            .into_iter()
-            .find(|a| a.path == path)
-            .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no volume at {path}")))?;
+        let row = self.attachment_at(sandbox, path)?;
+        let path = row.path.clone();
         let sessions = self.sessions_where(|s| s.attachment == row.id);
         let open: usize = sessions.iter().map(|s| s.open_files()).sum();
         if open > 0 && !force {
@@ -549,6 +544,16 @@ impl Server {
             }
         }
         self.agent_command(sandbox, AgentCommand::Resume, Duration::from_secs(90)).map(|_| ())
+    }
+
+    /// The attachment at mount path `path` (normalized) of `sandbox`.
+    pub fn attachment_at(&self, sandbox: &str, path: &str) -> FsResult<AttachmentRow> {
+        let path = normalize(path);
+        self.engine
+            .tx(|t| t.list_attachments(Some(sandbox), None))?
+            .into_iter()
+            .find(|a| a.path == path)
+            .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no volume attached at {path}")))
     }
 
     /// Deletes a volume; refused while attached unless `force`, which detaches it everywhere.
@@ -691,10 +696,6 @@ impl Server {
 
     fn new_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn session(&self, id: u64) -> Option<Arc<Session>> {
-        self.sessions.lock().unwrap().get(&id).cloned()
     }
 
     /// Other live sessions on `vol` (for cache invalidations).

@@ -469,6 +469,25 @@ fn run(server: &Server, s: &Session, req: Request) -> FsResult<Reply> {
     result
 }
 
+/// The read-only rule, in one place: a read-only attachment refuses every mutation (the
+/// exhaustive [`Op::class`]), every open for writing or truncating, and write locks.
+fn check_read_only(s: &Session, op: &Op) -> FsResult<()> {
+    if !s.read_only {
+        return Ok(());
+    }
+    let writes = op.is_mutation()
+        || match op {
+            Op::Open { flags, .. } => flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0,
+            Op::SetLk { lock, .. } => lock.typ == libc::F_WRLCK,
+            _ => false,
+        };
+    if writes {
+        Err(erofs(s))
+    } else {
+        Ok(())
+    }
+}
+
 fn erofs(s: &Session) -> FsError {
     FsError::new(libc::EROFS, format!("attachment {} of sandbox `{}` is read-only", s.attachment, s.sandbox))
 }
@@ -477,9 +496,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
     let e = &server.engine;
     let v = s.vol;
     let c = &req.caller;
-    if s.read_only && req.op.is_mutation() {
-        return Err(erofs(s));
-    }
+    check_read_only(s, &req.op)?;
     let entry = |parent: Ino, name: &[u8]| Changed::Entries(vec![(parent, name.to_vec())]);
     Ok(match &req.op {
         Op::Lookup { parent, name } => (Reply::Entry(s.grant(e.lookup(v, s.to_real(e, *parent)?, name, c)?)), Changed::Nothing),
@@ -530,9 +547,6 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::Open { ino, flags } => {
             let real = s.to_real(e, *ino)?;
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-            if s.read_only && (writable || flags & libc::O_TRUNC != 0) {
-                return Err(erofs(s));
-            }
             s.room_for_handle()?;
             e.open(v, real, *flags, c)?;
             (Reply::Opened { fh: s.add_handle(real, writable, false) }, Changed::Nothing)
@@ -583,9 +597,6 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         }
         Op::GetLk { ino, lock } => (Reply::Lock(server.locks.test(v, s.to_real(e, *ino)?, s.id, lock)), Changed::Nothing),
         Op::SetLk { ino, lock } => {
-            if s.read_only && lock.typ == libc::F_WRLCK {
-                return Err(erofs(s));
-            }
             server.locks.set(v, s.to_real(e, *ino)?, s.id, lock)?;
             (Reply::Empty, Changed::Nothing)
         }
