@@ -13,6 +13,7 @@
 //! Modules, by the behaviour they cover:
 //! - [`appends`]: O_APPEND from many sandboxes, lock revalidation, a stop with the server down.
 //! - [`crash`]: server SIGKILL and SIGTERM under a running workload; nothing acknowledged is lost.
+//! - [`differential`]: random operations on a mount and on a local directory, compared step by step.
 //! - [`files`]: reading and writing file contents (overwrite, sparse, truncate, append, large).
 //! - [`namespace`]: directories, rename (all flavours), hard links, symlinks, fifos, unlink of
 //!   open files.
@@ -29,6 +30,7 @@ mod harness;
 mod appends;
 mod attrs;
 mod crash;
+mod differential;
 mod files;
 mod lifecycle;
 mod locks;
