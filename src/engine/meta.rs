@@ -29,7 +29,7 @@ pub struct SandboxRow {
     pub created: Timespec,
 }
 
-/// The lifecycle of an attachment (see DESIGN.md: attachments and leases).
+/// The lifecycle of an attachment (see docs/semantics.md: leases and the sandbox lifecycle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachState {
     /// Recorded; no guest has mounted it yet.

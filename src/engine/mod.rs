@@ -1,6 +1,7 @@
 //! The volume engine: POSIX semantics, implemented once, over a [`MetaStore`] and a [`BlobStore`].
 //!
-//! Every operation is one metadata transaction. The engine knows nothing of FUSE, sockets or
+//! Every operation's metadata changes commit in one transaction (freeing an inode whose last
+//! name and handle are gone is a second one, after it). The engine knows nothing of FUSE, sockets or
 //! HTTP: callers name a volume id, inode numbers and a [`Caller`], and get attributes or an
 //! [`FsError`] carrying the errno to report.
 //!
