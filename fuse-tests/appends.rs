@@ -32,15 +32,14 @@ pub enum Locking {
 const ALL: [Locking; 4] = [Locking::Flock, Locking::Fcntl, Locking::Ofd, Locking::NoLock];
 
 /// `n` sandboxes, each with the whole volume `vol` mounted; agents stop before the cluster.
-struct Fleet {
-    #[allow(dead_code)] // held for their Drop
-    agents: Vec<Agent>,
-    mounts: Vec<PathBuf>,
-    c: Cluster,
+pub struct Fleet {
+    pub agents: Vec<Agent>,
+    pub mounts: Vec<PathBuf>,
+    pub c: Cluster,
 }
 
 impl Fleet {
-    fn new(n: usize) -> Fleet {
+    pub fn new(n: usize) -> Fleet {
         let c = Cluster::new();
         c.create_volume("vol", Some("1GiB"));
         let mut agents = Vec::new();

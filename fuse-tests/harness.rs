@@ -309,6 +309,11 @@ impl Cluster {
         self.start_server();
     }
 
+    /// The server's process id (for reading its /proc entries).
+    pub fn server_pid(&self) -> u32 {
+        self.server.id()
+    }
+
     /// Kills the server with SIGKILL, as a crash would, and reaps it. Agents are not touched;
     /// [`Cluster::start_server`] brings a server back on the same data directory.
     pub fn kill_server(&mut self) {

@@ -19,6 +19,7 @@
 //!   open files.
 //! - [`attrs`]: mode/owner/times, xattrs, non-root permission checks.
 //! - [`volumes`]: statfs, durability across agent restarts, quota, the volume CLI.
+//! - [`load`]: 64 sandboxes doing mixed work on one server; resources return afterwards.
 //! - [`locks`]: fcntl and flock locks across mounts of one volume.
 //! - [`lifecycle`]: runtime attach/detach, hibernate/resume, resets, lease expiry, fork.
 //! - [`sharing`]: two mounts of one volume, read-only and subpath attachments.
@@ -33,6 +34,7 @@ mod crash;
 mod differential;
 mod files;
 mod lifecycle;
+mod load;
 mod locks;
 mod namespace;
 mod protocol;
