@@ -440,9 +440,16 @@ fn run(server: &Server, s: &Session, req: Request) -> FsResult<Reply> {
             }
         }
     }
-    let (result, changed) = match execute(server, s, &req) {
-        Ok((reply, changed)) => (Ok(reply), changed),
-        Err(e) => (Err(e), Changed::Nothing),
+    // A panic while serving one request becomes an EIO reply (recorded for replay like any
+    // other result) and a log line; the worker, the connection and the server go on.
+    let (result, changed) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(server, s, &req))) {
+        Ok(Ok((reply, changed))) => (Ok(reply), changed),
+        Ok(Err(e)) => (Err(e), Changed::Nothing),
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().map(|m| m.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            tracing::error!(sandbox = %s.sandbox, session = s.id, id = req.id, panic = what.as_deref().unwrap_or("?"), "request panicked");
+            (Err(FsError::new(libc::EIO, "internal error while serving this request (logged on the host)")), Changed::Nothing)
+        }
     };
     if req.seq != 0 {
         let mut replay = s.replay.lock().unwrap();
