@@ -13,7 +13,9 @@
 //!   `EDQUOT` and changes nothing). Inodes are bounded by [`max_inodes`]. Sparse files count at their apparent size, which keeps the
 //!   number exact and predictable whatever the host filesystem does with holes.
 //! - An inode whose last name is removed while it is open stays (with `nlink == 0`) until the last
-//!   handle is released; orphans left by a server stop are reclaimed at the next start.
+//!   handle is released; orphans left by a server stop can be reopened after the restart and are
+//!   reclaimed when [`Engine::reclaim_orphans`] finds them unheld (the server calls it once the
+//!   guests have had a lease TTL to reconnect).
 //! - Permission checks follow POSIX for the caller's uid, gid and supplementary groups (setgid
 //!   directories, sticky bit, owner-only chmod/utimes, root-only chown). They are semantics, not
 //!   security: the attachment's scope, enforced by the server, is the security boundary.
@@ -190,9 +192,7 @@ pub fn check_object_name(what: &str, name: &str) -> FsResult<()> {
 
 impl Engine {
     pub fn new(meta: Box<dyn MetaStore>, blobs: Box<dyn BlobStore>) -> FsResult<Engine> {
-        let engine = Engine { meta, blobs, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default() };
-        engine.reclaim_orphans()?;
-        Ok(engine)
+        Ok(Engine { meta, blobs, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default() })
     }
 
     /// The embedded default: SQLite metadata and local data files under one directory.
@@ -216,12 +216,19 @@ impl Engine {
         Ok(out.expect("committed transaction produced a value"))
     }
 
-    fn reclaim_orphans(&self) -> FsResult<()> {
+    /// Frees every orphan (an inode without a name) that nobody holds open; returns how many.
+    /// Orphans outlive a server restart so that guests can reopen them when they reconnect;
+    /// the server calls this once that grace period is over.
+    pub fn reclaim_orphans(&self) -> FsResult<usize> {
         let orphans = self.tx(|t| t.orphans())?;
+        let mut freed = 0;
         for (vol, ino, _) in orphans {
-            self.purge(vol, ino)?;
+            if !self.open.lock().unwrap().counts.contains_key(&(vol, ino)) {
+                self.purge(vol, ino)?;
+                freed += 1;
+            }
         }
-        Ok(())
+        Ok(freed)
     }
 
     // ----- volumes -------------------------------------------------------------------------
@@ -852,7 +859,12 @@ impl Engine {
             return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory")));
         }
         check_access(&a, c, want)?;
-        self.hold(vol, ino);
+        let mut open = self.open.lock().unwrap();
+        *open.counts.entry((vol, ino)).or_insert(0) += 1;
+        if a.nlink == 0 {
+            // An orphan reopened after a server restart: its last release frees it.
+            open.unlinked.insert((vol, ino));
+        }
         Ok(a)
     }
 

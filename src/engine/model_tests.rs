@@ -368,6 +368,8 @@ fn apply(m: &mut Model, r: &mut Real, s: &Step) -> (Outcome, Outcome) {
             // Handles do not outlive the engine; orphans are reclaimed at the next start.
             r.engine = None;
             r.engine = Some(Engine::open_dir(&r.dir).unwrap());
+            // No guest reconnects here: the grace period passes and the orphans go.
+            r.engine.as_ref().unwrap().reclaim_orphans().unwrap();
             m.nodes.retain(|_, n| n.nlink > 0);
             for n in m.nodes.values_mut() {
                 n.handles = 0;

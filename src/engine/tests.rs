@@ -311,9 +311,16 @@ fn state_survives_reopen_and_orphans_are_reclaimed() {
     };
     let e = Engine::open_dir(&dir).unwrap();
     let v = e.volume("keep").unwrap();
-    assert_eq!(v.used, 7, "the orphan's bytes were given back");
     assert_eq!(e.read(v.id, ino, 0, 100).unwrap(), b"durable");
+    // The orphan outlives the restart, so that a reconnecting guest can reopen it...
+    assert_eq!(v.used, 13, "the orphan still holds its bytes until reclaimed");
+    e.open(v.id, orphan, libc::O_RDONLY, &root()).unwrap();
+    assert_eq!(e.reclaim_orphans().unwrap(), 0, "a reopened orphan is not reclaimed");
+    assert_eq!(e.read(v.id, orphan, 0, 100).unwrap(), b"orphan");
+    // ...and its last release frees it.
+    e.release(v.id, orphan).unwrap();
     assert_eq!(errno(e.getattr(v.id, orphan)), libc::ENOENT);
+    assert_eq!(e.volume("keep").unwrap().used, 7, "the orphan's bytes were given back");
     drop(e);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -348,4 +355,27 @@ fn rename_exchange_with_itself_is_a_no_op() {
     e.rename(v, ROOT_INO, b"a", ROOT_INO, b"b", 0, &root()).unwrap();
     assert_eq!(names(e, v, ROOT_INO), vec![".", "..", "a", "b"], "a plain rename between two names of one inode changes nothing");
     assert_eq!(e.getattr(v, a.ino).unwrap().nlink, 2);
+}
+
+/// An orphan that nobody reopens after a restart is reclaimed when the server says the grace
+/// period is over.
+#[test]
+fn unheld_orphans_are_reclaimed_after_a_restart() {
+    let dir = std::env::temp_dir().join(format!("volumefs-engine-orphans-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let orphan = {
+        let e = Engine::open_dir(&dir).unwrap();
+        let v = e.create_volume("keep", 1 << 20).unwrap().id;
+        let o = e.create(v, ROOT_INO, b"o", 0o644, 0, &root()).unwrap();
+        e.write(v, o.ino, 0, b"orphan", false, &root()).unwrap();
+        e.unlink(v, ROOT_INO, b"o", &root()).unwrap();
+        o.ino
+    };
+    let e = Engine::open_dir(&dir).unwrap();
+    let v = e.volume("keep").unwrap();
+    assert_eq!(e.reclaim_orphans().unwrap(), 1);
+    assert_eq!(errno(e.getattr(v.id, orphan)), libc::ENOENT);
+    assert_eq!(e.volume("keep").unwrap().used, 0);
+    drop(e);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -118,6 +118,24 @@ fn load_token(dir: &Path) -> FsResult<String> {
     Ok(token)
 }
 
+/// Files unlinked while open outlive a restart (a reconnecting guest reopens its handles); once
+/// the guests have had a lease TTL to come back, the orphans nobody reopened are freed.
+fn start_orphan_reclaim(server: &Arc<Server>) {
+    let weak = Arc::downgrade(server);
+    let grace = server.config.lease_ttl;
+    std::thread::Builder::new()
+        .name("orphan-reclaim".into())
+        .spawn(move || {
+            std::thread::sleep(grace);
+            let Some(server) = weak.upgrade() else { return };
+            match server.engine.reclaim_orphans() {
+                Ok(n) => tracing::info!(freed = n, "orphans left by the previous run reclaimed"),
+                Err(e) => tracing::error!("reclaiming orphans: {e}"),
+            }
+        })
+        .expect("spawn orphan reclaim");
+}
+
 /// Takes the data directory for this process: an exclusive `flock` on `DATA/lock`, held until
 /// the process exits (the kernel drops it on any exit, even SIGKILL), with the holder's PID
 /// written inside. A second server on the same directory is refused before it touches anything.
@@ -179,6 +197,7 @@ impl Server {
             server.start_listener(&sb.name)?;
         }
         session::start_reaper(&server);
+        start_orphan_reclaim(&server);
         tracing::info!(data = %server.config.data.display(), pid = std::process::id(), "server started");
         Ok(server)
     }
