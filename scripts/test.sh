@@ -7,8 +7,9 @@
 # Tier 2: fuse-tests/, real FUSE mounts through the real server over unix sockets (root).
 # Tier 3: fuse-tests/vm.rs, real microVMs (QEMU, software CPU) booting the guest image, with
 #         vsock through vhost-device-vsock (root; installed here when missing).
-# Also checked: formatting (cargo fmt --check), lints (cargo clippy -D warnings), and that the
-# guest binary builds static without any host-only dependency.
+# Also checked: formatting (cargo fmt --check), lints (cargo clippy -D warnings), licences and
+# duplicate crates (cargo deny, deny.toml), and that the guest binary builds static without any
+# host-only dependency.
 #
 # VOLUMEFS_SKIP_VM=1 leaves out tier 3 (and its installs).
 set -euo pipefail
@@ -23,9 +24,13 @@ else
     echo "*** not root or no /dev/fuse: the FUSE tiers will be SKIPPED" >&2
 fi
 
-log "format and lints"
+log "format, lints, licences and duplicate crates"
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
+if ! command -v cargo-deny >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo-deny" ]; then
+    cargo install --locked cargo-deny@0.20.2
+fi
+cargo deny check licenses bans
 
 log "build"
 cargo build --locked --all-targets
