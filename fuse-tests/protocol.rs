@@ -430,22 +430,6 @@ fn open_handles_per_session_are_bounded() {
     assert!(matches!(raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY }), Ok(Reply::Opened { .. })));
 }
 
-/// xorshift64*: reproducible randomness for the fuzzer.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn pick<T: Clone>(&mut self, from: &[T]) -> T {
-        from[(self.next() % from.len() as u64) as usize].clone()
-    }
-}
-
 /// Fuzzing the wire against a live server: thousands of requests built from every op with
 /// hostile field values (inodes outside the subpath or forged, foreign handles, reads of 2^31
 /// bytes, names with `/`, `..` and 256 bytes, huge lock ranges), a third of them with body bytes
