@@ -453,23 +453,47 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> io::Result<Option<T
         Err(e) => return Err(e),
     }
     r.read_exact(&mut len[1..])?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds the maximum of {MAX_FRAME}")));
-    }
+    let len = frame_len(len)?;
     // The buffer grows with the bytes that actually arrive: a peer that announces a large frame
     // and sends little makes the server hold little.
     let mut body = Vec::new();
     r.take(len as u64).read_to_end(&mut body)?;
+    decode_body(&body, len).map(Some)
+}
+
+/// [`read_frame`] on an async stream (the host's data plane).
+#[cfg(feature = "host")]
+pub async fn read_frame_async<T: DeserializeOwned>(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> io::Result<Option<T>> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    if r.read(&mut len[..1]).await? == 0 {
+        return Ok(None);
+    }
+    r.read_exact(&mut len[1..]).await?;
+    let len = frame_len(len)?;
+    let mut body = Vec::new();
+    r.take(len as u64).read_to_end(&mut body).await?;
+    decode_body(&body, len).map(Some)
+}
+
+fn frame_len(prefix: [u8; 4]) -> io::Result<usize> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds the maximum of {MAX_FRAME}")));
+    }
+    Ok(len)
+}
+
+fn decode_body<T: DeserializeOwned>(body: &[u8], len: usize) -> io::Result<T> {
     if body.len() < len {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("frame of {len} bytes ended after {}", body.len())));
     }
-    let (msg, used) = bincode::serde::decode_from_slice(&body, config())
+    let (msg, used) = bincode::serde::decode_from_slice(body, config())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed frame: {e}")))?;
     if used != len {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed frame: trailing bytes"));
     }
-    Ok(Some(msg))
+    Ok(msg)
 }
 
 #[cfg(test)]

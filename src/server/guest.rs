@@ -1,10 +1,15 @@
 //! Guest connections: the handshake on each sandbox listener and the request loop of a mount.
 //!
-//! A connection's reader thread decodes frames and hands each request to the shared worker pool,
-//! so many requests are in flight and replies go out in whatever order they finish. Replies and
-//! pushes are queued to the connection's own writer thread ([`Conn`]): no worker ever waits on a
-//! guest's socket. A frame that
-//! is too large or does not decode ends that connection only.
+//! Everything here runs on the server's tokio runtime. Each connection has a reader task, which
+//! decodes frames and hands each request to the blocking pool (engine calls block), and a writer
+//! task behind a bounded queue ([`Conn`]): replies go out in whatever order they finish, and no
+//! engine call ever waits on a guest's socket. A frame that is too large or does not decode ends
+//! that connection only.
+//!
+//! Limits, each refused with a log line: requests in flight per connection ([`WINDOW`]; the
+//! reader stops reading), engine calls in flight per sandbox ([`SANDBOX_SHARE`]; a sandbox's
+//! requests wait for its own share, never for another sandbox's), connections per sandbox
+//! ([`MAX_CONNS`]; closed at once), mount sessions per sandbox ([`MAX_SESSIONS`]; `EAGAIN`).
 
 use super::session::{self, Conn, Session};
 use super::{SandboxRt, Server};
@@ -14,83 +19,125 @@ use crate::proto::{self, AttachmentSpec, Hello, Request, Role, ServerMsg, Welcom
 use crate::transport::Stream;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
 
 /// Requests one connection may have in flight before its reader stops reading.
 const WINDOW: usize = 64;
+/// Engine calls one sandbox may have running at once, across all its connections.
+pub const SANDBOX_SHARE: usize = 8;
+/// Connections one sandbox may hold open at once.
+const MAX_CONNS: usize = 512;
 /// A guest must say hello this quickly.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Mount sessions one sandbox may hold at once (a guest opening connection after connection
 /// without resuming must not grow the server without bound).
 const MAX_SESSIONS: usize = 256;
-/// A peer that does not drain its socket for this long is cut off.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long writing a handshake answer may take.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn accept_loop(server: Weak<Server>, rt: Arc<SandboxRt>) {
+/// Accepts the sandbox's guest connections until the sandbox is deleted (`closed` turns true).
+pub async fn accept_loop(server: Weak<Server>, rt: Arc<SandboxRt>, listener: UnixListener, mut closed: watch::Receiver<bool>) {
     loop {
-        let stream = match rt.listener.accept() {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) => {
-                tracing::warn!("sandbox {}: accept: {e}", rt.name);
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            Err(_) => return, // listener shut down
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) => {
+                    tracing::warn!(sandbox = %rt.name, "limit hit: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(sandbox = %rt.name, "accept: {e}");
+                    return;
+                }
+            },
+            // Sent only on delete; an error means the sandbox is gone as well.
+            _ = closed.changed() => return,
         };
         let Some(srv) = server.upgrade() else { return };
+        // A second descriptor of the socket: resets and shutdowns reach it from anywhere.
+        let (stream, closer) = match split_closer(stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(sandbox = %rt.name, "connection: {e}");
+                continue;
+            }
+        };
+        // Counted here, in accept order, so that the connection refused is the newest one.
+        let Some(key) = rt.track(&closer, MAX_CONNS) else {
+            tracing::warn!(sandbox = %rt.name, max = MAX_CONNS, "limit hit: connections per sandbox; closing a new one");
+            closer.shutdown();
+            continue;
+        };
         let rt = rt.clone();
-        let _ = std::thread::Builder::new().name(format!("conn-{}", rt.name)).spawn(move || {
-            let key = rt.track(&stream);
-            let closer = stream.try_clone();
-            if let Err(e) = serve(&srv, &rt, stream) {
-                tracing::info!("sandbox {}: connection ended: {e}", rt.name);
+        tokio::spawn(async move {
+            if let Err(e) = serve(&srv, &rt, stream, &closer).await {
+                tracing::info!(sandbox = %rt.name, "connection ended: {e}");
             }
-            // Close for real: other clones of this socket must not keep the peer waiting.
-            if let Ok(c) = closer {
-                c.shutdown();
-            }
+            // Close for real: other descriptors of this socket must not keep the peer waiting.
+            closer.shutdown();
             rt.untrack(key);
         });
     }
 }
 
-fn serve(server: &Arc<Server>, rt: &SandboxRt, mut stream: Stream) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
-    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let hello: Hello = match proto::read_frame(&mut stream)? {
-        Some(h) => h,
-        None => return Ok(()),
+fn split_closer(stream: UnixStream) -> std::io::Result<(UnixStream, Stream)> {
+    let std = stream.into_std()?;
+    let closer = Stream::from(std.try_clone()?);
+    Ok((UnixStream::from_std(std)?, closer))
+}
+
+async fn write_welcome(stream: &mut UnixStream, w: &Welcome) -> std::io::Result<()> {
+    let buf = proto::encode(w)?;
+    tokio::time::timeout(WELCOME_TIMEOUT, stream.write_all(&buf)).await.map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
+/// Runs an engine-bound closure on the blocking pool; a panic becomes `EIO`.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, FsError> + Send + 'static) -> Result<T, FsError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(FsError::new(libc::EIO, format!("internal error: {e}"))))
+}
+
+async fn serve(server: &Arc<Server>, rt: &Arc<SandboxRt>, mut stream: UnixStream, closer: &Stream) -> std::io::Result<()> {
+    let hello: Hello = match tokio::time::timeout(HELLO_TIMEOUT, proto::read_frame_async(&mut stream)).await {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello")),
     };
-    stream.set_read_timeout(None)?;
     if hello.version != PROTOCOL_VERSION {
         let refusal =
             FsError::new(libc::EPROTO, format!("protocol version {} is not supported (server speaks {PROTOCOL_VERSION})", hello.version));
-        proto::write_frame(&mut stream, &Welcome::Refused(refusal))?;
-        return Ok(());
+        return write_welcome(&mut stream, &Welcome::Refused(refusal)).await;
     }
+    let (srv, name) = (server.clone(), rt.name.clone());
     match hello.role {
         Role::Control => {
             rt.hellos.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let welcome = match control_welcome(server, &rt.name) {
-                Ok(w) => w,
-                Err(e) => Welcome::Refused(e),
-            };
-            proto::write_frame(&mut stream, &welcome)
+            let welcome = blocking(move || control_welcome(&srv, &name)).await.unwrap_or_else(Welcome::Refused);
+            write_welcome(&mut stream, &welcome).await
         }
         Role::Mount { path, resume } => {
-            let s = match open_session(server, &rt.name, &path, resume) {
-                Ok(s) => s,
-                Err(e) => return proto::write_frame(&mut stream, &Welcome::Refused(e)),
+            let opened = blocking(move || {
+                let s = open_session(&srv, &name, &path, resume)?;
+                let volume = srv.engine.volume_by_id(s.vol).map(|v| v.name).unwrap_or_default();
+                Ok((s, volume))
+            })
+            .await;
+            let (s, volume) = match opened {
+                Ok(o) => o,
+                Err(e) => return write_welcome(&mut stream, &Welcome::Refused(e)).await,
             };
             let welcome = Welcome::Mount {
                 session: s.id,
                 attachment: s.attachment,
                 read_only: s.read_only,
-                volume: server.engine.volume_by_id(s.vol).map(|v| v.name).unwrap_or_default(),
+                volume,
                 lease_ttl_ms: server.config.lease_ttl.as_millis() as u64,
             };
-            proto::write_frame(&mut stream, &welcome)?;
-            mount_loop(server, &s, stream)
+            write_welcome(&mut stream, &welcome).await?;
+            mount_loop(server, rt, &s, stream, closer.try_clone()?).await
         }
     }
 }
@@ -151,21 +198,30 @@ fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<
     result
 }
 
-fn mount_loop(server: &Arc<Server>, s: &Arc<Session>, mut stream: Stream) -> std::io::Result<()> {
-    let conn = Conn::start(&stream, &s.sandbox)?;
+async fn mount_loop(
+    server: &Arc<Server>,
+    rt: &Arc<SandboxRt>,
+    s: &Arc<Session>,
+    stream: UnixStream,
+    closer: Stream,
+) -> std::io::Result<()> {
+    let (mut reader, writer) = stream.into_split();
+    let conn = Conn::start(writer, closer)?;
     s.bind(conn.clone());
-    let window = Arc::new(super::pool::Window::new(WINDOW));
+    let window = Arc::new(Semaphore::new(WINDOW));
     let result = loop {
-        let req: Request = match proto::read_frame(&mut stream) {
+        let req: Request = match proto::read_frame_async(&mut reader).await {
             Ok(Some(r)) => r,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
-        window.acquire();
-        let (server2, s2, conn2, window2) = (server.clone(), s.clone(), conn.clone(), window.clone());
-        server.pool.run(move || {
+        let Ok(in_flight) = window.clone().acquire_owned().await else { break Ok(()) };
+        let Ok(share) = rt.share.clone().acquire_owned().await else { break Ok(()) };
+        let (server2, s2, conn2) = (server.clone(), s.clone(), conn.clone());
+        tokio::task::spawn_blocking(move || {
             let id = req.id;
             let (result, close) = session::handle(&server2, &s2, req);
+            drop(share);
             if let Err(e) = conn2.send(&ServerMsg::Reply { id, result }) {
                 if e.kind() == std::io::ErrorKind::InvalidData {
                     // The reply does not fit a frame: the request still gets an answer.
@@ -182,10 +238,10 @@ fn mount_loop(server: &Arc<Server>, s: &Arc<Session>, mut stream: Stream) -> std
                     server2.forget_session(&s2);
                 }
             }
-            window2.release();
+            drop(in_flight);
         });
     };
-    stream.shutdown();
+    conn.shutdown();
     s.unbind(&conn);
     result
 }

@@ -10,7 +10,6 @@
 pub mod guest;
 pub mod http;
 pub mod locks;
-pub mod pool;
 pub mod session;
 pub mod vm;
 
@@ -26,6 +25,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+/// The process's tokio runtime: guest connections (and their engine calls, on its blocking
+/// pool) run on it. One per process, as there is one server per process.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread().thread_name("volumefs-rt").enable_all().build().expect("cannot start the tokio runtime")
+    })
+}
+
 pub struct Config {
     pub data: PathBuf,
     /// How long a session may go without its guest before its lease lapses.
@@ -38,8 +46,11 @@ pub struct Config {
 pub struct SandboxRt {
     pub name: String,
     pub socket: PathBuf,
-    listener: Listener,
+    /// Turns true when the sandbox is deleted: its accept loop ends.
+    closed: tokio::sync::watch::Sender<bool>,
     conns: Mutex<HashMap<u64, crate::transport::Stream>>,
+    /// Engine calls this sandbox may have running at once ([`guest::SANDBOX_SHARE`]).
+    share: Arc<tokio::sync::Semaphore>,
     next_conn: AtomicU64,
     /// The sandbox's microVM, when the server runs one for it.
     vm: Mutex<Option<vm::Vm>>,
@@ -57,18 +68,21 @@ impl SandboxRt {
         conns.len()
     }
 
-    /// Remembers a live connection so that it can be reset; returns its key.
-    pub fn track(&self, s: &crate::transport::Stream) -> Option<u64> {
-        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+    /// Remembers a live connection so that it can be reset; returns its key, or `None` when
+    /// the sandbox already has `max` connections.
+    pub fn track(&self, s: &crate::transport::Stream, max: usize) -> Option<u64> {
         let clone = s.try_clone().ok()?;
-        self.conns.lock().unwrap().insert(id, clone);
+        let mut conns = self.conns.lock().unwrap();
+        if conns.len() >= max {
+            return None;
+        }
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        conns.insert(id, clone);
         Some(id)
     }
 
-    pub fn untrack(&self, id: Option<u64>) {
-        if let Some(id) = id {
-            self.conns.lock().unwrap().remove(&id);
-        }
+    pub fn untrack(&self, id: u64) {
+        self.conns.lock().unwrap().remove(&id);
     }
 }
 
@@ -79,7 +93,6 @@ pub struct Server {
     pub config: Config,
     pub token: String,
     pub locks: locks::LockTable,
-    pool: pool::Pool,
     sandboxes: Mutex<HashMap<String, Arc<SandboxRt>>>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     by_volume: Mutex<HashMap<VolId, Vec<Weak<Session>>>>,
@@ -167,11 +180,25 @@ fn lock_data_dir(dir: &Path) -> FsResult<std::fs::File> {
     Ok(f)
 }
 
+/// Every guest connection holds descriptors: take the hard limit, as servers do, instead of the
+/// shell's soft default of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 impl Server {
     pub fn open(config: Config) -> FsResult<Arc<Server>> {
         std::fs::create_dir_all(&config.data)
             .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", config.data.display())))?;
         let data_lock = lock_data_dir(&config.data)?;
+        raise_fd_limit();
         let engine = Engine::open_dir(&config.data)?;
         let token = load_token(&config.data)?;
         let server = Arc::new(Server {
@@ -180,7 +207,6 @@ impl Server {
             config,
             token,
             locks: locks::LockTable::default(),
-            pool: pool::Pool::new(8),
             sandboxes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             by_volume: Mutex::new(HashMap::new()),
@@ -214,12 +240,22 @@ impl Server {
         // Firecracker's hybrid vsock: the VM's uds is `<dir>/vsock`; a guest connecting to the
         // host on port P reaches `<dir>/vsock_P`.
         let socket = dir.join(format!("vsock_{GUEST_SERVER_PORT}"));
-        let listener =
-            Listener::bind_unix(&socket).map_err(|e| FsError::new(libc::EIO, format!("cannot listen on {}: {e}", socket.display())))?;
+        let listener = match Listener::bind_unix(&socket) {
+            Ok(Listener::Unix(l)) => l,
+            Ok(Listener::Vsock(_)) => unreachable!("bind_unix makes unix listeners"),
+            Err(e) => return Err(FsError::new(libc::EIO, format!("cannot listen on {}: {e}", socket.display()))),
+        };
+        listener.set_nonblocking(true)?;
+        let listener = {
+            let _rt = runtime().enter();
+            tokio::net::UnixListener::from_std(listener)?
+        };
+        let (closed, on_close) = tokio::sync::watch::channel(false);
         let rt = Arc::new(SandboxRt {
             name: name.to_string(),
             socket,
-            listener,
+            closed,
+            share: Arc::new(tokio::sync::Semaphore::new(guest::SANDBOX_SHARE)),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             vm: Mutex::new(None),
@@ -228,7 +264,7 @@ impl Server {
         self.sandboxes.lock().unwrap().insert(name.to_string(), rt.clone());
         let server = Arc::downgrade(self);
         let rt2 = rt.clone();
-        std::thread::Builder::new().name(format!("listen-{name}")).spawn(move || guest::accept_loop(server, rt2)).map_err(FsError::from)?;
+        runtime().spawn(guest::accept_loop(server, rt2, listener, on_close));
         Ok(rt)
     }
 
@@ -257,7 +293,7 @@ impl Server {
             if let Some(vm) = rt.vm.lock().unwrap().take() {
                 vm.stop(Duration::ZERO);
             }
-            rt.listener.shutdown();
+            rt.closed.send_replace(true);
             rt.reset_connections();
         }
         for s in self.sessions_where(|s| s.sandbox == name) {

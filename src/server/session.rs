@@ -62,33 +62,38 @@ enum Outgoing {
     Close,
 }
 
-/// The connection a session currently speaks through. Only its writer thread writes to the
+/// The connection a session currently speaks through. Only its writer task writes to the
 /// socket; everyone else queues frames without waiting, so a guest that stops reading stalls
 /// only its own connection.
 pub struct Conn {
-    tx: std::sync::mpsc::SyncSender<Outgoing>,
+    tx: tokio::sync::mpsc::Sender<Outgoing>,
+    /// A second descriptor of the socket, to shut it down from anywhere.
     stream: Stream,
 }
 
+/// A peer that does not drain its socket for this long is cut off.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Conn {
-    /// Starts the writer thread of `stream` (which keeps its own clone for shutdowns).
-    pub fn start(stream: &Stream, sandbox: &str) -> std::io::Result<Arc<Conn>> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Outgoing>(SEND_QUEUE);
-        let mut w = stream.try_clone()?;
-        std::thread::Builder::new().name(format!("send-{sandbox}")).spawn(move || {
-            for out in rx {
-                match out {
-                    Outgoing::Frame(buf) => {
-                        if std::io::Write::write_all(&mut w, &buf).is_err() {
-                            break;
-                        }
+    /// Starts the writer task for `w`; `closer` is another descriptor of the same socket.
+    pub fn start(mut w: impl tokio::io::AsyncWrite + Unpin + Send + 'static, closer: Stream) -> std::io::Result<Arc<Conn>> {
+        use tokio::io::AsyncWriteExt;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Outgoing>(SEND_QUEUE);
+        let shut = closer.try_clone()?;
+        super::runtime().spawn(async move {
+            while let Some(Outgoing::Frame(buf)) = rx.recv().await {
+                match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&buf)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        tracing::warn!("a guest did not read for {WRITE_TIMEOUT:?}: closing its connection");
+                        break;
                     }
-                    Outgoing::Close => break,
                 }
             }
-            w.shutdown();
-        })?;
-        Ok(Arc::new(Conn { tx, stream: stream.try_clone()? }))
+            shut.shutdown();
+        });
+        Ok(Arc::new(Conn { tx, stream: closer }))
     }
 
     /// Queues one message. A full queue means the guest stopped reading: its connection is
@@ -97,12 +102,12 @@ impl Conn {
         let buf = crate::proto::encode(msg)?;
         match self.tx.try_send(Outgoing::Frame(buf)) {
             Ok(()) => Ok(()),
-            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("a guest connection stopped reading ({SEND_QUEUE} frames queued): closing it");
                 self.shutdown();
                 Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, "the guest is not reading: connection closed"))
             }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(std::io::ErrorKind::BrokenPipe.into()),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(std::io::ErrorKind::BrokenPipe.into()),
         }
     }
 
