@@ -39,7 +39,8 @@ impl Client {
         if (200..300).contains(&status) {
             Ok(v)
         } else {
-            let msg = v.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
+            let msg =
+                v.get("message").or_else(|| v.get("error")).and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
             Err(ApiError { status, msg })
         }
     }
@@ -51,7 +52,12 @@ impl Client {
             return Ok(raw);
         }
         let v: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-        let msg = v.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&raw).into_owned());
+        let msg = v
+            .get("message")
+            .or_else(|| v.get("error"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&raw).into_owned());
         Err(ApiError { status, msg })
     }
 

@@ -434,13 +434,13 @@ fn serve(a: &Args) -> Result<(), String> {
         images: a.flag("--images").map(PathBuf::from),
     })
     .map_err(|e| e.to_string())?;
-    let (addr, threads) = crate::server::http::serve(server, http)?;
+    let rt = crate::server::runtime();
+    let listener = rt.block_on(tokio::net::TcpListener::bind(http)).map_err(|e| format!("cannot listen on {http}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     // Written after binding, so a script can wait for this file and then talk to the server.
     std::fs::write(data.join("http-addr"), addr.to_string())
         .map_err(|e| format!("cannot write {}: {e}", data.join("http-addr").display()))?;
     tracing::info!(api = %format!("http://{addr}"), token = %data.join("api-token").display(), "HTTP API listening");
-    for t in threads {
-        let _ = t.join();
-    }
+    rt.block_on(crate::server::http::run(server, listener)).map_err(|e| format!("HTTP API: {e}"))?;
     Ok(())
 }

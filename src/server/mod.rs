@@ -7,6 +7,8 @@
 //! set this session has been handed (see [`session`]), and every mutation against the
 //! attachment's mode.
 
+pub mod archive;
+pub mod files;
 pub mod guest;
 pub mod http;
 pub mod locks;
@@ -92,6 +94,9 @@ pub struct Server {
     pub engine: Engine,
     pub config: Config,
     pub token: String,
+    /// Signs download URLs ([`http`]); its own secret, so that handing out URLs never involves
+    /// the API token.
+    pub url_key: String,
     pub locks: locks::LockTable,
     sandboxes: Mutex<HashMap<String, Arc<SandboxRt>>>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
@@ -113,11 +118,12 @@ fn random_token() -> FsResult<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Reads the API token, creating it (mode 0600) on first start.
-fn load_token(dir: &Path) -> FsResult<String> {
+/// Reads a secret of the data directory (`api-token`, `url-key`), creating it (random, mode
+/// 0600) on first start.
+fn load_secret(dir: &Path, file: &str) -> FsResult<String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("api-token");
+    let path = dir.join(file);
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
         Ok(_) => {}
@@ -200,12 +206,14 @@ impl Server {
         let data_lock = lock_data_dir(&config.data)?;
         raise_fd_limit();
         let engine = Engine::open_dir(&config.data)?;
-        let token = load_token(&config.data)?;
+        let token = load_secret(&config.data, "api-token")?;
+        let url_key = load_secret(&config.data, "url-key")?;
         let server = Arc::new(Server {
             _data_lock: data_lock,
             engine,
             config,
             token,
+            url_key,
             locks: locks::LockTable::default(),
             sandboxes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -630,115 +638,6 @@ impl Server {
         }
         self.engine.delete_volume(vol.id)
     }
-
-    // ----- direct file access (no VM) --------------------------------------------------------
-
-    /// Reads a whole file of a volume by path.
-    pub fn read_file(&self, volume: &str, path: &str) -> FsResult<Vec<u8>> {
-        let vol = self.engine.volume(volume)?;
-        let root = Caller::root();
-        let a = self.engine.resolve(vol.id, path, &root)?;
-        if a.kind != Kind::File {
-            return Err(FsError::new(libc::EISDIR, format!("{path} is not a regular file")));
-        }
-        self.engine.open(vol.id, a.ino, libc::O_RDONLY, &root)?;
-        let mut out = Vec::with_capacity(a.size as usize);
-        let result = loop {
-            match self.engine.read(vol.id, a.ino, out.len() as u64, crate::proto::MAX_IO) {
-                Ok(chunk) if chunk.is_empty() => break Ok(()),
-                Ok(chunk) => out.extend_from_slice(&chunk),
-                Err(e) => break Err(e),
-            }
-        };
-        self.engine.release(vol.id, a.ino)?;
-        result.map(|_| out)
-    }
-
-    /// Adds `data` at the end of a file of a volume (created, with its parents, if missing) in
-    /// one engine write: the append is atomic against every other appender, guests included.
-    pub fn append_file(&self, volume: &str, path: &str, data: &[u8]) -> FsResult<crate::fs::Attr> {
-        let vol = self.engine.volume(volume)?;
-        let root = Caller::root();
-        let (parent, name) = self.parent_dir(vol.id, path)?;
-        let a = match self.engine.lookup(vol.id, parent, name.as_bytes(), &root) {
-            Ok(a) => {
-                self.engine.open(vol.id, a.ino, libc::O_WRONLY | libc::O_APPEND, &root)?;
-                a
-            }
-            Err(e) if e.errno == libc::ENOENT => {
-                let a = self.engine.create(vol.id, parent, name.as_bytes(), 0o644, 0, &root)?;
-                self.invalidate(vol.id, &[(parent, name.as_bytes().to_vec())]);
-                a
-            }
-            Err(e) => return Err(e),
-        };
-        if a.kind != Kind::File {
-            self.engine.release(vol.id, a.ino)?;
-            return Err(FsError::new(libc::EISDIR, format!("{path} is not a regular file")));
-        }
-        let written = self.engine.write(vol.id, a.ino, 0, data, true, &root);
-        self.engine.release(vol.id, a.ino)?;
-        let (_, attr) = written?;
-        for s in self.peers(vol.id, 0) {
-            s.invalidate_inode(a.ino);
-        }
-        Ok(attr)
-    }
-
-    /// The directory that holds `path` (created with its parents if missing) and the last name.
-    fn parent_dir<'p>(&self, vol: VolId, path: &'p str) -> FsResult<(crate::fs::Ino, &'p str)> {
-        let root = Caller::root();
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
-        let (name, dirs) = parts.split_last().ok_or_else(|| FsError::new(libc::EINVAL, "a file path needs a name"))?;
-        let mut parent = crate::fs::ROOT_INO;
-        for d in dirs {
-            parent = match self.engine.lookup(vol, parent, d.as_bytes(), &root) {
-                Ok(a) if a.kind == Kind::Dir => a.ino,
-                Ok(_) => return Err(FsError::new(libc::ENOTDIR, format!("{d} in {path} is not a directory"))),
-                Err(e) if e.errno == libc::ENOENT => {
-                    let a = self.engine.mkdir(vol, parent, d.as_bytes(), 0o755, 0, &root)?;
-                    self.invalidate(vol, &[(parent, d.as_bytes().to_vec())]);
-                    a.ino
-                }
-                Err(e) => return Err(e),
-            };
-        }
-        crate::fs::check_name(name.as_bytes())?;
-        Ok((parent, name))
-    }
-
-    /// Replaces (or creates) a file of a volume by path, atomically: the bytes go to a hidden
-    /// temporary file that is then renamed over the target, so readers see the old or the new
-    /// contents, never a mix. Missing parent directories are created.
-    pub fn write_file(&self, volume: &str, path: &str, data: &[u8]) -> FsResult<crate::fs::Attr> {
-        let vol = self.engine.volume(volume)?;
-        let root = Caller::root();
-        let (parent, name) = self.parent_dir(vol.id, path)?;
-        let tmp = format!(".{name}.volumefs-{}", self.new_session_id());
-        let a = self.engine.create(vol.id, parent, tmp.as_bytes(), 0o644, 0, &root)?;
-        let written = data.chunks(crate::proto::MAX_IO as usize).enumerate().try_for_each(|(i, chunk)| {
-            self.engine.write(vol.id, a.ino, (i * crate::proto::MAX_IO as usize) as u64, chunk, false, &root).map(|_| ())
-        });
-        let renamed = written.and_then(|_| self.engine.rename(vol.id, parent, tmp.as_bytes(), parent, name.as_bytes(), 0, &root));
-        if renamed.is_err() {
-            let _ = self.engine.unlink(vol.id, parent, tmp.as_bytes(), &root);
-        }
-        self.engine.release(vol.id, a.ino)?;
-        renamed?;
-        self.invalidate(vol.id, &[(parent, name.as_bytes().to_vec())]);
-        self.engine.getattr(vol.id, a.ino)
-    }
-
-    /// Tells every session on `vol` that these names changed (API writes have no session).
-    fn invalidate(&self, vol: VolId, entries: &[(crate::fs::Ino, Vec<u8>)]) {
-        for s in self.peers(vol, 0) {
-            for (parent, name) in entries {
-                s.invalidate_entry(*parent, name);
-            }
-        }
-    }
-
-    // ----- sessions -------------------------------------------------------------------------
 
     fn sessions_where(&self, f: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
         self.sessions.lock().unwrap().values().filter(|s| f(s)).cloned().collect()
