@@ -1,6 +1,7 @@
 //! The command line's grammar: every command and option of `volumefs`, with the help text that
 //! `--help` shows (clap derive). What the commands do is in the parent module.
 
+use super::fields::Fields;
 use crate::engine::parse_size;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -129,6 +130,8 @@ pub enum VolumeCommand {
         /// Prints JSON
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        fields: FieldsArg,
     },
 
     /// Prints a volume as JSON
@@ -138,6 +141,8 @@ pub enum VolumeCommand {
         /// Prints JSON (as without it)
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        fields: FieldsArg,
     },
 
     /// Deletes a volume and everything in it
@@ -148,6 +153,13 @@ pub enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct FieldsArg {
+    /// Only these fields, in this order (comma-separated: name, cap, used, free, inodes, created)
+    #[arg(long, value_name = "FIELD,...", value_parser = Fields::parse)]
+    pub fields: Option<Fields>,
 }
 
 #[derive(Debug, Subcommand)]

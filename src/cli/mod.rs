@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod client;
+pub mod fields;
 
 use args::{AttachArgs, Cli, Command, DetachArgs, ExecArgs, FileCommand, RunArgs, SandboxCommand, ServerArgs, VolumeCommand};
 use clap::{CommandFactory, Parser};
@@ -92,27 +93,25 @@ fn volume(api: &Api, cmd: VolumeCommand) -> Result<(), String> {
                 println!("created volume {name} ({})", human(cap));
             }
         }
-        VolumeCommand::List { json } => {
-            let v = api.call("GET", "/v1/volumes", None)?;
-            if json {
-                print_json(&v);
-            } else {
-                println!("{:<24} {:>12} {:>12} {:>8}", "NAME", "CAP", "USED", "INODES");
-                for vol in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<24} {:>12} {:>12} {:>8}",
-                        vol["name"].as_str().unwrap_or(""),
-                        human(vol["cap"].as_u64().unwrap_or(0)),
-                        human(vol["used"].as_u64().unwrap_or(0)),
-                        vol["inodes"].as_u64().unwrap_or(0)
-                    );
-                }
+        VolumeCommand::List { json, fields } => {
+            let query = fields.fields.as_ref().map(|f| format!("?fields={}", f.query())).unwrap_or_default();
+            let v = api.call("GET", &format!("/v1/volumes{query}"), None)?;
+            let vols = v.as_array().map(Vec::as_slice).unwrap_or_default();
+            match (&fields.fields, json) {
+                (None, true) => print_json(&v),
+                (Some(f), true) => println!("{}", fields::list_json(vols, &f.names())),
+                (None, false) => print!("{}", fields::table(vols, &fields::LIST_DEFAULT)),
+                (Some(f), false) => print!("{}", fields::table(vols, &f.names())),
             }
         }
-        VolumeCommand::Inspect { name, json: _ } => {
+        VolumeCommand::Inspect { name, json: _, fields } => {
             // Inspect prints JSON with or without --json.
-            let v = api.call("GET", &format!("/v1/volumes/{}", encode(&name)), None)?;
-            print_json(&v);
+            let query = fields.fields.as_ref().map(|f| format!("?fields={}", f.query())).unwrap_or_default();
+            let v = api.call("GET", &format!("/v1/volumes/{}{query}", encode(&name)), None)?;
+            match &fields.fields {
+                None => print_json(&v),
+                Some(f) => println!("{}", fields::object_json(&fields::select(&v, &f.names()), "")),
+            }
         }
         VolumeCommand::Delete { name, force } => {
             let q = if force { "?force=true" } else { "" };

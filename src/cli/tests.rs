@@ -2,6 +2,7 @@
 //! suggestions, exit codes, completions. (`cargo test --lib cli`)
 
 use super::args::*;
+use super::fields::Fields;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 
@@ -117,6 +118,28 @@ fn volume_create_parses_the_cap_with_the_engines_parser() {
         Command::Volume(VolumeCommand::Create { cap, .. }) => assert_eq!(cap, 2 << 20),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn fields_are_checked_when_parsing() {
+    match ok(&["volume", "list", "--fields", "used,name", "--json"]).command {
+        Command::Volume(VolumeCommand::List { json, fields }) => {
+            assert!(json);
+            assert_eq!(fields.fields, Some(Fields(vec!["used".into(), "name".into()])));
+        }
+        other => panic!("{other:?}"),
+    }
+    match ok(&["volume", "inspect", "v", "--fields=cap"]).command {
+        Command::Volume(VolumeCommand::Inspect { name, fields, .. }) => {
+            assert_eq!(name, "v");
+            assert_eq!(fields.fields.unwrap().names(), ["cap"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = err(&["volume", "list", "--fields", "name,size"]);
+    assert_eq!(e.exit_code(), 2);
+    let msg = e.to_string();
+    assert!(msg.contains("valid fields: name, cap, used, free, inodes, created"), "{msg}");
 }
 
 #[test]
