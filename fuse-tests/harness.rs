@@ -419,8 +419,8 @@ impl Cluster {
         list.iter()
             .map(|v| VolumeInfo {
                 name: v["name"].as_str().unwrap_or_else(|| panic!("no name in {v}")).to_string(),
-                cap: v["cap"].as_u64().unwrap_or_else(|| panic!("no numeric cap in {v}")),
-                used: v["used"].as_u64().unwrap_or_else(|| panic!("no numeric used in {v}")),
+                cap: v["cap_bytes"].as_u64().unwrap_or_else(|| panic!("no numeric cap_bytes in {v}")),
+                used: v["used_bytes"].as_u64().unwrap_or_else(|| panic!("no numeric used_bytes in {v}")),
             })
             .collect()
     }

@@ -246,6 +246,105 @@ fn cli_sandbox_create_and_attach_errors() {
     c.attach("json-sb", "v", &at, &["--read-only"]);
 }
 
+/// `volumefs ARGS` without a server, and with neither VOLUMEFS_SERVER nor VOLUMEFS_TOKEN unless
+/// `env` sets them: (exit code, stdout, stderr).
+fn bare_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(SERVER_BIN);
+    cmd.args(args).env_remove("VOLUMEFS_SERVER").env_remove("VOLUMEFS_TOKEN").stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run volumefs CLI");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn cli_help_typos_and_completions_need_no_server() {
+    let (code, out, err) = bare_cli(&["volume", "--help"], &[]);
+    assert_eq!(code, 0, "volume --help: {err}");
+    assert!(out.contains("create") && out.contains("list") && out.contains("inspect"), "volume --help:\n{out}");
+    let (code, out, _) = bare_cli(&["sandbox", "exec", "--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("-- <CMD>..."), "sandbox exec --help:\n{out}");
+
+    let (code, _, err) = bare_cli(&["volme", "list"], &[]);
+    assert_eq!(code, 2, "a mistyped command is a usage error: {err}");
+    assert!(err.contains("'volume'"), "no suggestion for `volme`: {err}");
+
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = bare_cli(&["completions", shell], &[]);
+        assert_eq!(code, 0, "completions {shell}: {err}");
+        assert!(out.contains("volumefs") && out.contains("hibernate"), "completions {shell}:\n{out}");
+    }
+}
+
+#[test]
+fn cli_server_and_token_from_the_environment() {
+    let (code, _, err) = bare_cli(&["volume", "list"], &[]);
+    assert_eq!(code, 1);
+    assert_eq!(err.trim(), "volumefs: no API token: pass --token or set VOLUMEFS_TOKEN (the server writes it to DATA/api-token)");
+    // Nothing listens on port 1: the error names the server the environment chose.
+    let (code, _, err) = bare_cli(&["volume", "list"], &[("VOLUMEFS_SERVER", "http://127.0.0.1:1"), ("VOLUMEFS_TOKEN", "t")]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("volumefs: cannot reach the server at http://127.0.0.1:1"), "{err}");
+    // An option after the subcommand wins over the environment.
+    let (_, _, err) = bare_cli(
+        &["volume", "list", "--server", "http://127.0.0.1:2"],
+        &[("VOLUMEFS_SERVER", "http://127.0.0.1:1"), ("VOLUMEFS_TOKEN", "t")],
+    );
+    assert!(err.starts_with("volumefs: cannot reach the server at http://127.0.0.1:2"), "{err}");
+
+    let c = Cluster::new();
+    let (code, out, err) = bare_cli(&["volume", "list", "--token", &c.token], &[("VOLUMEFS_SERVER", &format!("http://{}", c.addr))]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("NAME"), "{out}");
+}
+
+#[test]
+fn cli_volume_fields() {
+    let c = Cluster::new();
+    c.create_volume("alpha", Some("64MiB"));
+    c.create_volume("beta", Some("1GiB"));
+
+    let out = c.cli(&["volume", "list", "--fields", "cap_bytes,name"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["CAP", "NAME"], "{out}");
+    assert_eq!(lines[1].split_whitespace().collect::<Vec<_>>(), ["64.0", "MiB", "alpha"], "{out}");
+    assert_eq!(lines[2].split_whitespace().collect::<Vec<_>>(), ["1.0", "GiB", "beta"], "{out}");
+
+    let out = c.cli(&["volume", "list", "--json", "--fields", "name,files"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    let vols = v.as_array().unwrap();
+    assert_eq!(vols.len(), 2);
+    for vol in vols {
+        let keys: Vec<&String> = vol.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 2, "only the asked fields: {vol}");
+        assert!(vol["name"].is_string() && vol["files"].as_u64() >= Some(1), "{vol}");
+    }
+    assert!(out.find("\"name\"") < out.find("\"files\""), "keys in the given order: {out}");
+
+    let out = c.cli(&["volume", "inspect", "alpha", "--fields", "used_bytes,cap_bytes"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    assert_eq!(v.as_object().unwrap().len(), 2, "{out}");
+    assert_eq!(v["cap_bytes"].as_u64(), Some(64 * MIB));
+    assert!(out.find("\"used_bytes\"") < out.find("\"cap_bytes\""), "keys in the given order: {out}");
+
+    // Without --fields: every key.
+    let v: serde_json::Value = serde_json::from_str(&c.cli(&["volume", "inspect", "alpha"])).unwrap();
+    for key in ["id", "name", "cap_bytes", "used_bytes", "free_bytes", "files", "created_at", "attachments"] {
+        assert!(v.get(key).is_some(), "inspect lacks {key}: {v}");
+    }
+
+    let out = c.cli_output(&["volume", "list", "--fields", "name,size"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"size\"") && err.contains("id, name, cap_bytes, used_bytes, free_bytes, files, created_at, attachments"),
+        "{err}"
+    );
+}
+
 #[test]
 fn data_inodes_and_usage_survive_server_restart() {
     require_fuse!();
