@@ -14,6 +14,8 @@
 //! - [`appends`]: O_APPEND from many sandboxes, lock revalidation, a stop with the server down.
 //! - [`crash`]: server SIGKILL and SIGTERM under a running workload; nothing acknowledged is lost.
 //! - [`differential`]: random operations on a mount and on a local directory, compared step by step.
+//! - [`http_api`]: the HTTP API with curl, GNU tar and unzip: ranges, archives, batches, signed
+//!   URLs, streaming (1 GiB with flat memory), guests seeing API changes.
 //! - [`files`]: reading and writing file contents (overwrite, sparse, truncate, append, large).
 //! - [`namespace`]: directories, rename (all flavours), hard links, symlinks, fifos, unlink of
 //!   open files.
@@ -33,6 +35,7 @@ mod attrs;
 mod crash;
 mod differential;
 mod files;
+mod http_api;
 mod lifecycle;
 mod load;
 mod locks;

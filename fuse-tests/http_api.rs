@@ -1,0 +1,466 @@
+//! The HTTP API driven by the tools a controller would use: real `curl` (ranges, streamed
+//! uploads, signed URLs), real GNU `tar` and `unzip` to check archives, and a FUSE mount to
+//! check that guests see what the API changed. Most tests need no mount (only the server).
+
+use crate::harness::*;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// `curl -sS` against the cluster's server, with the token unless `anonymous`; `args` may use
+/// `{base}` for `http://ADDR`.
+fn curl_with(c: &Cluster, anonymous: bool, args: &[&str]) -> Output {
+    let base = format!("http://{}", c.addr);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "300"]);
+    if !anonymous {
+        cmd.args(["-H", &format!("Authorization: Bearer {}", c.token)]);
+    }
+    for a in args {
+        cmd.arg(a.replace("{base}", &base));
+    }
+    cmd.output().expect("run curl")
+}
+
+fn curl(c: &Cluster, args: &[&str]) -> Output {
+    curl_with(c, false, args)
+}
+
+/// Runs curl with `-w '\n%{http_code}'`; returns (status, body).
+fn call(c: &Cluster, args: &[&str]) -> (u16, String) {
+    let mut all = args.to_vec();
+    all.extend(["-w", "\n%{http_code}"]);
+    let out = curl(c, &all);
+    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or_else(|_| panic!("no status in {text:?}")), body.to_string())
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+fn put(c: &Cluster, vol: &str, path: &str, data: &[u8]) {
+    let f = c.path(&format!("put-{}", path.replace('/', "_")));
+    std::fs::write(&f, data).unwrap();
+    let (code, body) = call(c, &["-T", f.to_str().unwrap(), &format!("{{base}}/v1/volumes/{vol}/files{path}?parents=true")]);
+    assert_eq!(code, 200, "PUT {path}: {body}");
+}
+
+fn get(c: &Cluster, vol: &str, path: &str) -> Vec<u8> {
+    let out = curl(c, &["-f", &format!("{{base}}/v1/volumes/{vol}/files{path}")]);
+    assert!(out.status.success(), "GET {path}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn ls(c: &Cluster, vol: &str) -> Vec<String> {
+    let (code, body) = call(c, &[&format!("{{base}}/v1/volumes/{vol}/list?path=/&recursive=true")]);
+    assert_eq!(code, 200, "{body}");
+    // Listings come in directory order (like `find`); sorted here to compare.
+    let mut paths: Vec<String> =
+        json(&body)["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap().to_string()).collect();
+    paths.sort();
+    paths
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn http_errors_are_json_with_stable_codes() {
+    let c = Cluster::new();
+    c.create_volume("v", Some("1MiB"));
+    let (code, body) = call(&c, &["{base}/v1/volumes/nope"]);
+    assert_eq!((code, json(&body)["code"].as_str()), (404, Some("NotFound")), "{body}");
+    let out = curl_with(&c, true, &["-w", "\n%{http_code}", "{base}/v1/volumes"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("401") && text.contains("\"Unauthorized\""), "{text}");
+    // No resize: the cap is fixed, and the error says so.
+    let (code, body) = call(&c, &["-X", "PATCH", "-H", "Content-Type: application/json", "-d", r#"{"cap":"2GiB"}"#, "{base}/v1/volumes/v"]);
+    assert_eq!(code, 400, "{body}");
+    assert!(json(&body)["message"].as_str().unwrap().contains("do not grow"), "{body}");
+    // Paths are checked: `..` cannot climb out.
+    let (code, body) = call(&c, &["{base}/v1/volumes/v/stat?path=/a/../../etc/passwd"]);
+    assert_eq!((code, json(&body)["code"].as_str()), (400, Some("InvalidArgument")), "{body}");
+    // A full volume is `VolumeFull`, and the write left nothing.
+    let big = c.path("big");
+    std::fs::write(&big, pattern(2 << 20, 1)).unwrap();
+    let (code, body) = call(&c, &["-T", big.to_str().unwrap(), "{base}/v1/volumes/v/files/big"]);
+    assert_eq!((code, json(&body)["code"].as_str()), (507, Some("VolumeFull")), "{body}");
+    assert_eq!(ls(&c, "v"), Vec::<String>::new(), "nothing half-written");
+    assert_eq!(c.volume_used("v"), 0);
+    // Field selection, in the order asked; an unknown field names the valid ones.
+    let (_, body) = call(&c, &["{base}/v1/volumes/v?fields=used_bytes,name"]);
+    assert_eq!(body.trim(), r#"{"used_bytes":0,"name":"v"}"#);
+    let (code, body) = call(&c, &["{base}/v1/volumes?fields=size"]);
+    assert!(code == 400 && body.contains("cap_bytes"), "{body}");
+}
+
+#[test]
+fn http_ranges_with_curl() {
+    let c = Cluster::new();
+    c.create_volume("v", None);
+    let data = pattern(3 << 20, 7);
+    put(&c, "v", "/d/blob", &data);
+    let url = "{base}/v1/volumes/v/files/d/blob";
+    let out = curl(&c, &["-f", "-r", "100-199", url]);
+    assert_bytes_eq("bytes 100-199", &out.stdout, &data[100..200]);
+    let out = curl(&c, &["-f", "-r", "-10", url]);
+    assert_bytes_eq("the last 10 bytes", &out.stdout, &data[data.len() - 10..]);
+    let out = curl(&c, &["-f", "-r", "3000000-", url]);
+    assert_bytes_eq("from 3000000 on", &out.stdout, &data[3_000_000..]);
+    let (code, _) = call(&c, &["-r", "5000000-5000001", url]);
+    assert_eq!(code, 416, "a range past the end");
+    let (code, _) = call(&c, &["-o", "/dev/null", "-r", "0-0", url]);
+    assert_eq!(code, 206);
+    assert_bytes_eq("whole file", &get(&c, "v", "/d/blob"), &data);
+}
+
+/// A tree with an executable, a symlink, an old mtime and a nested directory, packed by GNU
+/// tar, uploaded as a batch, downloaded as tar, tar.gz and zip, and unpacked by GNU tar and
+/// unzip: the same bytes, modes, link and times come back.
+#[test]
+fn http_archives_round_trip_through_gnu_tar_and_unzip() {
+    let c = Cluster::new();
+    c.create_volume("v", None);
+    let src = c.path("src");
+    sh(&format!(
+        "mkdir -p {s}/tree/sub/deep && cd {s}/tree && printf 'hello\\n' > a.txt && head -c 300000 /dev/urandom > sub/bin \
+         && printf '#!/bin/sh\\necho hi\\n' > run.sh && chmod 755 run.sh && chmod 600 sub/bin && ln -s sub/bin link \
+         && printf 'x' > sub/deep/x && touch -d '2001-02-03 04:05:06' a.txt sub/bin",
+        s = src.display()
+    ));
+    let tarball = c.path("up.tar");
+    sh(&format!("tar -C {} -cf {} tree", src.display(), tarball.display()));
+    let (code, body) = call(
+        &c,
+        &[
+            "-H",
+            "Content-Type: application/x-tar",
+            "--data-binary",
+            &format!("@{}", tarball.display()),
+            "{base}/v1/volumes/v/batch?path=/up",
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["files"], 4, "{body}");
+    assert_eq!(json(&body)["symlinks"], 1, "{body}");
+
+    let compare = |dir: &Path, what: &str| {
+        let got = sh(&format!(
+            "cd {} && find tree -printf '%p %y %m %s %l\\n' | sort && sha256sum tree/a.txt tree/sub/bin tree/run.sh",
+            dir.display()
+        ));
+        let want = sh(&format!(
+            "cd {} && find tree -printf '%p %y %m %s %l\\n' | sort && sha256sum tree/a.txt tree/sub/bin tree/run.sh",
+            src.display()
+        ));
+        assert_eq!(got, want, "{what}: the tree that came back");
+    };
+    for (format, unpack) in [("tar", "tar -xf"), ("tar.gz", "tar -xzf")] {
+        let out = c.path(&format!("down.{format}"));
+        let o = curl(&c, &["-f", "-o", out.to_str().unwrap(), &format!("{{base}}/v1/volumes/v/files/up/tree?archive={format}")]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let dst = c.path(&format!("dst-{format}"));
+        std::fs::create_dir(&dst).unwrap();
+        sh(&format!("cd {} && {unpack} {}", dst.display(), out.display()));
+        compare(&dst, format);
+        let mtime = sh(&format!("stat -c %Y {}/tree/a.txt", dst.display()));
+        assert_eq!(mtime.trim(), sh(&format!("stat -c %Y {}/tree/a.txt", src.display())).trim(), "{format}: mtime kept");
+    }
+    let zipf = c.path("down.zip");
+    let o = curl(&c, &["-f", "-o", zipf.to_str().unwrap(), "{base}/v1/volumes/v/archive?path=/up/tree&format=zip"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listing = sh(&format!("unzip -l {}", zipf.display()));
+    assert!(listing.contains("tree/sub/bin") && listing.contains("tree/run.sh"), "{listing}");
+    let dst = c.path("dst-zip");
+    std::fs::create_dir(&dst).unwrap();
+    sh(&format!("cd {} && unzip -q {}", dst.display(), zipf.display()));
+    compare(&dst, "zip");
+    // The whole volume as one archive.
+    let o = curl(&c, &["-f", "{base}/v1/volumes/v/files?archive=tar"]);
+    let names = String::from_utf8_lossy(&Command::new("tar").arg("-t").stdin(Stdio::piped()).output_with(&o.stdout).stdout).into_owned();
+    assert!(names.lines().any(|l| l == "up/tree/run.sh"), "{names}");
+}
+
+trait OutputWith {
+    fn output_with(&mut self, input: &[u8]) -> Output;
+}
+
+impl OutputWith for Command {
+    fn output_with(&mut self, input: &[u8]) -> Output {
+        let mut child = self.stdout(Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+/// A batch that fails anywhere leaves nothing: a bad entry after good ones, and a batch too
+/// big for the volume.
+#[test]
+fn http_batch_is_all_or_nothing() {
+    let c = Cluster::new();
+    c.create_volume("v", Some("1MiB"));
+    put(&c, "v", "/keep", b"old");
+    let used = c.volume_used("v");
+    // GNU tar keeps `..` in names with -P; the server must refuse the whole stream.
+    let src = c.path("src");
+    sh(&format!("mkdir -p {s}/d && echo one > {s}/d/one && echo evil > {s}/evil", s = src.display()));
+    let tarball = c.path("bad.tar");
+    sh(&format!("cd {s}/d && tar -P -cf {t} one ../evil", s = src.display(), t = tarball.display()));
+    let (code, body) = call(
+        &c,
+        &[
+            "-H",
+            "Content-Type: application/x-tar",
+            "--data-binary",
+            &format!("@{}", tarball.display()),
+            "{base}/v1/volumes/v/batch?path=/new",
+        ],
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains(".."), "{body}");
+    assert_eq!(ls(&c, "v"), ["/keep"], "nothing of the batch stays, not even its directory");
+    // JSON form: three files, the last too big for the cap.
+    let huge = "x".repeat(1 << 20);
+    let batch =
+        serde_json::json!({"files": [{"path": "/a", "content": "A"}, {"path": "/b/c", "content": "C"}, {"path": "/z", "content": huge}]});
+    let f = c.path("batch.json");
+    std::fs::write(&f, batch.to_string()).unwrap();
+    let (code, body) =
+        call(&c, &["-H", "Content-Type: application/json", "--data-binary", &format!("@{}", f.display()), "{base}/v1/volumes/v/batch"]);
+    assert_eq!((code, json(&body)["code"].as_str()), (507, Some("VolumeFull")), "{body}");
+    assert_eq!(ls(&c, "v"), ["/keep"]);
+    assert_eq!(c.volume_used("v"), used, "usage back where it was");
+    // And a good one lands whole.
+    let batch = serde_json::json!({"files": [{"path": "/a", "content": "A"}, {"path": "/b/c", "content": "C"}]});
+    std::fs::write(&f, batch.to_string()).unwrap();
+    let (code, body) =
+        call(&c, &["-H", "Content-Type: application/json", "--data-binary", &format!("@{}", f.display()), "{base}/v1/volumes/v/batch"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(get(&c, "v", "/b/c"), b"C");
+}
+
+#[test]
+fn signed_urls_work_with_plain_curl_until_they_expire() {
+    let c = Cluster::new();
+    c.create_volume("v", None);
+    let data = pattern(100_000, 3);
+    put(&c, "v", "/docs/report.bin", &data);
+    let sign = |body: &str| -> String {
+        let (code, out) = call(&c, &["-H", "Content-Type: application/json", "-d", body, "{base}/v1/volumes/v/signed-url"]);
+        assert_eq!(code, 200, "{out}");
+        json(&out)["url"].as_str().unwrap().to_string()
+    };
+    let url = sign(r#"{"path": "/docs/report.bin", "expires_secs": 600}"#);
+    let out = curl_with(&c, true, &["-f", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_bytes_eq("fetched without a token", &out.stdout, &data);
+    let out = curl_with(&c, true, &["-f", "-r", "10-19", &url]);
+    assert_bytes_eq("ranges work on signed URLs", &out.stdout, &data[10..20]);
+    // Tampering with any part is refused.
+    let tampered = [
+        url.replace("report.bin", "report.bim"),
+        url.replace("expires=", "expires=9"),
+        {
+            let i = url.rfind("sig=").unwrap() + 4;
+            let mut u = url.clone();
+            u.replace_range(i..i + 1, if &url[i..i + 1] == "0" { "1" } else { "0" });
+            u
+        },
+        url.replace("/signed/v?", "/signed/w?"),
+    ];
+    for t in &tampered {
+        let out = curl_with(&c, true, &["-w", "\n%{http_code}", t]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.ends_with("403") && text.contains("Forbidden"), "{t}: {text}");
+    }
+    // A directory is signed as an archive only, and the archive URL works.
+    let (code, body) = call(&c, &["-H", "Content-Type: application/json", "-d", r#"{"path": "/docs"}"#, "{base}/v1/volumes/v/signed-url"]);
+    assert_eq!(code, 400, "{body}");
+    let url = sign(r#"{"path": "/docs", "archive": "tar", "expires_secs": 600}"#);
+    let out = curl_with(&c, true, &["-f", &url]);
+    let names = String::from_utf8_lossy(&Command::new("tar").arg("-t").stdin(Stdio::piped()).output_with(&out.stdout).stdout).into_owned();
+    assert_eq!(names.lines().collect::<Vec<_>>(), ["docs/", "docs/report.bin"]);
+    // Expiry.
+    let url = sign(r#"{"path": "/docs/report.bin", "expires_secs": 1}"#);
+    std::thread::sleep(Duration::from_millis(2100));
+    let out = curl_with(&c, true, &["-w", "\n%{http_code}", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("403") && text.contains("expired"), "{text}");
+}
+
+/// 1 GiB goes up from a pipe and comes back down while the server's memory stays flat: bodies
+/// stream through bounded channels, never whole.
+#[test]
+fn http_one_gib_up_and_down_with_flat_server_memory() {
+    let c = Cluster::new();
+    c.create_volume("v", None);
+    let pid = c.server_pid();
+    let before = rss_kib(pid);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let base = format!("http://{}", c.addr);
+    let auth = format!("Authorization: Bearer {}", c.token);
+    let up = sh(&format!(
+        "head -c 1073741824 /dev/zero | tr '\\0' 'z' | curl -sS -f -T - -H '{auth}' '{base}/v1/volumes/v/files/big' -w ' %{{http_code}}'"
+    ));
+    assert!(up.ends_with("200"), "{up}");
+    let up_peak = peak.swap(rss_kib(pid), std::sync::atomic::Ordering::SeqCst);
+    let down = sh(&format!("curl -sS -f -H '{auth}' '{base}/v1/volumes/v/files/big' | wc -c"));
+    assert_eq!(down.trim(), "1073741824");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().unwrap();
+    let down_peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    let after = rss_kib(pid);
+    eprintln!("http_api: server RSS {before} KiB before, peak {up_peak} KiB uploading 1 GiB, peak {down_peak} KiB downloading it, {after} KiB after");
+    assert!(
+        up_peak < before + 200 * 1024 && down_peak < before + 200 * 1024,
+        "memory grew with the body: {before} -> {up_peak} / {down_peak} KiB"
+    );
+    let head = get_range(&c, "/big", "1073741800-1073741823");
+    assert_eq!(head, vec![b'z'; 24]);
+}
+
+fn get_range(c: &Cluster, path: &str, range: &str) -> Vec<u8> {
+    curl(c, &["-f", "-r", range, &format!("{{base}}/v1/volumes/v/files{path}")]).stdout
+}
+
+/// An upload cut off in the middle (the client killed) leaves no file and no usage behind.
+#[test]
+fn http_interrupted_upload_leaves_nothing() {
+    let c = Cluster::new();
+    c.create_volume("v", None);
+    put(&c, "v", "/f", b"old contents");
+    let base = format!("http://{}", c.addr);
+    let auth = format!("Authorization: Bearer {}", c.token);
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("(head -c 5000000 /dev/zero; sleep 30) | exec curl -sS -T - -H '{auth}' '{base}/v1/volumes/v/files/f'"))
+        .spawn()
+        .unwrap();
+    // Wait until the server holds the temporary file, then cut the upload off.
+    let started = eventually(Duration::from_secs(20), || {
+        let (_, body) = call(&c, &["{base}/v1/volumes/v/list?path=/"]);
+        body.contains(".f.volumefs-")
+    });
+    assert!(started.is_some(), "the upload never started");
+    sh(&format!("pkill -KILL -P {} curl || true; kill -KILL {} || true", child.id(), child.id()));
+    let _ = child.wait();
+    let gone = eventually(Duration::from_secs(20), || ls(&c, "v") == ["/f"]);
+    assert!(gone.is_some(), "the temporary file stays: {:?}", ls(&c, "v"));
+    assert_eq!(get(&c, "v", "/f"), b"old contents", "the old contents are untouched");
+    assert_eq!(c.volume_used("v"), 12);
+}
+
+/// What the API changes, a sandbox sees at once through its mount (the server pushes the
+/// invalidations), and what the sandbox writes the API reads.
+#[test]
+fn guests_see_api_changes_at_once() {
+    require_fuse!();
+    let c = Cluster::new();
+    c.create_volume("v", None);
+    let sock = c.sandbox("sb");
+    let mnt = c.path("mnt");
+    c.attach("sb", "v", &mnt, &[]);
+    let _agent = c.start_agent(&sock, &[&mnt]);
+    write(&mnt.join("guest.txt"), b"from the guest");
+    assert_eq!(get(&c, "v", "/guest.txt"), b"from the guest");
+    // Warm the guest's caches, then change everything through the API.
+    assert_eq!(read(&mnt.join("guest.txt")), b"from the guest");
+    let _ = std::fs::metadata(mnt.join("new.txt"));
+    put(&c, "v", "/guest.txt", b"replaced by the API");
+    put(&c, "v", "/new.txt", b"new");
+    assert_eq!(read(&mnt.join("guest.txt")), b"replaced by the API");
+    assert_eq!(read(&mnt.join("new.txt")), b"new");
+    let (code, body) = call(
+        &c,
+        &["-H", "Content-Type: application/json", "-d", r#"{"from": "/new.txt", "to": "/moved.txt"}"#, "{base}/v1/volumes/v/move"],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(!mnt.join("new.txt").exists() && read(&mnt.join("moved.txt")) == b"new");
+    let (code, body) = call(
+        &c,
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"path": "/guest.txt", "find": "API", "replace": "control plane"}"#,
+            "{base}/v1/volumes/v/edit",
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(read(&mnt.join("guest.txt")), b"replaced by the control plane");
+    let (code, body) = call(&c, &["-X", "DELETE", "{base}/v1/volumes/v/files/moved.txt"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(!mnt.join("moved.txt").exists());
+    let (code, body) = call(&c, &["-X", "POST", "--data-binary", "one line\n", "{base}/v1/volumes/v/files/log?append"]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(read(&mnt.join("log")), b"one line\n");
+}
+
+/// The file verbs over plain HTTP: stat, list, mkdir, move, remove, edit, search, replace.
+#[test]
+fn http_file_operations() {
+    let c = Cluster::new();
+    c.create_volume("v", None);
+    put(&c, "v", "/src/main.rs", b"fn main() {\n    println!(\"hello\");\n}\n");
+    put(&c, "v", "/src/lib.rs", b"pub fn hello() -> &'static str {\n    \"hello\"\n}\n");
+    put(&c, "v", "/README.md", b"say hello\n");
+    let post = |route: &str, body: &str| {
+        call(&c, &["-H", "Content-Type: application/json", "-d", body, &format!("{{base}}/v1/volumes/v/{route}")])
+    };
+    let (code, body) = call(&c, &["{base}/v1/volumes/v/stat?path=/src/main.rs"]);
+    assert_eq!(code, 200);
+    let st = json(&body);
+    assert_eq!((st["kind"].as_str(), st["size"].as_u64(), st["mode"].as_u64()), (Some("file"), Some(37), Some(0o644)), "{body}");
+    let (code, _) = call(&c, &["-I", "{base}/v1/volumes/v/files/nope"]);
+    assert_eq!(code, 404, "HEAD of a missing path");
+    let (code, body) = post("mkdir", r#"{"path": "/a/b/c", "parents": true}"#);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = post("mkdir", r#"{"path": "/x/y"}"#);
+    assert_eq!((code, json(&body)["code"].as_str()), (404, Some("NotFound")), "{body}");
+    let (code, body) = post("move", r#"{"from": "/README.md", "to": "/a/b/README.md"}"#);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = post("remove", r#"{"path": "/a"}"#);
+    assert_eq!((code, json(&body)["code"].as_str()), (409, Some("NotEmpty")), "{body}");
+    assert_eq!(ls(&c, "v"), ["/a", "/a/b", "/a/b/README.md", "/a/b/c", "/src", "/src/lib.rs", "/src/main.rs"]);
+    // Edit: exactly one occurrence.
+    let (code, body) = post("edit", r#"{"path": "/src/lib.rs", "find": "hello", "replace": "bye"}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(json(&body)["message"].as_str().unwrap().contains("found 2"), "{body}");
+    let (code, body) = post("edit", r#"{"path": "/src/lib.rs", "find": "fn hello", "replace": "fn greet"}"#);
+    assert_eq!(code, 200, "{body}");
+    // Search by name and by content.
+    let (_, body) = call(&c, &["{base}/v1/volumes/v/search?path=/&name=*.rs"]);
+    let mut paths: Vec<String> =
+        json(&body)["matches"].as_array().unwrap().iter().map(|m| m["path"].as_str().unwrap().to_string()).collect();
+    paths.sort();
+    assert_eq!(paths, ["/src/lib.rs", "/src/main.rs"]);
+    let (_, body) = call(&c, &["-G", "--data-urlencode", "content=print.*hello", "{base}/v1/volumes/v/search"]);
+    let m = &json(&body)["matches"][0];
+    assert_eq!((m["path"].as_str(), m["line"].as_u64()), (Some("/src/main.rs"), Some(2)), "{body}");
+    // Replace across files, reported per file.
+    let (code, body) = post("replace", r#"{"path": "/", "find": "hel+o", "replace": "howdy", "name": "*.rs"}"#);
+    assert_eq!(code, 200, "{body}");
+    let mut changed: Vec<String> = json(&body)["changed"].as_array().unwrap().iter().map(|f| f.to_string()).collect();
+    changed.sort();
+    assert_eq!(changed, [r#"{"path":"/src/lib.rs","replacements":1}"#, r#"{"path":"/src/main.rs","replacements":1}"#]);
+    assert_eq!(get(&c, "v", "/src/lib.rs"), b"pub fn greet() -> &'static str {\n    \"howdy\"\n}\n");
+    assert_eq!(get(&c, "v", "/a/b/README.md"), b"say hello\n", "not a *.rs file");
+    let (code, body) = post("remove", r#"{"path": "/a", "recursive": true}"#);
+    assert_eq!((code, json(&body)["entries"].as_u64()), (200, Some(4)), "{body}");
+    assert_eq!(ls(&c, "v"), ["/src", "/src/lib.rs", "/src/main.rs"]);
+}
