@@ -464,3 +464,182 @@ fn http_file_operations() {
     assert_eq!((code, json(&body)["entries"].as_u64()), (200, Some(4)), "{body}");
     assert_eq!(ls(&c, "v"), ["/src", "/src/lib.rs", "/src/main.rs"]);
 }
+
+/// The stock tus client (tuspy from PyPI, installed by scripts/test.sh), if this machine has it.
+fn tuspy_available() -> bool {
+    let ok = Command::new("python3").args(["-c", "import tusclient"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(std::env::var("VOLUMEFS_REQUIRE_FUSE").is_err(), "tuspy is missing (scripts/test.sh installs it with pip)");
+        eprintln!("SKIPPED: python3 cannot import tusclient (pip install tuspy)");
+    }
+    ok
+}
+
+const TUS_SCRIPT: &str = r#"
+import sys
+from tusclient import client
+endpoint, token, local, mode = sys.argv[1:5]
+c = client.TusClient(endpoint, headers={"Authorization": "Bearer " + token})
+if mode == "start":
+    up = c.uploader(file_path=local, chunk_size=8 << 20, metadata={"path": "/big/data.bin", "parents": "true"})
+    up.upload(stop_at=8 << 20)
+    print(up.url)
+else:
+    up = c.uploader(file_path=local, url=mode, chunk_size=8 << 20)
+    start = up.get_offset()
+    up.offset = start
+    up.upload()
+    print(start)
+"#;
+
+/// A 64 MiB upload by a stock tus client, interrupted for real (a PATCH killed mid-body) and
+/// resumed by a new client process from the server's offset: the bytes arrive whole, and only
+/// what the server did not have is sent again.
+#[test]
+fn tus_upload_interrupted_and_resumed_by_a_stock_client() {
+    if !tuspy_available() {
+        return;
+    }
+    let c = Cluster::new();
+    c.create_volume("v", None);
+    let size = 64usize << 20;
+    let local = c.path("data.bin");
+    std::fs::write(&local, pattern(size, 42)).unwrap();
+    let endpoint = format!("http://{}/v1/volumes/v/uploads", c.addr);
+    let py = |mode: &str| -> String {
+        let out = Command::new("python3").args(["-c", TUS_SCRIPT, &endpoint, &c.token, local.to_str().unwrap(), mode]).output().unwrap();
+        assert!(out.status.success(), "tuspy {mode}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // 1. The client creates the upload and sends the first 8 MiB, then stops.
+    let url = py("start");
+    assert!(url.contains("/v1/volumes/v/uploads/"), "{url}");
+    let head = |c: &Cluster| -> Option<u64> {
+        let out = curl(c, &["-I", "-H", "Tus-Resumable: 1.0.0", &url]);
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        text.lines().find_map(|l| l.strip_prefix("upload-offset:")).map(|v| v.trim().parse().unwrap())
+    };
+    assert_eq!(head(&c), Some(8 << 20));
+    // 2. A PATCH of the rest, throttled and killed mid-body: what arrived stays.
+    let auth = format!("Authorization: Bearer {}", c.token);
+    let mut patch = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tail -c +{} {} | exec curl -sS --limit-rate 8M -X PATCH -H '{auth}' -H 'Tus-Resumable: 1.0.0' \
+             -H 'Upload-Offset: {}' -H 'Content-Type: application/offset+octet-stream' --data-binary @- '{url}'",
+            (8 << 20) + 1,
+            local.display(),
+            8 << 20
+        ))
+        .spawn()
+        .unwrap();
+    let grew = eventually(Duration::from_secs(30), || head(&c).is_some_and(|o| o >= 16 << 20));
+    sh(&format!("pkill -KILL -P {} curl || true; kill -KILL {} || true", patch.id(), patch.id()));
+    let _ = patch.wait();
+    assert!(grew.is_some(), "the throttled PATCH never got past 16 MiB");
+    let kept = eventually(Duration::from_secs(10), || c.volume_used("v") == head(&c).unwrap_or(0)).map(|_| head(&c).unwrap());
+    let kept = kept.expect("offset settles after the kill");
+    assert!(kept > 8 << 20 && kept < size as u64, "a cut-off PATCH keeps what it wrote: {kept}");
+    // 3. A new client process resumes from the server's offset.
+    let resumed_from: u64 = py(&url).parse().unwrap();
+    assert_eq!(resumed_from, kept, "the client resumed where the server was");
+    let resent = size as u64 - resumed_from;
+    eprintln!(
+        "http_api: tus upload of {} MiB: 8 MiB by the first client, {:.1} MiB kept from the killed PATCH, {:.1} MiB sent on resume",
+        size >> 20,
+        (kept - (8 << 20)) as f64 / 1048576.0,
+        resent as f64 / 1048576.0
+    );
+    assert_bytes_eq("the uploaded file", &get(&c, "v", "/big/data.bin"), &pattern(size, 42));
+    assert_eq!(ls(&c, "v"), ["/big", "/big/data.bin"], "no hidden upload file left");
+    assert_eq!(c.volume_used("v"), size as u64);
+    let out = curl(&c, &["-I", "-H", "Tus-Resumable: 1.0.0", "-w", "%{http_code}", "-o", "/dev/null", &url]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404", "a finished upload is gone");
+}
+
+/// tus termination and expiration: both remove the partial data and its usage.
+#[test]
+fn tus_uploads_are_terminated_and_expire() {
+    let c = Cluster::with_server_args(&["--upload-expiry", "2"]);
+    c.create_volume("v", Some("64MiB"));
+    let create = |path: &str, len: u64| -> String {
+        use base64::Engine as _;
+        let meta = format!("path {}", base64::engine::general_purpose::STANDARD.encode(path));
+        let out = curl(
+            &c,
+            &[
+                "-i",
+                "-X",
+                "POST",
+                "-H",
+                "Tus-Resumable: 1.0.0",
+                "-H",
+                &format!("Upload-Length: {len}"),
+                "-H",
+                &format!("Upload-Metadata: {meta}"),
+                "{base}/v1/volumes/v/uploads",
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+        let loc = text.lines().find_map(|l| l.to_lowercase().starts_with("location:").then(|| l[9..].trim().to_string())).unwrap();
+        format!("http://{}{loc}", c.addr)
+    };
+    let patch = |url: &str, offset: u64, data: &str| -> String {
+        let out = curl(
+            &c,
+            &[
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PATCH",
+                "-H",
+                "Tus-Resumable: 1.0.0",
+                "-H",
+                &format!("Upload-Offset: {offset}"),
+                "-H",
+                "Content-Type: application/offset+octet-stream",
+                "--data-binary",
+                data,
+                url,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // More than the volume holds is refused at creation.
+    let out = curl(
+        &c,
+        &[
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "-H",
+            "Tus-Resumable: 1.0.0",
+            "-H",
+            "Upload-Length: 100000000",
+            "-H",
+            "Upload-Metadata: path L2JpZw==",
+            "{base}/v1/volumes/v/uploads",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("507"), "{}", String::from_utf8_lossy(&out.stdout));
+    let a = create("/a.txt", 10);
+    assert_eq!(patch(&a, 0, "hello"), "204");
+    assert!(patch(&a, 0, "hello").contains("409"), "a wrong offset is a conflict");
+    assert_eq!(c.volume_used("v"), 5);
+    let out = curl(&c, &["-w", "%{http_code}", "-X", "DELETE", "-H", "Tus-Resumable: 1.0.0", &a]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "204");
+    assert_eq!(c.volume_used("v"), 0, "termination frees the partial data");
+    assert_eq!(ls(&c, "v"), Vec::<String>::new());
+    let b = create("/b.txt", 10);
+    assert_eq!(patch(&b, 0, "12345"), "204");
+    let expired = eventually(Duration::from_secs(20), || ls(&c, "v").is_empty() && c.volume_used("v") == 0);
+    assert!(expired.is_some(), "an upload left alone expires: {:?}", ls(&c, "v"));
+    assert!(patch(&b, 5, "67890").contains("404"), "an expired upload is gone");
+    // A finished one lands in place.
+    let d = create("/d.txt", 10);
+    assert_eq!(patch(&d, 0, "01234"), "204");
+    assert_eq!(patch(&d, 5, "56789"), "204");
+    assert_eq!(get(&c, "v", "/d.txt"), b"0123456789");
+}

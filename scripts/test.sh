@@ -32,6 +32,16 @@ if ! command -v cargo-deny >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin
 fi
 cargo deny check licenses bans
 
+log "tools the tests drive: curl, GNU tar, unzip, tuspy (a stock tus client)"
+missing=""
+for tool in curl tar unzip python3; do command -v "$tool" >/dev/null || missing="$missing $tool"; done
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${missing/python3/python3 python3-pip} >/dev/null
+fi
+if ! python3 -c "import tusclient" 2>/dev/null; then
+    python3 -m pip install --quiet tuspy || python3 -m pip install --quiet --break-system-packages tuspy
+fi
+
 log "build"
 cargo build --locked --all-targets
 

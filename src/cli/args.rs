@@ -85,6 +85,10 @@ pub struct ServerArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub lease_ttl: u64,
 
+    /// Seconds a resumable upload may sit untouched before it is removed
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    pub upload_expiry: u64,
+
     /// Where the guest image for `sandbox run` is (found automatically when not given)
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,

@@ -290,6 +290,7 @@ fn serve(a: ServerArgs) -> Result<(), String> {
         data: data.clone(),
         lease_ttl: std::time::Duration::from_secs(a.lease_ttl),
         images: a.images,
+        upload_expiry: std::time::Duration::from_secs(a.upload_expiry),
     })
     .map_err(|e| e.to_string())?;
     let rt = crate::server::runtime();

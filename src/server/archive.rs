@@ -150,7 +150,7 @@ fn write_tar<W: Write>(server: &Server, vol: VolId, entries: &[Entry], rel: &dyn
 }
 
 /// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i32, u8, u8) {
+pub(super) fn civil(days: i64) -> (i32, u8, u8) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

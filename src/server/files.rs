@@ -107,7 +107,7 @@ impl Server {
 
     /// The directory holding the last name of `parts` (its parents made when `make` is set)
     /// and that name.
-    fn parent_of<'p>(&self, vol: VolId, parts: &[&'p str], make: bool) -> FsResult<(Ino, &'p str)> {
+    pub(super) fn parent_of<'p>(&self, vol: VolId, parts: &[&'p str], make: bool) -> FsResult<(Ino, &'p str)> {
         let (name, dirs) = parts.split_last().ok_or_else(|| FsError::new(libc::EINVAL, "the volume root cannot be the target"))?;
         let mut parent = ROOT_INO;
         for (i, d) in dirs.iter().enumerate() {

@@ -50,7 +50,7 @@ use tokio::sync::mpsc;
 
 type Srv = State<Arc<Server>>;
 type Params = Query<HashMap<String, String>>;
-type ApiResult<T = Response> = Result<T, ApiError>;
+pub(super) type ApiResult<T = Response> = Result<T, ApiError>;
 
 /// Largest body an append may carry (appends are records; files go through PUT).
 const MAX_APPEND: usize = 64 << 20;
@@ -70,7 +70,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError { status, code, message: message.into(), errno: "" }
     }
 
@@ -111,7 +111,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Runs an engine-bound closure on the blocking pool; a panic becomes an internal error.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, FsError> + Send + 'static) -> ApiResult<T> {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, FsError> + Send + 'static) -> ApiResult<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", format!("internal error: {e}"))),
@@ -174,6 +174,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/sandboxes/{s}", get(inspect_sandbox).delete(delete_sandbox))
         .route("/v1/sandboxes/{s}/attachments", get(list_attachments).post(attach).delete(detach))
         .route("/v1/sandboxes/{s}/{verb}", post(sandbox_verb))
+        .merge(super::tus::routes())
         .layer(axum::middleware::from_fn_with_state(server.clone(), authorize));
     Router::new()
         .route("/v1/signed/{v}", get(signed_download))
@@ -386,7 +387,7 @@ impl io::Write for ChannelWriter {
 }
 
 /// A `Read` over an HTTP request body (used on the blocking pool).
-struct BodyReader {
+pub(super) struct BodyReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     cur: Bytes,
 }
@@ -408,7 +409,10 @@ impl io::Read for BodyReader {
 
 /// Runs `consume` on the blocking pool with the request body as a `Read`, feeding it as the
 /// body arrives. A body that breaks off (the client went away) is a read error for `consume`.
-async fn with_body<T: Send + 'static>(body: Body, consume: impl FnOnce(BodyReader) -> Result<T, FsError> + Send + 'static) -> ApiResult<T> {
+pub(super) async fn with_body<T: Send + 'static>(
+    body: Body,
+    consume: impl FnOnce(BodyReader) -> Result<T, FsError> + Send + 'static,
+) -> ApiResult<T> {
     let (tx, rx) = mpsc::channel(PIPE_DEPTH);
     let job = tokio::task::spawn_blocking(move || consume(BodyReader { rx, cur: Bytes::new() }));
     let mut stream = body.into_data_stream();
@@ -775,7 +779,7 @@ fn signature(key: &str, volume: &str, path: &str, archive: &str, expires: i64) -
     mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn encode_query(s: &str) -> String {
+pub(super) fn encode_query(s: &str) -> String {
     s.bytes()
         .map(|b| if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
         .collect()

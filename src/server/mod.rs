@@ -13,6 +13,7 @@ pub mod guest;
 pub mod http;
 pub mod locks;
 pub mod session;
+pub mod tus;
 pub mod vm;
 
 use crate::engine::meta::{AttachState, AttachmentRow, VolId};
@@ -42,6 +43,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Where the guest image is (for `sandbox run`); found automatically when `None`.
     pub images: Option<PathBuf>,
+    /// How long a resumable upload may sit untouched before it is removed.
+    pub upload_expiry: Duration,
 }
 
 /// A sandbox's live pieces: its guest listener and the connections that came through it.
@@ -97,6 +100,8 @@ pub struct Server {
     /// Signs download URLs ([`http`]); its own secret, so that handing out URLs never involves
     /// the API token.
     pub url_key: String,
+    /// Resumable (tus) uploads in progress.
+    pub uploads: tus::Uploads,
     pub locks: locks::LockTable,
     sandboxes: Mutex<HashMap<String, Arc<SandboxRt>>>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
@@ -111,7 +116,7 @@ pub struct AttachmentInfo {
     pub volume_name: String,
 }
 
-fn random_token() -> FsResult<String> {
+pub(crate) fn random_token() -> FsResult<String> {
     use std::io::Read;
     let mut buf = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
@@ -208,12 +213,14 @@ impl Server {
         let engine = Engine::open_dir(&config.data)?;
         let token = load_secret(&config.data, "api-token")?;
         let url_key = load_secret(&config.data, "url-key")?;
+        let uploads = tus::Uploads::open(&config.data, config.upload_expiry)?;
         let server = Arc::new(Server {
             _data_lock: data_lock,
             engine,
             config,
             token,
             url_key,
+            uploads,
             locks: locks::LockTable::default(),
             sandboxes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -232,6 +239,7 @@ impl Server {
         }
         session::start_reaper(&server);
         start_orphan_reclaim(&server);
+        tus::start_expiry(&server);
         tracing::info!(data = %server.config.data.display(), pid = std::process::id(), "server started");
         Ok(server)
     }
