@@ -162,6 +162,14 @@ fn vm_boot_mounts_rw_and_ro_subpath_volumes() {
 
     // A transcript for the record.
     eprintln!("vm: sandbox exec sb -- ls -la /mnt/data:\n{}", guest_ok(&c, "sb", "ls -la /mnt/data"));
+
+    // Stopped and run again with the same volumes: the attachments are reused, nothing is lost;
+    // a different volume at a taken path is refused with a message that says what to do.
+    drop(_vm);
+    let err = c.cli_fail(&["sandbox", "run", "sb", "--volume", "docs:/mnt/data"]);
+    assert!(err.contains("already has volume `data` attached at /mnt/data") && err.contains("detach it first"), "{err}");
+    let _vm = Running::boot(&c, "sb", &["data:/mnt/data", "docs:/mnt/docs:ro:subpath=/shared"]);
+    assert_eq!(guest_ok(&c, "sb", "cat /mnt/data/d/b.txt"), "written in the guest\n");
 }
 
 #[test]

@@ -134,7 +134,8 @@ fn file(api: &Api, cmd: FileCommand) -> Result<(), String> {
             use std::io::Read;
             let mut data = Vec::new();
             std::io::stdin().read_to_end(&mut data).map_err(|e| format!("cannot read stdin: {e}"))?;
-            let (method, q) = if append { ("POST", "?append") } else { ("PUT", "") };
+            // `file write` has always made missing parent directories.
+            let (method, q) = if append { ("POST", "?append") } else { ("PUT", "?parents=true") };
             api.client()?.call_bytes(method, &format!("{}{q}", files(&volume, &path)), &data).map_err(|e| e.msg)?;
             Ok(())
         }
@@ -269,17 +270,32 @@ fn print_attachments(v: &Value, json: bool) {
     if json {
         return print_json(v);
     }
-    println!("{:<20} {:<16} {:<4} {:<16} {:<9} REASON", "PATH", "VOLUME", "MODE", "SUBPATH", "STATE");
-    for at in v.as_array().into_iter().flatten() {
-        println!(
-            "{:<20} {:<16} {:<4} {:<16} {:<9} {}",
-            at["path"].as_str().unwrap_or(""),
-            at["volume"].as_str().unwrap_or(""),
-            if at["read_only"].as_bool().unwrap_or(false) { "ro" } else { "rw" },
-            at["subpath"].as_str().unwrap_or(""),
-            at["state"].as_str().unwrap_or(""),
-            at["reason"].as_str().unwrap_or("")
-        );
+    let rows: Vec<[&str; 6]> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|at| {
+            [
+                at["path"].as_str().unwrap_or(""),
+                at["volume"].as_str().unwrap_or(""),
+                if at["read_only"].as_bool().unwrap_or(false) { "ro" } else { "rw" },
+                at["subpath"].as_str().unwrap_or(""),
+                at["state"].as_str().unwrap_or(""),
+                at["reason"].as_str().unwrap_or(""),
+            ]
+        })
+        .collect();
+    // Columns as wide as their widest cell, so long paths do not push the others out of line.
+    let header = ["PATH", "VOLUME", "MODE", "SUBPATH", "STATE", "REASON"];
+    let mut width = header.map(str::len);
+    for r in &rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for r in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = r.iter().zip(width).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
     }
 }
 

@@ -418,8 +418,28 @@ impl Server {
         if rt.vm.lock().unwrap().is_some() {
             return Err(FsError::new(libc::EBUSY, format!("sandbox `{sandbox}` is already running")));
         }
+        let existing = self.attachments(Some(sandbox))?;
         for (volume, path, ro, subpath) in volumes {
-            self.attach(sandbox, volume, path, *ro, subpath)?;
+            // Running a sandbox again with the same volumes reuses their attachments.
+            let same = existing.iter().find(|a| a.row.path == normalize(path));
+            match same {
+                Some(a) if a.volume_name == *volume && a.row.read_only == *ro && a.row.subpath == normalize(subpath) => {}
+                Some(a) => {
+                    return Err(FsError::new(
+                        libc::EEXIST,
+                        format!(
+                            "sandbox `{sandbox}` already has volume `{}` attached at {} ({}, subpath {}); detach it first to attach `{volume}` there",
+                            a.volume_name,
+                            a.row.path,
+                            if a.row.read_only { "read-only" } else { "read-write" },
+                            a.row.subpath
+                        ),
+                    ))
+                }
+                None => {
+                    self.attach(sandbox, volume, path, *ro, subpath)?;
+                }
+            }
         }
         let images = vm::find_images(self.config.images.as_deref())?;
         let started = std::time::Instant::now();
