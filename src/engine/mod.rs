@@ -22,6 +22,7 @@
 
 pub mod blob;
 pub mod meta;
+mod registry;
 pub mod sqlite;
 
 use crate::fs::*;
@@ -77,8 +78,11 @@ fn enoent(what: impl std::fmt::Display) -> FsError {
     FsError::new(libc::ENOENT, format!("{what} does not exist"))
 }
 
+/// An inode number that names nothing (any more): `ESTALE`, as NFS says it. A guest kernel whose
+/// cached name still points at a replaced file retries the lookup on `ESTALE` (Linux's
+/// `LOOKUP_REVAL`) and finds the new file, where `ENOENT` would reach the program.
 fn stale(ino: Ino) -> FsError {
-    FsError::new(libc::ENOENT, format!("inode {ino} no longer exists"))
+    FsError::new(libc::ESTALE, format!("inode {ino} no longer exists"))
 }
 
 fn lossy(name: &[u8]) -> String {
@@ -205,7 +209,7 @@ impl Engine {
     }
 
     /// Runs `f` in one metadata transaction.
-    pub fn tx<T>(&self, f: impl FnOnce(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
+    fn tx<T>(&self, f: impl FnOnce(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
         let mut f = Some(f);
         let mut out = None;
         self.meta.transact(&mut |t| {

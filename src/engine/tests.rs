@@ -142,7 +142,7 @@ fn unlinked_open_file_lives_until_release() {
     e.write(v, a.ino, 10, b"!", false, &root()).unwrap();
     assert_eq!(e.volume("v").unwrap().used, 11);
     e.release(v, a.ino).unwrap();
-    assert_eq!(errno(e.getattr(v, a.ino)), libc::ENOENT);
+    assert_eq!(errno(e.getattr(v, a.ino)), libc::ESTALE);
     assert_eq!(e.volume("v").unwrap().used, 0);
 }
 
@@ -162,7 +162,7 @@ fn rename_semantics() {
     // Replace over an existing file across directories: the victim is freed.
     e.rename(v, d1.ino, b"a", d2.ino, b"b", 0, &c).unwrap();
     assert_eq!(e.lookup(v, d2.ino, b"b", &c).unwrap().ino, a.ino);
-    assert_eq!(errno(e.getattr(v, b.ino)), libc::ENOENT);
+    assert_eq!(errno(e.getattr(v, b.ino)), libc::ESTALE);
     assert_eq!(e.volume("v").unwrap().used, 3);
     // NOREPLACE and EXCHANGE.
     let x = e.create(v, d1.ino, b"x", 0o644, 0, &c).unwrap();
@@ -187,7 +187,7 @@ fn rename_semantics() {
     let n = e.getattr(v, ROOT_INO).unwrap().nlink;
     e.rename(v, ROOT_INO, b"d1", ROOT_INO, b"empty", 0, &c).unwrap();
     assert_eq!(e.getattr(v, ROOT_INO).unwrap().nlink, n - 1);
-    assert_eq!(errno(e.getattr(v, empty.ino)), libc::ENOENT);
+    assert_eq!(errno(e.getattr(v, empty.ino)), libc::ESTALE);
 }
 
 #[test]
@@ -319,7 +319,7 @@ fn state_survives_reopen_and_orphans_are_reclaimed() {
     assert_eq!(e.read(v.id, orphan, 0, 100).unwrap(), b"orphan");
     // ...and its last release frees it.
     e.release(v.id, orphan).unwrap();
-    assert_eq!(errno(e.getattr(v.id, orphan)), libc::ENOENT);
+    assert_eq!(errno(e.getattr(v.id, orphan)), libc::ESTALE);
     assert_eq!(e.volume("keep").unwrap().used, 7, "the orphan's bytes were given back");
     drop(e);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -374,7 +374,7 @@ fn unheld_orphans_are_reclaimed_after_a_restart() {
     let e = Engine::open_dir(&dir).unwrap();
     let v = e.volume("keep").unwrap();
     assert_eq!(e.reclaim_orphans().unwrap(), 1);
-    assert_eq!(errno(e.getattr(v.id, orphan)), libc::ENOENT);
+    assert_eq!(errno(e.getattr(v.id, orphan)), libc::ESTALE);
     assert_eq!(e.volume("keep").unwrap().used, 0);
     drop(e);
     std::fs::remove_dir_all(&dir).unwrap();

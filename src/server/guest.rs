@@ -194,7 +194,7 @@ fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<
         Ok(_) => (AttachState::Mounted, String::new()),
         Err(e) => (AttachState::Failed, e.to_string()),
     };
-    server.engine.tx(|t| t.set_attachment_state(row.id, state, &reason))?;
+    server.engine.set_attachment_state(row.id, state, &reason)?;
     result
 }
 

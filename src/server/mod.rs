@@ -18,7 +18,7 @@ pub mod vm;
 
 use crate::engine::meta::{AttachState, AttachmentRow, VolId};
 use crate::engine::{check_object_name, Engine};
-use crate::fs::{Caller, FsError, FsResult, Kind, Timespec};
+use crate::fs::{Caller, FsError, FsResult, Kind};
 use crate::proto::{AgentCommand, AgentReply, AttachmentSpec};
 use crate::transport::{Endpoint, Listener, AGENT_CONTROL_PORT, GUEST_SERVER_PORT};
 use session::Session;
@@ -230,11 +230,8 @@ impl Server {
             next_session: AtomicU64::new(u64::from_str_radix(&random_token()?[..12], 16).unwrap_or(1) | 1),
         });
         // Nothing is mounted until a guest says so again: leases do not outlive the server.
-        let attachments = server.engine.tx(|t| t.list_attachments(None, None))?;
-        for a in attachments.iter().filter(|a| a.state == AttachState::Mounted) {
-            server.engine.tx(|t| t.set_attachment_state(a.id, AttachState::Released, "server restarted"))?;
-        }
-        for sb in server.engine.tx(|t| t.list_sandboxes())? {
+        server.engine.release_all_mounted("server restarted")?;
+        for sb in server.engine.list_sandboxes()? {
             server.start_listener(&sb.name)?;
         }
         session::start_reaper(&server);
@@ -290,20 +287,12 @@ impl Server {
 
     pub fn create_sandbox(self: &Arc<Self>, name: &str) -> FsResult<Arc<SandboxRt>> {
         check_object_name("sandbox", name)?;
-        self.engine.tx(|t| {
-            if t.get_sandbox(name)?.is_some() {
-                return Err(FsError::new(libc::EEXIST, format!("sandbox `{name}` already exists")));
-            }
-            t.insert_sandbox(name, Timespec::now())
-        })?;
+        self.engine.create_sandbox(name)?;
         self.start_listener(name)
     }
 
     pub fn delete_sandbox(&self, name: &str) -> FsResult<()> {
-        self.engine.tx(|t| {
-            t.get_sandbox(name)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{name}` not found")))?;
-            t.delete_sandbox(name)
-        })?;
+        self.engine.delete_sandbox(name)?;
         let rt = self.sandboxes.lock().unwrap().remove(name);
         if let Some(rt) = rt {
             if let Some(vm) = rt.vm.lock().unwrap().take() {
@@ -320,7 +309,7 @@ impl Server {
     }
 
     pub fn list_sandboxes(&self) -> FsResult<Vec<(String, PathBuf)>> {
-        let rows = self.engine.tx(|t| t.list_sandboxes())?;
+        let rows = self.engine.list_sandboxes()?;
         let live = self.sandboxes.lock().unwrap();
         Ok(rows
             .into_iter()
@@ -345,26 +334,15 @@ impl Server {
         if root.kind != Kind::Dir {
             return Err(FsError::new(libc::ENOTDIR, format!("subpath {subpath:?} of volume `{volume}` is not a directory")));
         }
-        let row = self.engine.tx(|t| {
-            t.get_sandbox(sandbox)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` not found")))?;
-            if let Some(other) = t.list_attachments(Some(sandbox), None)?.into_iter().find(|a| a.path == path) {
-                return Err(FsError::new(
-                    libc::EBUSY,
-                    format!("sandbox `{sandbox}` already has a volume at {path} (attachment {})", other.id),
-                ));
-            }
-            let mut row = AttachmentRow {
-                id: 0,
-                sandbox: sandbox.to_string(),
-                volume: vol.id,
-                path: path.clone(),
-                read_only,
-                subpath: subpath.clone(),
-                state: AttachState::Attached,
-                reason: String::new(),
-            };
-            row.id = t.insert_attachment(&row)?;
-            Ok(row)
+        let row = self.engine.add_attachment(&AttachmentRow {
+            id: 0,
+            sandbox: sandbox.to_string(),
+            volume: vol.id,
+            path: path.clone(),
+            read_only,
+            subpath: subpath.clone(),
+            state: AttachState::Attached,
+            reason: String::new(),
         })?;
         // A running agent mounts it now; otherwise it is mounted at the sandbox's next boot.
         if let Some(ep) = self.agent_endpoint(sandbox) {
@@ -376,10 +354,10 @@ impl Server {
                 Err(e) => Some(format!("agent unreachable: {}", e.msg)),
             };
             if let Some(why) = failure {
-                self.engine.tx(|t| t.set_attachment_state(row.id, AttachState::Failed, &why))?;
+                self.engine.set_attachment_state(row.id, AttachState::Failed, &why)?;
             }
         }
-        let row = self.engine.tx(|t| t.get_attachment(row.id))?.unwrap_or(row);
+        let row = self.engine.attachment(row.id)?.unwrap_or(row);
         Ok(AttachmentInfo { row, volume_name: vol.name })
     }
 
@@ -485,7 +463,7 @@ impl Server {
             if !mounted.iter().any(|m| m.path == a.row.path) && a.row.state != AttachState::Failed {
                 let why: Vec<&str> = console.lines().filter(|l| l.contains(&a.row.path)).collect();
                 let reason = format!("the guest agent could not mount it: {}", why.join(" / "));
-                self.engine.tx(|t| t.set_attachment_state(a.row.id, AttachState::Failed, &reason))?;
+                self.engine.set_attachment_state(a.row.id, AttachState::Failed, &reason)?;
             }
         }
         self.attachments(Some(sandbox))
@@ -561,7 +539,7 @@ impl Server {
             row.sandbox = child.to_string();
             row.state = AttachState::Released;
             row.reason = format!("forked from `{parent}`; waiting for the child's agent");
-            row.id = self.engine.tx(|t| t.insert_attachment(&row))?;
+            row = self.engine.add_attachment(&row)?;
             for s in self.sessions_where(|s| s.sandbox == parent && s.attachment == a.row.id) {
                 let copy = Arc::new(s.fork(self.new_session_id(), child, row.id, &self.engine));
                 self.register_session(copy);
@@ -571,12 +549,7 @@ impl Server {
     }
 
     pub fn attachments(&self, sandbox: Option<&str>) -> FsResult<Vec<AttachmentInfo>> {
-        let rows = self.engine.tx(|t| {
-            if let Some(sb) = sandbox {
-                t.get_sandbox(sb)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sb}` not found")))?;
-            }
-            t.list_attachments(sandbox, None)
-        })?;
+        let rows = self.engine.attachments(sandbox, None)?;
         let names: HashMap<VolId, String> = self.engine.list_volumes()?.into_iter().map(|v| (v.id, v.name)).collect();
         Ok(rows
             .into_iter()
@@ -611,7 +584,7 @@ impl Server {
         for s in sessions {
             self.end_session(&s, AttachState::Released, "detached");
         }
-        self.engine.tx(|t| t.delete_attachment(row.id))
+        self.engine.delete_attachment(row.id)
     }
 
     /// Hibernation: the agent flushes and releases every lease first; then a VM is frozen.
@@ -641,7 +614,7 @@ impl Server {
     pub fn attachment_at(&self, sandbox: &str, path: &str) -> FsResult<AttachmentRow> {
         let path = normalize(path);
         self.engine
-            .tx(|t| t.list_attachments(Some(sandbox), None))?
+            .attachments(Some(sandbox), None)?
             .into_iter()
             .find(|a| a.path == path)
             .ok_or_else(|| FsError::new(libc::ENOENT, format!("sandbox `{sandbox}` has no volume attached at {path}")))
@@ -650,7 +623,7 @@ impl Server {
     /// Deletes a volume; refused while attached unless `force`, which detaches it everywhere.
     pub fn delete_volume(&self, name: &str, force: bool) -> FsResult<()> {
         let vol = self.engine.volume(name)?;
-        let attached = self.engine.tx(|t| t.list_attachments(None, Some(vol.id)))?;
+        let attached = self.engine.attachments(None, Some(vol.id))?;
         if !attached.is_empty() && !force {
             let list: Vec<String> = attached.iter().map(|a| format!("{}:{}", a.sandbox, a.path)).collect();
             return Err(FsError::new(
@@ -662,7 +635,7 @@ impl Server {
             for s in self.sessions_where(|s| s.attachment == a.id) {
                 self.end_session(&s, AttachState::Released, "volume deleted");
             }
-            self.engine.tx(|t| t.delete_attachment(a.id))?;
+            self.engine.delete_attachment(a.id)?;
         }
         self.engine.delete_volume(vol.id)
     }
@@ -701,10 +674,7 @@ impl Server {
         self.sessions.lock().unwrap().remove(&s.id);
         self.locks.release_session(s.id);
         s.close(&self.engine);
-        let _ = self.engine.tx(|t| match t.get_attachment(s.attachment)? {
-            Some(_) => t.set_attachment_state(s.attachment, state, reason),
-            None => Ok(()),
-        });
+        let _ = self.engine.set_attachment_state(s.attachment, state, reason);
     }
 }
 

@@ -616,9 +616,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             tracing::info!(sandbox = %s.sandbox, session = s.id, "lease released by the guest");
             s.set_lease(LeaseState::Released);
             server.locks.release_session(s.id);
-            let _ = e.tx(|t| {
-                t.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)")
-            });
+            let _ = e.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)");
             (Reply::Empty, Changed::Nothing)
         }
         Op::OpenDir { ino } => {
