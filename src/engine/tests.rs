@@ -379,3 +379,50 @@ fn unheld_orphans_are_reclaimed_after_a_restart() {
     drop(e);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// CPU time of the calling thread: less disturbed than wall time by other work on the machine.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Not a check: what the metadata path costs per operation, to compare before and after a change
+/// (times are printed, never asserted): wall time, and CPU time of the thread in brackets. Run
+/// with `cargo test -j 1 --lib engine::tests::bench_create_write_unlink -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_create_write_unlink() {
+    const N: usize = 5000;
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    let a = e.mkdir(v, ROOT_INO, b"bench", 0o755, 0, &c).unwrap();
+    let d = e.mkdir(v, a.ino, b"sub", 0o755, 0, &c).unwrap();
+    let block = [7u8; 4096];
+    let big = e.create(v, d.ino, b"big", 0o644, 0, &c).unwrap();
+    let mut report = Vec::new();
+    let mut phase = |what: &str, op: &mut dyn FnMut(usize)| {
+        let (wall, cpu) = (std::time::Instant::now(), thread_cpu());
+        (0..N).for_each(&mut *op);
+        let per_op = |t: std::time::Duration| t.as_secs_f64() * 1e6 / N as f64;
+        report.push(format!("{what}: {:.1} µs [{:.1}]", per_op(wall.elapsed()), per_op(thread_cpu() - cpu)));
+    };
+    phase("create+release", &mut |i| {
+        let x = e.create(v, d.ino, format!("f{i}").as_bytes(), 0o644, 0, &c).unwrap();
+        e.release(v, x.ino).unwrap();
+    });
+    phase("write 4 KiB to a new file", &mut |i| {
+        let x = e.lookup(v, d.ino, format!("f{i}").as_bytes(), &c).unwrap();
+        e.write(v, x.ino, 0, &block, false, &c).unwrap();
+    });
+    phase("4 KiB chunk of one file", &mut |i| {
+        e.write(v, big.ino, (i * block.len()) as u64, &block, false, &c).unwrap();
+    });
+    phase("rename", &mut |i| {
+        e.rename(v, d.ino, format!("f{i}").as_bytes(), d.ino, format!("g{i}").as_bytes(), 0, &c).unwrap();
+    });
+    phase("unlink", &mut |i| e.unlink(v, d.ino, format!("g{i}").as_bytes(), &c).unwrap());
+    e.release(v, big.ino).unwrap();
+    eprintln!("{N} × each, per op: {}", report.join("; "));
+}
