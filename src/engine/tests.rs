@@ -745,3 +745,32 @@ fn bench_create_write_unlink() {
     e.release(v, big.ino).unwrap();
     eprintln!("{N} × each, per op: {}", report.join("; "));
 }
+
+/// Not a check: what pruning a full change log costs (the scan for the cut-off id walks `keep`
+/// index entries). Run with
+/// `cargo test -j 1 --lib engine::tests::bench_change_log_prune -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_change_log_prune() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v) = (&f.engine, f.vol);
+    let keep = ChangeRetention::default().keep;
+    let every = ChangeRetention::default().prune_every;
+    let row = |i: u64| meta::ChangeRow {
+        id: 0,
+        kind: meta::ChangeKind::Modify,
+        node: Kind::File,
+        ino: i,
+        path: format!("/some/dir/file{i}").into_bytes(),
+        from: None,
+        time: Timespec::now(),
+    };
+    e.tx(|t| (0..keep + every).try_for_each(|i| t.insert_change(v, &row(i)).map(drop))).unwrap();
+    let t = std::time::Instant::now();
+    let n = e.tx(|t| t.prune_changes(v, keep)).unwrap();
+    let full = t.elapsed();
+    let t = std::time::Instant::now();
+    assert_eq!(e.tx(|t| t.prune_changes(v, keep)).unwrap(), 0);
+    let nothing = t.elapsed();
+    eprintln!("pruning {n} of {} rows: {full:?}; finding nothing to prune in {keep} rows: {nothing:?}", keep + every);
+}
