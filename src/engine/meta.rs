@@ -84,6 +84,108 @@ pub struct DentryRow {
     pub kind: Kind,
 }
 
+/// What happened to a name, as the change log records it (see [`super::Engine::changes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// A new name: create, mknod, mkdir, symlink, or link (a second name of an existing file).
+    Create,
+    /// Data written or truncated, attributes set (mode, owner, size, times), xattrs changed.
+    Modify,
+    /// A name removed: unlink, rmdir, or the target a rename replaced.
+    Delete,
+    /// A name moved from `from` to `path` (a rename; an exchange is two moves).
+    Move,
+}
+
+impl ChangeKind {
+    /// The name the API uses: "create", "modify", "delete" or "move".
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Create => "create",
+            ChangeKind::Modify => "modify",
+            ChangeKind::Delete => "delete",
+            ChangeKind::Move => "move",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ChangeKind> {
+        Some(match s {
+            "create" => ChangeKind::Create,
+            "modify" => ChangeKind::Modify,
+            "delete" => ChangeKind::Delete,
+            "move" => ChangeKind::Move,
+            _ => return None,
+        })
+    }
+
+    /// Stable small code used by the metadata stores.
+    pub fn code(self) -> i64 {
+        match self {
+            ChangeKind::Create => 1,
+            ChangeKind::Modify => 2,
+            ChangeKind::Delete => 3,
+            ChangeKind::Move => 4,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<ChangeKind> {
+        Some(match code {
+            1 => ChangeKind::Create,
+            2 => ChangeKind::Modify,
+            3 => ChangeKind::Delete,
+            4 => ChangeKind::Move,
+            _ => return None,
+        })
+    }
+}
+
+/// One entry of a volume's change log, as [`super::Engine::changes`] returns it.
+///
+/// Paths are `/`-separated from the volume root (`/` is the root itself) and are the paths the
+/// names had when the change was made, not now. Names are bytes and may not be UTF-8: they are
+/// converted lossily here (an invalid sequence becomes U+FFFD), which is what the API can carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Strictly increasing and never reused, across volumes and server restarts; ids of one
+    /// volume are not consecutive (other volumes' changes, coalesced writes and pruning leave
+    /// gaps).
+    pub id: u64,
+    pub kind: ChangeKind,
+    /// The name changed; for a move, where it went.
+    pub path: String,
+    /// For a move, where the name was.
+    pub from: Option<String>,
+    /// What the name is: file, directory, symlink...
+    pub node: Kind,
+    /// When the change was made. A run of writes to one file folded into one row (see
+    /// [`super::changelog`]) has the time of its first change since a reader last saw the row.
+    pub time: Timespec,
+}
+
+/// A page of a volume's change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Changes with ids greater than the one asked for, oldest first.
+    pub events: Vec<Change>,
+    /// Some changes after the id asked for are no longer in the log (pruned by retention): the
+    /// caller missed events and must resynchronise (list the tree again).
+    pub truncated: bool,
+}
+
+/// A change log row as stored. Paths are the exact bytes of the names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRow {
+    /// Chosen by the store on insert (ignored there).
+    pub id: u64,
+    pub kind: ChangeKind,
+    pub node: Kind,
+    /// The inode the change is about (lets a store coalesce a run of writes).
+    pub ino: Ino,
+    pub path: Vec<u8>,
+    pub from: Option<Vec<u8>>,
+    pub time: Timespec,
+}
+
 /// A metadata backend.
 pub trait MetaStore: Send + Sync {
     /// Runs `f` in one transaction: committed if it returns `Ok`, rolled back otherwise.
@@ -99,7 +201,7 @@ pub trait MetaTxn {
     fn volume_by_id(&mut self, id: VolId) -> FsResult<Option<VolumeRow>>;
     fn list_volumes(&mut self) -> FsResult<Vec<VolumeRow>>;
     fn insert_volume(&mut self, name: &str, cap: u64, now: Timespec) -> FsResult<VolId>;
-    /// Removes the volume and every row that belongs to it.
+    /// Removes the volume and every row that belongs to it, its change log included.
     fn delete_volume(&mut self, id: VolId) -> FsResult<()>;
     /// Adds `delta` bytes to the volume's usage (negative to free).
     fn add_used(&mut self, id: VolId, delta: i64) -> FsResult<()>;
@@ -126,11 +228,27 @@ pub trait MetaTxn {
     fn dir_parent(&mut self, vol: VolId, ino: Ino) -> FsResult<Option<Ino>>;
     /// Every directory holding a name of `ino` (several for hard links).
     fn parents(&mut self, vol: VolId, ino: Ino) -> FsResult<Vec<Ino>>;
+    /// The oldest name of `ino` (its directory and name), or `None` if it has none.
+    fn name_of(&mut self, vol: VolId, ino: Ino) -> FsResult<Option<(Ino, Vec<u8>)>>;
 
     fn get_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8]) -> FsResult<Option<Vec<u8>>>;
     fn set_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8], value: &[u8]) -> FsResult<()>;
     fn list_xattrs(&mut self, vol: VolId, ino: Ino) -> FsResult<Vec<(Vec<u8>, usize)>>;
     fn remove_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8]) -> FsResult<bool>;
+
+    /// Appends a row to the volume's change log; returns its id, greater than any id the log
+    /// ever handed out (for any volume, even one since deleted, even before a restart).
+    fn insert_change(&mut self, vol: VolId, c: &ChangeRow) -> FsResult<u64>;
+    /// The volume's newest change log row.
+    fn last_change(&mut self, vol: VolId) -> FsResult<Option<ChangeRow>>;
+    fn delete_change(&mut self, vol: VolId, id: u64) -> FsResult<()>;
+    /// Rows with id greater than `after`, in id order, at most `limit`.
+    fn list_changes(&mut self, vol: VolId, after: u64, limit: u32) -> FsResult<Vec<ChangeRow>>;
+    /// Deletes all but the newest `keep` rows of the volume's log and remembers the largest id
+    /// deleted (see [`MetaTxn::changes_pruned_through`]); returns how many went.
+    fn prune_changes(&mut self, vol: VolId, keep: u64) -> FsResult<u64>;
+    /// The largest id that pruning has removed from the volume's log (0 if none).
+    fn changes_pruned_through(&mut self, vol: VolId) -> FsResult<u64>;
 
     fn insert_sandbox(&mut self, name: &str, now: Timespec) -> FsResult<()>;
     fn get_sandbox(&mut self, name: &str) -> FsResult<Option<SandboxRow>>;

@@ -16,17 +16,23 @@
 //!   handle is released; orphans left by a server stop can be reopened after the restart and are
 //!   reclaimed when [`Engine::reclaim_orphans`] finds them unheld (the server calls it once the
 //!   guests have had a lease TTL to reconnect).
+//! - Every change to a name, a file's data or attributes is recorded in the volume's change log in
+//!   the transaction that makes it (see [`changelog`]), so watchers see what guests do too.
 //! - Permission checks follow POSIX for the caller's uid, gid and supplementary groups (setgid
 //!   directories, sticky bit, owner-only chmod/utimes, root-only chown). They are semantics, not
 //!   security: the attachment's scope, enforced by the server, is the security boundary.
 
 pub mod blob;
+pub mod changelog;
 pub mod meta;
 mod registry;
 pub mod sqlite;
 
 use crate::fs::*;
 use blob::BlobStore;
+use changelog::{ChangeLog, Event};
+pub use changelog::{ChangeNotifier, ChangeRetention};
+pub use meta::{Change, ChangeKind, Changes};
 use meta::{MetaStore, MetaTxn, VolId};
 use std::collections::HashMap;
 use std::path::Path;
@@ -72,6 +78,8 @@ pub struct Engine {
     /// (rename, unlink): whoever caches "inode I lies inside subtree S" must check again once
     /// it moves. See [`Engine::scope_epoch`].
     scope_epochs: Mutex<HashMap<VolId, u64>>,
+    /// Every mutation is recorded in the volume's change log (see [`changelog`]).
+    changelog: ChangeLog,
 }
 
 fn enoent(what: impl std::fmt::Display) -> FsError {
@@ -196,7 +204,7 @@ pub fn check_object_name(what: &str, name: &str) -> FsResult<()> {
 
 impl Engine {
     pub fn new(meta: Box<dyn MetaStore>, blobs: Box<dyn BlobStore>) -> FsResult<Engine> {
-        Ok(Engine { meta, blobs, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default() })
+        Ok(Engine { meta, blobs, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default(), changelog: ChangeLog::default() })
     }
 
     /// The embedded default: SQLite metadata and local data files under one directory.
@@ -208,7 +216,8 @@ impl Engine {
         Engine::new(Box::new(meta), Box::new(blobs))
     }
 
-    /// Runs `f` in one metadata transaction.
+    /// Runs `f` in one metadata transaction. Nothing done here reaches the change log: files
+    /// change through the engine's operations, which log what they do.
     fn tx<T>(&self, f: impl FnOnce(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
         let mut f = Some(f);
         let mut out = None;
@@ -280,9 +289,11 @@ impl Engine {
         self.tx(|t| t.volume_by_id(id))?.ok_or_else(|| FsError::new(libc::ENOENT, format!("volume #{id} not found")))
     }
 
-    /// Deletes a volume and all its data. Attachments are the caller's business.
+    /// Deletes a volume and all its data, its change log included. Attachments are the caller's
+    /// business.
     pub fn delete_volume(&self, id: VolId) -> FsResult<()> {
         self.tx(|t| t.delete_volume(id))?;
+        self.forget_volume_log(id);
         let mut open = self.open.lock().unwrap();
         open.counts.retain(|(v, _), _| *v != id);
         open.unlinked.retain(|(v, _)| *v != id);
@@ -384,7 +395,7 @@ impl Engine {
 
     pub fn setattr(&self, vol: VolId, ino: Ino, set: &SetAttr, c: &Caller) -> FsResult<Attr> {
         let now = Timespec::now();
-        self.tx(|t| {
+        self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             let old_size = a.size;
             let owner = c.is_root() || c.uid == a.uid;
@@ -461,6 +472,9 @@ impl Engine {
             }
             a.ctime = now;
             t.put_inode(vol, &a)?;
+            if *set != SetAttr::default() {
+                log.push(Event::Modify { node: a.kind, ino });
+            }
             if let Some(size) = set.size {
                 // Inside the transaction: if the data store fails, the size change is undone.
                 if size > old_size {
@@ -518,7 +532,7 @@ impl Engine {
     ) -> FsResult<Attr> {
         check_name(name)?;
         let now = Timespec::now();
-        self.tx(|t| {
+        self.mutate(vol, |t, log| {
             let mut p = Self::dir(t, vol, parent)?;
             check_access(&p, c, W | X)?;
             if t.get_dentry(vol, parent, name)?.is_some() {
@@ -567,6 +581,7 @@ impl Engine {
             p.mtime = now;
             p.ctime = now;
             t.put_inode(vol, &p)?;
+            log.push(Event::name(ChangeKind::Create, kind, ino, parent, name));
             Ok(a)
         })
     }
@@ -602,7 +617,7 @@ impl Engine {
     pub fn link(&self, vol: VolId, ino: Ino, new_parent: Ino, new_name: &[u8], c: &Caller) -> FsResult<Attr> {
         check_name(new_name)?;
         let now = Timespec::now();
-        self.tx(|t| {
+        self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             if a.kind == Kind::Dir {
                 return Err(FsError::new(libc::EPERM, "hard links to directories are not allowed"));
@@ -625,6 +640,7 @@ impl Engine {
             p.mtime = now;
             p.ctime = now;
             t.put_inode(vol, &p)?;
+            log.push(Event::name(ChangeKind::Create, a.kind, ino, new_parent, new_name));
             Ok(a)
         })
     }
@@ -680,7 +696,7 @@ impl Engine {
     fn remove(&self, vol: VolId, parent: Ino, name: &[u8], dir: bool, c: &Caller) -> FsResult<()> {
         check_name(name)?;
         let now = Timespec::now();
-        let purge = self.tx(|t| {
+        let purge = self.mutate(vol, |t, log| {
             let mut p = Self::dir(t, vol, parent)?;
             check_access(&p, c, W | X)?;
             let (ino, _) = t.get_dentry(vol, parent, name)?.ok_or_else(|| enoent(format!("`{}`", lossy(name))))?;
@@ -701,6 +717,7 @@ impl Engine {
             p.mtime = now;
             p.ctime = now;
             t.put_inode(vol, &p)?;
+            log.push(Event::name(ChangeKind::Delete, child.kind, ino, parent, name));
             Ok(self.drop_link(t, vol, &mut child, now)?.then_some(ino))
         })?;
         if let Some(ino) = purge {
@@ -737,7 +754,7 @@ impl Engine {
             return Err(FsError::new(libc::EINVAL, format!("unsupported rename flags {flags:#x}")));
         }
         let now = Timespec::now();
-        let purge = self.tx(|t| {
+        let purge = self.mutate(vol, |t, log| {
             let mut sp = Self::dir(t, vol, parent)?;
             check_access(&sp, c, W | X)?;
             let mut dp = if new_parent == parent { sp.clone() } else { Self::dir(t, vol, new_parent)? };
@@ -782,6 +799,16 @@ impl Engine {
                 t.put_inode(vol, &src)?;
                 t.put_inode(vol, &other)?;
                 Self::touch_parents(t, vol, &mut sp, &mut dp, now)?;
+                let (name, new_name) = (name.to_vec(), new_name.to_vec());
+                log.push(Event::Move {
+                    node: src.kind,
+                    ino: src_ino,
+                    dir: parent,
+                    name: name.clone(),
+                    new_dir: new_parent,
+                    new_name: new_name.clone(),
+                });
+                log.push(Event::Move { node: other.kind, ino: dst_ino, dir: new_parent, name: new_name, new_dir: parent, new_name: name });
                 return Ok(None);
             }
             let mut purge = None;
@@ -809,6 +836,7 @@ impl Engine {
                     (false, false) => {}
                 }
                 t.delete_dentry(vol, new_parent, new_name)?;
+                log.push(Event::name(ChangeKind::Delete, victim.kind, dst_ino, new_parent, new_name));
                 if self.drop_link(t, vol, &mut victim, now)? {
                     purge = Some(dst_ino);
                 }
@@ -822,6 +850,14 @@ impl Engine {
             src.ctime = now;
             t.put_inode(vol, &src)?;
             Self::touch_parents(t, vol, &mut sp, &mut dp, now)?;
+            log.push(Event::Move {
+                node: src.kind,
+                ino: src_ino,
+                dir: parent,
+                name: name.to_vec(),
+                new_dir: new_parent,
+                new_name: new_name.to_vec(),
+            });
             Ok(purge)
         })?;
         if let Some(ino) = purge {
@@ -920,7 +956,7 @@ impl Engine {
     /// written at and the attributes after the write.
     pub fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<(u64, Attr)> {
         let now = Timespec::now();
-        self.tx(|t| {
+        self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             regular(&a)?;
             let offset = if append { a.size } else { offset };
@@ -940,6 +976,7 @@ impl Engine {
             // Data first, inside the transaction: if it fails, the size change is rolled back.
             self.blobs.write(vol, ino, offset, data)?;
             t.put_inode(vol, &a)?;
+            log.push(Event::Modify { node: a.kind, ino });
             Ok((offset, a))
         })
     }
@@ -1034,7 +1071,7 @@ impl Engine {
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::new(libc::E2BIG, format!("xattr values are at most {XATTR_SIZE_MAX} bytes")));
         }
-        self.tx(|t| {
+        self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             Self::xattr_access(&a, name, c, true)?;
             let existing = t.list_xattrs(vol, ino)?;
@@ -1054,6 +1091,7 @@ impl Engine {
             Self::charge(t, vol, before as u64, (name.len() + value.len()) as u64)?;
             t.set_xattr(vol, ino, name, value)?;
             a.ctime = Timespec::now();
+            log.push(Event::Modify { node: a.kind, ino });
             t.put_inode(vol, &a)
         })
     }
@@ -1083,7 +1121,7 @@ impl Engine {
     }
 
     pub fn removexattr(&self, vol: VolId, ino: Ino, name: &[u8], c: &Caller) -> FsResult<()> {
-        self.tx(|t| {
+        self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             Self::xattr_access(&a, name, c, true)?;
             if let Some((n, l)) = t.list_xattrs(vol, ino)?.iter().find(|(n, _)| n == name) {
@@ -1093,6 +1131,7 @@ impl Engine {
                 return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
             }
             a.ctime = Timespec::now();
+            log.push(Event::Modify { node: a.kind, ino });
             t.put_inode(vol, &a)
         })
     }

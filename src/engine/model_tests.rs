@@ -156,6 +156,11 @@ impl Model {
         }
     }
 
+    /// Every directory's entries: the namespace.
+    fn names(&self) -> Vec<(Ino, BTreeMap<Vec<u8>, Ino>)> {
+        self.nodes.iter().filter_map(|(i, n)| if let Body::Dir(c) = &n.body { Some((*i, c.clone())) } else { None }).collect()
+    }
+
     fn set_dir_links(&mut self, dir: Ino) {
         let subdirs = self.children(dir).values().filter(|c| self.is_dir(**c)).count() as u32;
         self.nodes.get_mut(&dir).unwrap().nlink = 2 + subdirs;
@@ -445,14 +450,32 @@ fn run(steps: &[Step]) -> Result<(), String> {
     let vol = engine.create_volume("v", CAP).unwrap().id;
     let mut r = Real { engine: Some(engine), vol, dir };
     let mut m = Model::new();
+    let mut last = 0;
     for (i, s) in steps.iter().enumerate() {
+        let names = m.names();
         let (want, got) = apply(&mut m, &mut r, s);
         if want != got {
             return Err(format!("step {i} {s:?}: model says {want:?}, engine says {got:?}"));
         }
         compare(&m, &r).map_err(|e| format!("after step {i} {s:?}: {e}"))?;
+        last = check_log(&r, last, m.names() != names).map_err(|e| format!("after step {i} {s:?}: {e}"))?;
     }
     Ok(())
+}
+
+/// The change log's ids strictly increase and never go back, across restarts too; a step that
+/// changed the namespace logged something. Returns the newest id.
+fn check_log(r: &Real, last: u64, logged: bool) -> Result<u64, String> {
+    let e = r.engine.as_ref().unwrap();
+    let page = e.changes(r.vol, 0, changelog::MAX_CHANGES_PAGE).map_err(|x| x.to_string())?;
+    if page.events.windows(2).any(|w| w[0].id >= w[1].id) {
+        return Err(format!("change ids do not increase: {:?}", page.events.iter().map(|c| c.id).collect::<Vec<_>>()));
+    }
+    let newest = e.last_change_id(r.vol).map_err(|x| x.to_string())?;
+    if page.events.last().map_or(0, |c| c.id) != newest || newest < last || (logged && newest == last) {
+        return Err(format!("newest change id {newest} after {last} (a change was logged: {logged})"));
+    }
+    Ok(newest)
 }
 
 proptest! {

@@ -17,6 +17,10 @@ pub struct SqliteMeta {
     wal: PathBuf,
 }
 
+/// The schema, run at every open. Every statement is idempotent, and that is how the schema is
+/// upgraded: a data directory made by an older version gains the tables and indexes it lacks
+/// (the change log came that way). A change that is not purely additive (a new column, a new
+/// meaning) will need a versioned step (`PRAGMA user_version`).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS volumes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -74,6 +78,21 @@ CREATE TABLE IF NOT EXISTS attachments (
     subpath TEXT NOT NULL,
     state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vol INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    node INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    path BLOB NOT NULL,
+    from_path BLOB,
+    time INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_vol ON changes (vol, id);
+CREATE TABLE IF NOT EXISTS changes_pruned (
+    vol INTEGER PRIMARY KEY,
+    through INTEGER NOT NULL
 );
 ";
 
@@ -160,6 +179,20 @@ fn row_attachment(r: &Row<'_>) -> rusqlite::Result<AttachmentRow> {
     })
 }
 
+fn row_change(r: &Row<'_>) -> rusqlite::Result<ChangeRow> {
+    Ok(ChangeRow {
+        id: r.get::<_, i64>(0)? as u64,
+        kind: ChangeKind::from_code(r.get(1)?).unwrap_or(ChangeKind::Modify),
+        node: Kind::from_code(r.get(2)?).unwrap_or(Kind::File),
+        ino: r.get::<_, i64>(3)? as u64,
+        path: r.get(4)?,
+        from: r.get(5)?,
+        time: Timespec::from_nanos(r.get(6)?),
+    })
+}
+
+const CHANGE_COLS: &str = "id, kind, node, ino, path, from_path, time";
+
 const ATTACHMENT_COLS: &str = "id, sandbox, vol, path, read_only, subpath, state, reason";
 
 impl MetaTxn for SqliteTxn<'_> {
@@ -188,7 +221,7 @@ impl MetaTxn for SqliteTxn<'_> {
     }
 
     fn delete_volume(&mut self, id: VolId) -> FsResult<()> {
-        for table in ["inodes", "dentries", "xattrs"] {
+        for table in ["inodes", "dentries", "xattrs", "changes", "changes_pruned"] {
             self.tx.execute(&format!("DELETE FROM {table} WHERE vol = ?1"), params![id]).map_err(db_err)?;
         }
         self.tx.execute("DELETE FROM volumes WHERE id = ?1", params![id]).map_err(db_err)?;
@@ -344,6 +377,13 @@ impl MetaTxn for SqliteTxn<'_> {
         rows.collect::<Result<_, _>>().map_err(db_err)
     }
 
+    fn name_of(&mut self, vol: VolId, ino: Ino) -> FsResult<Option<(Ino, Vec<u8>)>> {
+        self.tx
+            .prepare_cached("SELECT parent, name FROM dentries WHERE vol = ?1 AND ino = ?2 ORDER BY id LIMIT 1")
+            .and_then(|mut st| st.query_row(params![vol, ino as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))).optional())
+            .map_err(db_err)
+    }
+
     fn get_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8]) -> FsResult<Option<Vec<u8>>> {
         self.tx
             .query_row("SELECT value FROM xattrs WHERE vol = ?1 AND ino = ?2 AND name = ?3", params![vol, ino as i64, name], |r| r.get(0))
@@ -375,6 +415,62 @@ impl MetaTxn for SqliteTxn<'_> {
             .execute("DELETE FROM xattrs WHERE vol = ?1 AND ino = ?2 AND name = ?3", params![vol, ino as i64, name])
             .map_err(db_err)?;
         Ok(n > 0)
+    }
+
+    fn insert_change(&mut self, vol: VolId, c: &ChangeRow) -> FsResult<u64> {
+        self.tx
+            .prepare_cached("INSERT INTO changes (vol, kind, node, ino, path, from_path, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+            .and_then(|mut st| st.execute(params![vol, c.kind.code(), c.node.code(), c.ino as i64, c.path, c.from, c.time.to_nanos()]))
+            .map_err(db_err)?;
+        Ok(self.tx.last_insert_rowid() as u64)
+    }
+
+    fn last_change(&mut self, vol: VolId) -> FsResult<Option<ChangeRow>> {
+        let sql = format!("SELECT {CHANGE_COLS} FROM changes WHERE vol = ?1 ORDER BY id DESC LIMIT 1");
+        self.tx.prepare_cached(&sql).and_then(|mut st| st.query_row(params![vol], row_change).optional()).map_err(db_err)
+    }
+
+    fn delete_change(&mut self, vol: VolId, id: u64) -> FsResult<()> {
+        self.tx
+            .prepare_cached("DELETE FROM changes WHERE vol = ?1 AND id = ?2")
+            .and_then(|mut st| st.execute(params![vol, id as i64]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn list_changes(&mut self, vol: VolId, after: u64, limit: u32) -> FsResult<Vec<ChangeRow>> {
+        let sql = format!("SELECT {CHANGE_COLS} FROM changes WHERE vol = ?1 AND id > ?2 ORDER BY id LIMIT ?3");
+        let mut st = self.tx.prepare_cached(&sql).map_err(db_err)?;
+        let after = after.min(i64::MAX as u64) as i64;
+        let rows = st.query_map(params![vol, after, limit as i64], row_change).map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
+    fn prune_changes(&mut self, vol: VolId, keep: u64) -> FsResult<u64> {
+        let cut: Option<i64> = self
+            .tx
+            .prepare_cached("SELECT id FROM changes WHERE vol = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2")
+            .and_then(|mut st| st.query_row(params![vol, keep.min(i64::MAX as u64) as i64], |r| r.get(0)).optional())
+            .map_err(db_err)?;
+        let Some(cut) = cut else { return Ok(0) };
+        let n = self.tx.execute("DELETE FROM changes WHERE vol = ?1 AND id <= ?2", params![vol, cut]).map_err(db_err)?;
+        self.tx
+            .execute(
+                "INSERT INTO changes_pruned (vol, through) VALUES (?1, ?2)
+                 ON CONFLICT (vol) DO UPDATE SET through = MAX(through, excluded.through)",
+                params![vol, cut],
+            )
+            .map_err(db_err)?;
+        Ok(n as u64)
+    }
+
+    fn changes_pruned_through(&mut self, vol: VolId) -> FsResult<u64> {
+        let through: Option<i64> = self
+            .tx
+            .prepare_cached("SELECT through FROM changes_pruned WHERE vol = ?1")
+            .and_then(|mut st| st.query_row(params![vol], |r| r.get(0)).optional())
+            .map_err(db_err)?;
+        Ok(through.unwrap_or(0) as u64)
     }
 
     fn insert_sandbox(&mut self, name: &str, now: Timespec) -> FsResult<()> {

@@ -379,3 +379,398 @@ fn unheld_orphans_are_reclaimed_after_a_restart() {
     drop(e);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The volume's changes after `*at`, each as "kind [from -> ]path node", checking that ids
+/// increase; moves `*at` to the newest.
+fn log_since(e: &Engine, v: VolId, at: &mut u64) -> Vec<String> {
+    let page = e.changes(v, *at, changelog::MAX_CHANGES_PAGE).unwrap();
+    assert!(!page.truncated);
+    page.events
+        .into_iter()
+        .map(|c| {
+            assert!(c.id > *at, "ids increase: {} after {}", c.id, *at);
+            *at = c.id;
+            let from = c.from.map(|f| format!("{f} -> ")).unwrap_or_default();
+            format!("{} {from}{} {:?}", c.kind.name(), c.path, c.node)
+        })
+        .collect()
+}
+
+#[test]
+fn each_mutation_logs_its_events() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    let mut at = 0;
+    assert_eq!(e.last_change_id(v).unwrap(), 0);
+    let d = e.mkdir(v, ROOT_INO, b"d", 0o755, 0, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["create /d Dir"]);
+    assert_eq!(e.last_change_id(v).unwrap(), at);
+    let a = e.create(v, d.ino, b"f", 0o644, 0, &c).unwrap();
+    e.release(v, a.ino).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["create /d/f File"]);
+    e.write(v, a.ino, 0, b"data", false, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["modify /d/f File"]);
+    e.mknod(v, d.ino, b"p", libc::S_IFIFO | 0o644, 0, 0, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["create /d/p Fifo"]);
+    e.symlink(v, ROOT_INO, b"s", b"d/f", &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["create /s Symlink"]);
+    e.link(v, a.ino, ROOT_INO, b"l", &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["create /l File"]);
+    for set in [
+        SetAttr { mode: Some(0o600), ..Default::default() },
+        SetAttr { uid: Some(7), gid: Some(7), ..Default::default() },
+        SetAttr { size: Some(1), ..Default::default() },
+        SetAttr { mtime: Some(SetTime::Now), ..Default::default() },
+    ] {
+        e.setattr(v, a.ino, &set, &c).unwrap();
+        assert_eq!(log_since(e, v, &mut at), ["modify /d/f File"], "{set:?}");
+    }
+    e.setattr(v, ROOT_INO, &SetAttr { mode: Some(0o777), ..Default::default() }, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["modify / Dir"]);
+    e.setxattr(v, d.ino, b"user.k", b"v", 0, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["modify /d Dir"]);
+    e.removexattr(v, d.ino, b"user.k", &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["modify /d Dir"]);
+    e.unlink(v, ROOT_INO, b"l", &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["delete /l File"]);
+    e.unlink(v, d.ino, b"p", &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["delete /d/p Fifo"]);
+    e.mkdir(v, d.ino, b"e", 0o755, 0, &c).unwrap();
+    e.rmdir(v, d.ino, b"e", &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["create /d/e Dir", "delete /d/e Dir"]);
+    // Names that are not UTF-8 are converted lossily.
+    let bad = e.create(v, d.ino, b"\xffbad", 0o644, 0, &c).unwrap();
+    e.release(v, bad.ino).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["create /d/\u{fffd}bad File"]);
+    // Failures and requests that change nothing log nothing.
+    assert_eq!(errno(e.mkdir(v, ROOT_INO, b"d", 0o755, 0, &c)), libc::EEXIST);
+    assert_eq!(errno(e.unlink(v, ROOT_INO, b"nope", &c)), libc::ENOENT);
+    assert_eq!(errno(e.rmdir(v, ROOT_INO, b"d", &c)), libc::ENOTEMPTY);
+    assert_eq!(errno(e.setxattr(v, a.ino, b"user.x", b"v", XATTR_REPLACE, &c)), libc::ENODATA);
+    assert_eq!(errno(e.create(v, d.ino, b"x", 0o644, 0, &user(5))), libc::EACCES);
+    e.setattr(v, a.ino, &SetAttr::default(), &c).unwrap();
+    e.getattr(v, a.ino).unwrap();
+    e.readdir(v, d.ino, 0, 100, true).unwrap();
+    e.read(v, a.ino, 0, 10).unwrap();
+    assert_eq!(log_since(e, v, &mut at), Vec::<String>::new());
+}
+
+#[test]
+fn renames_log_old_and_new_paths() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    let a = e.mkdir(v, ROOT_INO, b"a", 0o755, 0, &c).unwrap();
+    let b = e.mkdir(v, ROOT_INO, b"b", 0o755, 0, &c).unwrap();
+    for (dir, name) in [(a.ino, b"x"), (b.ino, b"y"), (a.ino, b"z")] {
+        let x = e.create(v, dir, name, 0o644, 0, &c).unwrap();
+        e.release(v, x.ino).unwrap();
+    }
+    let mut at = e.last_change_id(v).unwrap();
+    e.rename(v, a.ino, b"x", b.ino, b"x", 0, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["move /a/x -> /b/x File"]);
+    // Replacing a name logs its deletion first.
+    e.rename(v, b.ino, b"x", b.ino, b"y", 0, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["delete /b/y File", "move /b/x -> /b/y File"]);
+    assert_eq!(errno(e.rename(v, a.ino, b"z", b.ino, b"y", RENAME_NOREPLACE, &c)), libc::EEXIST);
+    assert_eq!(log_since(e, v, &mut at), Vec::<String>::new());
+    // An exchange is two moves, with consecutive ids.
+    e.rename(v, a.ino, b"z", b.ino, b"y", RENAME_EXCHANGE, &c).unwrap();
+    let before = at;
+    assert_eq!(log_since(e, v, &mut at), ["move /a/z -> /b/y File", "move /b/y -> /a/z File"]);
+    assert_eq!(at, before + 2);
+    // Renames that change nothing log nothing.
+    e.rename(v, a.ino, b"z", a.ino, b"z", RENAME_EXCHANGE, &c).unwrap();
+    let z = e.lookup(v, a.ino, b"z", &c).unwrap();
+    e.link(v, z.ino, a.ino, b"z2", &c).unwrap();
+    log_since(e, v, &mut at);
+    e.rename(v, a.ino, b"z", a.ino, b"z2", 0, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), Vec::<String>::new());
+    // A directory moves with its contents; what was logged before keeps the paths of then.
+    e.rename(v, ROOT_INO, b"a", ROOT_INO, b"c", 0, &c).unwrap();
+    e.mkdir(v, a.ino, b"sub", 0o755, 0, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["move /a -> /c Dir", "create /c/sub Dir"]);
+    let all = log_since(e, v, &mut 0);
+    assert!(all.contains(&"create /a/x File".to_string()), "{all:?}");
+    // An empty directory replaced by another.
+    e.mkdir(v, ROOT_INO, b"e", 0o755, 0, &c).unwrap();
+    log_since(e, v, &mut at);
+    e.rename(v, a.ino, b"sub", ROOT_INO, b"e", 0, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut at), ["delete /e Dir", "move /c/sub -> /e Dir"]);
+}
+
+/// A file written in many chunks occupies one row, yet a watcher that has read that row hears
+/// of the next write.
+#[test]
+fn writes_coalesce_but_watchers_hear_each() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    let a = e.create(v, ROOT_INO, b"a", 0o644, 0, &c).unwrap();
+    let b = e.create(v, ROOT_INO, b"b", 0o644, 0, &c).unwrap();
+    let at = e.last_change_id(v).unwrap();
+    for i in 0..100u64 {
+        e.write(v, a.ino, i * 10, b"0123456789", false, &c).unwrap();
+    }
+    e.setattr(v, a.ino, &SetAttr { size: Some(500), ..Default::default() }, &c).unwrap();
+    // Nobody has read the row yet: the run is folded into it without writing anything.
+    let head = e.tx(|t| t.last_change(v)).unwrap().unwrap();
+    e.write(v, a.ino, 0, b"0", false, &c).unwrap();
+    assert_eq!(e.tx(|t| t.last_change(v)).unwrap().unwrap(), head);
+    // A caller resuming from that row's id has it: the next write must get a newer one.
+    assert_eq!(e.changes(v, head.id, 10).unwrap().events, vec![]);
+    e.write(v, a.ino, 0, b"1", false, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut { head.id }), ["modify /a File"]);
+    let mut seen = at;
+    assert_eq!(log_since(e, v, &mut seen), ["modify /a File"]);
+    // The watcher has seen that row: the next write gets a newer one, and the old one goes.
+    e.write(v, a.ino, 0, b"x", false, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut seen), ["modify /a File"]);
+    assert_eq!(log_since(e, v, &mut { at }), ["modify /a File"], "one row for the whole run");
+    // Interleaved writers get a row per switch.
+    for ino in [b.ino, a.ino, b.ino] {
+        e.write(v, ino, 0, b"y", false, &c).unwrap();
+    }
+    assert_eq!(log_since(e, v, &mut seen), ["modify /b File", "modify /a File", "modify /b File"]);
+    // A hard-linked file is reported under its oldest name.
+    e.link(v, b.ino, ROOT_INO, b"b2", &c).unwrap();
+    e.write(v, b.ino, 0, b"z", false, &c).unwrap();
+    e.unlink(v, ROOT_INO, b"b", &c).unwrap();
+    e.write(v, b.ino, 0, b"z", false, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut seen), ["create /b2 File", "modify /b File", "delete /b File", "modify /b2 File"]);
+    // A file with no name left is visible to nobody: its writes are not logged.
+    e.unlink(v, ROOT_INO, b"a", &c).unwrap();
+    log_since(e, v, &mut seen);
+    e.write(v, a.ino, 0, b"z", false, &c).unwrap();
+    e.setxattr(v, a.ino, b"user.k", b"v", 0, &c).unwrap();
+    assert_eq!(log_since(e, v, &mut seen), Vec::<String>::new());
+    e.release(v, a.ino).unwrap();
+    e.release(v, b.ino).unwrap();
+    assert_eq!(e.last_change_id(v).unwrap(), seen);
+}
+
+#[test]
+fn change_pages_resume_after_an_id() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    // Another volume's changes interleave: ids of one volume have gaps.
+    let other = e.create_volume("other", 1 << 20).unwrap().id;
+    for i in 0..25 {
+        e.mkdir(v, ROOT_INO, format!("d{i}").as_bytes(), 0o755, 0, &c).unwrap();
+        e.mkdir(other, ROOT_INO, format!("o{i}").as_bytes(), 0o755, 0, &c).unwrap();
+    }
+    let all = e.changes(v, 0, 1000).unwrap().events;
+    assert_eq!(all.len(), 25);
+    let (mut after, mut paged) = (0, Vec::new());
+    loop {
+        let page = e.changes(v, after, 7).unwrap();
+        assert!(page.events.len() <= 7 && !page.truncated);
+        let Some(last) = page.events.last() else { break };
+        after = last.id;
+        paged.extend(page.events);
+    }
+    assert_eq!(paged, all);
+    assert!(paged.iter().enumerate().all(|(i, c)| c.path == format!("/d{i}") && c.kind == meta::ChangeKind::Create));
+    assert_eq!(e.changes(v, 0, 0).unwrap().events.len(), 1, "a limit of 0 means 1");
+    assert_eq!(e.changes(v, after, 10).unwrap().events, vec![]);
+    assert_eq!(e.last_change_id(v).unwrap(), after);
+    assert_eq!(errno(e.changes(99, 0, 10)), libc::ENOENT);
+}
+
+/// Ids are never reused: not after a restart, not after the newest rows went with their volume.
+#[test]
+fn change_ids_keep_increasing_across_restarts_and_deletions() {
+    let dir = std::env::temp_dir().join(format!("volumefs-engine-changelog-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (v, last, f, written) = {
+        let e = Engine::open_dir(&dir).unwrap();
+        let v = e.create_volume("keep", 1 << 20).unwrap().id;
+        e.mkdir(v, ROOT_INO, b"d", 0o755, 0, &root()).unwrap();
+        let f = e.create(v, ROOT_INO, b"f", 0o644, 0, &root()).unwrap().ino;
+        e.write(v, f, 0, b"x", false, &root()).unwrap();
+        let written = e.tx(|t| t.last_change(v)).unwrap().unwrap().id;
+        let gone = e.create_volume("gone", 1 << 20).unwrap().id;
+        e.mkdir(gone, ROOT_INO, b"d", 0o755, 0, &root()).unwrap();
+        let last = e.last_change_id(gone).unwrap();
+        e.delete_volume(gone).unwrap();
+        assert_eq!(errno(e.changes(gone, 0, 10)), libc::ENOENT);
+        assert_eq!(e.tx(|t| t.list_changes(gone, 0, 10)).unwrap(), vec![], "the log went with its volume");
+        (v, last, f, written)
+        // Dropped without any shutdown, as a crashed server would be.
+    };
+    let e = Engine::open_dir(&dir).unwrap();
+    // A reader may have seen the last row before the restart: a write gets a new one.
+    e.write(v, f, 0, b"y", false, &root()).unwrap();
+    assert!(e.tx(|t| t.last_change(v)).unwrap().unwrap().id > written);
+    assert_eq!(
+        e.changes(v, 0, 10).unwrap().events.iter().map(|c| format!("{} {}", c.kind.name(), c.path)).collect::<Vec<_>>(),
+        ["create /d", "create /f", "modify /f"]
+    );
+    e.mkdir(v, ROOT_INO, b"after", 0o755, 0, &root()).unwrap();
+    let id = e.last_change_id(v).unwrap();
+    assert!(id > last, "id {id} after a restart, {last} before");
+    drop(e);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_log_is_bounded_and_says_when_events_were_missed() {
+    let dir = std::env::temp_dir().join(format!("volumefs-engine-retention-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let open = |keep| Engine::open_dir(&dir).unwrap().with_change_retention(ChangeRetention { keep, prune_every: 5 });
+    let e = open(10);
+    let v = e.create_volume("v", 1 << 20).unwrap().id;
+    let quiet = e.create_volume("quiet", 1 << 20).unwrap().id;
+    e.mkdir(quiet, ROOT_INO, b"q", 0o755, 0, &root()).unwrap();
+    assert!(!e.changes(v, 0, 10).unwrap().truncated);
+    for i in 0..100 {
+        e.mkdir(v, ROOT_INO, format!("d{i}").as_bytes(), 0o755, 0, &root()).unwrap();
+        let n = e.changes(v, 0, 1000).unwrap().events.len();
+        assert!(n <= 10 + 5, "{n} rows after {} changes", i + 1);
+    }
+    let page = e.changes(v, 0, 1000).unwrap();
+    assert!(page.truncated, "changes from the start are gone");
+    assert_eq!(page.events.last().unwrap().path, "/d99");
+    // Resuming just before the oldest row kept misses nothing; one earlier misses something.
+    let oldest = page.events[0].id;
+    assert!(!e.changes(v, oldest - 1, 1000).unwrap().truncated);
+    assert!(e.changes(v, oldest - 2, 1000).unwrap().truncated);
+    assert!(!e.changes(v, e.last_change_id(v).unwrap(), 1000).unwrap().truncated);
+    // Other volumes keep theirs.
+    let q = e.changes(quiet, 0, 10).unwrap();
+    assert!(!q.truncated && q.events.len() == 1);
+    // The first change after a restart prunes to the (new) bound.
+    drop(e);
+    let e = open(3);
+    e.mkdir(v, ROOT_INO, b"x", 0o755, 0, &root()).unwrap();
+    assert_eq!(e.changes(v, 0, 1000).unwrap().events.len(), 3);
+    drop(e);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_notifier_wakes_a_waiting_thread() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    let n = e.change_notifier();
+    let g = n.generation();
+    assert_eq!(n.wait_newer_than(g, std::time::Duration::from_millis(20)), g, "nothing happened: a timeout");
+    // Reads and failures do not wake anyone.
+    e.getattr(v, ROOT_INO).unwrap();
+    assert_eq!(errno(e.unlink(v, ROOT_INO, b"nope", &c)), libc::ENOENT);
+    assert_eq!(n.generation(), g);
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let t = std::time::Instant::now();
+            (n.clone().wait_newer_than(g, std::time::Duration::from_secs(30)), t.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        e.mkdir(v, ROOT_INO, b"d", 0o755, 0, &c).unwrap();
+        let (got, waited) = waiter.join().unwrap();
+        assert!(got > g);
+        assert!(waited < std::time::Duration::from_secs(10), "woken by the change, not the timeout: {waited:?}");
+    });
+    // A waiter that read the generation before the change does not sleep through it.
+    let g = n.generation();
+    e.mkdir(v, ROOT_INO, b"e", 0o755, 0, &c).unwrap();
+    assert!(n.wait_newer_than(g, std::time::Duration::from_secs(30)) > g);
+}
+
+/// A data directory made before the change log existed opens, keeps its data and logs from
+/// then on.
+#[test]
+fn a_data_directory_from_before_the_change_log_opens() {
+    let dir = std::env::temp_dir().join(format!("volumefs-engine-oldschema-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (v, ino) = {
+        let e = Engine::open_dir(&dir).unwrap();
+        let v = e.create_volume("old", 1 << 20).unwrap().id;
+        let a = e.create(v, ROOT_INO, b"a", 0o644, 0, &root()).unwrap();
+        e.write(v, a.ino, 0, b"old", false, &root()).unwrap();
+        (v, a.ino)
+    };
+    let db = rusqlite::Connection::open(dir.join("meta.db")).unwrap();
+    db.execute_batch("DROP TABLE changes; DROP TABLE changes_pruned; DELETE FROM sqlite_sequence WHERE name = 'changes';").unwrap();
+    drop(db);
+    let e = Engine::open_dir(&dir).unwrap();
+    assert_eq!(e.read(v, ino, 0, 10).unwrap(), b"old");
+    assert_eq!(e.last_change_id(v).unwrap(), 0);
+    e.write(v, ino, 3, b"!", false, &root()).unwrap();
+    assert_eq!(log_since(&e, v, &mut 0), ["modify /a File"]);
+    drop(e);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// CPU time of the calling thread: less disturbed than wall time by other work on the machine.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Not a check: what the metadata path costs per operation, to compare before and after a change
+/// (times are printed, never asserted): wall time, and CPU time of the thread in brackets. Run
+/// with `cargo test -j 1 --lib engine::tests::bench_create_write_unlink -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_create_write_unlink() {
+    const N: usize = 5000;
+    let f = fixture(DEFAULT_CAP);
+    let (e, v, c) = (&f.engine, f.vol, root());
+    let a = e.mkdir(v, ROOT_INO, b"bench", 0o755, 0, &c).unwrap();
+    let d = e.mkdir(v, a.ino, b"sub", 0o755, 0, &c).unwrap();
+    let block = [7u8; 4096];
+    let big = e.create(v, d.ino, b"big", 0o644, 0, &c).unwrap();
+    let mut report = Vec::new();
+    let mut phase = |what: &str, op: &mut dyn FnMut(usize)| {
+        let (wall, cpu) = (std::time::Instant::now(), thread_cpu());
+        (0..N).for_each(&mut *op);
+        let per_op = |t: std::time::Duration| t.as_secs_f64() * 1e6 / N as f64;
+        report.push(format!("{what}: {:.1} µs [{:.1}]", per_op(wall.elapsed()), per_op(thread_cpu() - cpu)));
+    };
+    phase("create+release", &mut |i| {
+        let x = e.create(v, d.ino, format!("f{i}").as_bytes(), 0o644, 0, &c).unwrap();
+        e.release(v, x.ino).unwrap();
+    });
+    phase("write 4 KiB to a new file", &mut |i| {
+        let x = e.lookup(v, d.ino, format!("f{i}").as_bytes(), &c).unwrap();
+        e.write(v, x.ino, 0, &block, false, &c).unwrap();
+    });
+    phase("4 KiB chunk of one file", &mut |i| {
+        e.write(v, big.ino, (i * block.len()) as u64, &block, false, &c).unwrap();
+    });
+    phase("rename", &mut |i| {
+        e.rename(v, d.ino, format!("f{i}").as_bytes(), d.ino, format!("g{i}").as_bytes(), 0, &c).unwrap();
+    });
+    phase("unlink", &mut |i| e.unlink(v, d.ino, format!("g{i}").as_bytes(), &c).unwrap());
+    e.release(v, big.ino).unwrap();
+    eprintln!("{N} × each, per op: {}", report.join("; "));
+}
+
+/// Not a check: what pruning a full change log costs (the scan for the cut-off id walks `keep`
+/// index entries). Run with
+/// `cargo test -j 1 --lib engine::tests::bench_change_log_prune -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_change_log_prune() {
+    let f = fixture(DEFAULT_CAP);
+    let (e, v) = (&f.engine, f.vol);
+    let keep = ChangeRetention::default().keep;
+    let every = ChangeRetention::default().prune_every;
+    let row = |i: u64| meta::ChangeRow {
+        id: 0,
+        kind: meta::ChangeKind::Modify,
+        node: Kind::File,
+        ino: i,
+        path: format!("/some/dir/file{i}").into_bytes(),
+        from: None,
+        time: Timespec::now(),
+    };
+    e.tx(|t| (0..keep + every).try_for_each(|i| t.insert_change(v, &row(i)).map(drop))).unwrap();
+    let t = std::time::Instant::now();
+    let n = e.tx(|t| t.prune_changes(v, keep)).unwrap();
+    let full = t.elapsed();
+    let t = std::time::Instant::now();
+    assert_eq!(e.tx(|t| t.prune_changes(v, keep)).unwrap(), 0);
+    let nothing = t.elapsed();
+    eprintln!("pruning {n} of {} rows: {full:?}; finding nothing to prune in {keep} rows: {nothing:?}", keep + every);
+}
