@@ -22,6 +22,7 @@
 //!   `POST /volumes/{v}/replace {path, find, replace, name?}`,
 //!   `POST /volumes/{v}/batch?path=/dest` (a tar stream, or JSON `{files: [{path, content}]}`;
 //!   all or nothing)
+//! - `GET /volumes/{v}/watch?path=` streams changes as Server-Sent Events (see [`super::watch`])
 //! - signed URLs: `POST /volumes/{v}/signed-url {path, archive?, expires_secs}` → `{url}`;
 //!   `GET /signed/{v}?path=&archive=&expires=&sig=` needs no token until it expires
 //! - sandboxes: `GET /sandboxes`, `POST /sandboxes {name}`, `GET|DELETE /sandboxes/{name}`,
@@ -170,6 +171,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/volumes/{v}/replace", post(replace))
         .route("/v1/volumes/{v}/batch", post(batch))
         .route("/v1/volumes/{v}/signed-url", post(sign_url))
+        .route("/v1/volumes/{v}/watch", get(super::watch::watch))
         .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
         .route("/v1/sandboxes/{s}", get(inspect_sandbox).delete(delete_sandbox))
         .route("/v1/sandboxes/{s}/attachments", get(list_attachments).post(attach).delete(detach))

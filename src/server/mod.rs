@@ -15,6 +15,7 @@ pub mod locks;
 pub mod session;
 pub mod tus;
 pub mod vm;
+pub mod watch;
 
 use crate::engine::meta::{AttachState, AttachmentRow, VolId};
 use crate::engine::{check_object_name, Engine};
