@@ -747,3 +747,83 @@ fn watch_streams_guest_and_api_changes_and_resumes() {
     let other = watch_events(&c, "", Some("999999-1"), 1, || {});
     assert_eq!(other[0].1, "truncated", "{other:?}");
 }
+
+/// Tenants: each token sees and touches only its own volumes and sandboxes (another tenant's
+/// volume is 404, not 403), gets its default cap, and cannot set caps or make tenants.
+#[test]
+fn tenants_are_isolated() {
+    let c = Cluster::new();
+    let mk = |name: &str, cap: &str| -> String {
+        let (code, body) = call(
+            &c,
+            &["-H", "Content-Type: application/json", "-d", &format!(r#"{{"name":"{name}","default_cap":"{cap}"}}"#), "{base}/v1/tenants"],
+        );
+        assert_eq!(code, 201, "{body}");
+        json(&body)["token"].as_str().unwrap().to_string()
+    };
+    let (acme, globex) = (mk("acme", "64MiB"), mk("globex", "32MiB"));
+    let as_ = |token: &str, args: &[&str]| -> (u16, String) {
+        let mut all = vec!["-sS", "-w", "\n%{http_code}", "-H"];
+        let auth = format!("Authorization: Bearer {token}");
+        all.push(&auth);
+        let base = format!("http://{}", c.addr);
+        let owned: Vec<String> = args.iter().map(|a| a.replace("{base}", &base)).collect();
+        all.extend(owned.iter().map(String::as_str));
+        let out = Command::new("curl").args(&all).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_string())
+    };
+    let json_post = |token: &str, route: &str, body: &str| as_(token, &["-H", "Content-Type: application/json", "-d", body, route]);
+    // Both tenants make a volume called `data`: separate namespaces, no conflict.
+    let (code, body) = json_post(&acme, "{base}/v1/volumes", r#"{"name":"data"}"#);
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(
+        (json(&body)["name"].as_str(), json(&body)["cap_bytes"].as_u64()),
+        (Some("data"), Some(64 << 20)),
+        "the tenant's default cap"
+    );
+    let (code, body) = json_post(&globex, "{base}/v1/volumes", r#"{"name":"data"}"#);
+    assert_eq!((code, json(&body)["cap_bytes"].as_u64()), (201, Some(32 << 20)), "{body}");
+    let (code, body) = json_post(&acme, "{base}/v1/volumes", r#"{"name":"big","cap":"1GiB"}"#);
+    assert_eq!(code, 403, "only the operator sets caps: {body}");
+    // Each writes its own file; each sees only its own.
+    let f = c.path("acme.txt");
+    std::fs::write(&f, b"acme's").unwrap();
+    let (code, _) = as_(&acme, &["-T", f.to_str().unwrap(), "{base}/v1/volumes/data/files/secret.txt"]);
+    assert_eq!(code, 200);
+    let (code, body) = as_(&globex, &["{base}/v1/volumes/data/files/secret.txt"]);
+    assert_eq!(code, 404, "globex's own `data` has no such file: {body}");
+    let (code, body) = as_(&acme, &["{base}/v1/volumes/data/files/secret.txt"]);
+    assert_eq!((code, body.as_str()), (200, "acme's"));
+    // Spelling another tenant's namespace does not reach it: 404.
+    for path in ["{base}/v1/volumes/acme~data/files/secret.txt", "{base}/v1/volumes/acme%7Edata/stat?path=/secret.txt"] {
+        let (code, body) = as_(&globex, &[path]);
+        assert_eq!(code, 404, "{path}: {body}");
+    }
+    let (code, body) = json_post(&globex, "{base}/v1/volumes", r#"{"name":"acme~data"}"#);
+    assert_eq!(code, 400, "{body}");
+    // Lists: own objects only, by their own names; errors name them the same way.
+    let (_, body) = as_(&acme, &["{base}/v1/volumes"]);
+    let names: Vec<String> = json(&body).as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["data"]);
+    let (code, body) = as_(&acme, &["{base}/v1/volumes/nope"]);
+    assert!(code == 404 && json(&body)["message"].as_str().unwrap().contains("`nope`"), "{body}");
+    let (code, _) = json_post(&acme, "{base}/v1/sandboxes", r#"{"name":"sb"}"#);
+    assert_eq!(code, 201);
+    let (code, body) = json_post(&acme, "{base}/v1/sandboxes/sb/attachments", r#"{"volume":"data","path":"/mnt/data"}"#);
+    assert_eq!(code, 201, "{body}");
+    assert_eq!((json(&body)["volume"].as_str(), json(&body)["sandbox"].as_str()), (Some("data"), Some("sb")));
+    let (_, body) = as_(&globex, &["{base}/v1/sandboxes"]);
+    assert_eq!(body.trim(), "[]", "globex sees no sandboxes");
+    let (code, _) = json_post(&globex, "{base}/v1/sandboxes/sb/attachments", r#"{"volume":"data","path":"/mnt/x"}"#);
+    assert_eq!(code, 404, "cannot attach to another tenant's sandbox");
+    // Tenants cannot make tenants; the operator sees everyone's objects by their full names.
+    let (code, _) = json_post(&acme, "{base}/v1/tenants", r#"{"name":"evil"}"#);
+    assert_eq!(code, 403);
+    let mut all: Vec<String> = c.volumes().into_iter().map(|v| v.name).collect();
+    all.sort();
+    assert_eq!(all, ["acme~data", "globex~data"]);
+    let (code, _) = as_("wrong-token", &["{base}/v1/volumes"]);
+    assert_eq!(code, 401);
+}

@@ -23,6 +23,16 @@ pub struct VolumeRow {
     pub created: Timespec,
 }
 
+/// A tenant: its own namespace of volumes and sandboxes (see [`super::TENANT_SEP`]), reached
+/// with its own API token (only the token's SHA-256 is stored) and a default cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRow {
+    pub name: String,
+    pub token_sha256: String,
+    pub default_cap: u64,
+    pub created: Timespec,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxRow {
     pub name: String,
@@ -250,6 +260,9 @@ pub trait MetaTxn {
     /// The largest id that pruning has removed from the volume's log (0 if none).
     fn changes_pruned_through(&mut self, vol: VolId) -> FsResult<u64>;
 
+    fn insert_tenant(&mut self, t: &TenantRow) -> FsResult<()>;
+    fn tenant_by_token(&mut self, token_sha256: &str) -> FsResult<Option<TenantRow>>;
+    fn list_tenants(&mut self) -> FsResult<Vec<TenantRow>>;
     fn insert_sandbox(&mut self, name: &str, now: Timespec) -> FsResult<()>;
     fn get_sandbox(&mut self, name: &str) -> FsResult<Option<SandboxRow>>;
     fn list_sandboxes(&mut self) -> FsResult<Vec<SandboxRow>>;

@@ -186,8 +186,24 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// What a volume is, as the API reports it.
 pub use meta::VolumeRow as VolumeInfo;
 
-/// Checks a volume or sandbox name: 1–63 characters of `[A-Za-z0-9._-]`, not starting with `.`.
+/// Separates a tenant's name from the name of one of its volumes or sandboxes: tenant `acme`'s
+/// volume `data` is `acme~data` to the engine and the operator, and `data` to acme. Names given
+/// by anyone cannot contain it (see [`check_object_name`]), so no tenant can spell its way into
+/// another's namespace.
+pub const TENANT_SEP: char = '~';
+
+/// Checks a volume or sandbox name: 1–63 characters of `[A-Za-z0-9._-]`, not starting with `.`,
+/// optionally behind a tenant's name and [`TENANT_SEP`] (itself such a name).
 pub fn check_object_name(what: &str, name: &str) -> FsResult<()> {
+    if let Some((tenant, rest)) = name.split_once(TENANT_SEP) {
+        check_plain_name("tenant", tenant)?;
+        return check_plain_name(what, rest);
+    }
+    check_plain_name(what, name)
+}
+
+/// [`check_object_name`] without a tenant part.
+pub fn check_plain_name(what: &str, name: &str) -> FsResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && !name.starts_with('.')

@@ -2,7 +2,7 @@
 //! restart knows every intent the server had: sandboxes and their attachments. The server goes
 //! through these calls and never opens a transaction of its own.
 
-use super::meta::{AttachState, AttachmentRow, SandboxRow, VolId};
+use super::meta::{AttachState, AttachmentRow, SandboxRow, TenantRow, VolId};
 use super::Engine;
 use crate::fs::{FsError, FsResult, Timespec};
 
@@ -11,6 +11,27 @@ fn no_sandbox(name: &str) -> FsError {
 }
 
 impl Engine {
+    /// Records a tenant; `EEXIST` if the name is taken.
+    pub fn create_tenant(&self, name: &str, token_sha256: &str, default_cap: u64) -> FsResult<TenantRow> {
+        super::check_plain_name("tenant", name)?;
+        self.tx(|t| {
+            if t.list_tenants()?.iter().any(|x| x.name == name) {
+                return Err(FsError::new(libc::EEXIST, format!("tenant `{name}` already exists")));
+            }
+            let row = TenantRow { name: name.to_string(), token_sha256: token_sha256.to_string(), default_cap, created: Timespec::now() };
+            t.insert_tenant(&row)?;
+            Ok(row)
+        })
+    }
+
+    pub fn tenant_by_token(&self, token_sha256: &str) -> FsResult<Option<TenantRow>> {
+        self.tx(|t| t.tenant_by_token(token_sha256))
+    }
+
+    pub fn list_tenants(&self) -> FsResult<Vec<TenantRow>> {
+        self.tx(|t| t.list_tenants())
+    }
+
     pub fn list_sandboxes(&self) -> FsResult<Vec<SandboxRow>> {
         self.tx(|t| t.list_sandboxes())
     }

@@ -12,6 +12,15 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+fn tenant_row(r: &Row) -> rusqlite::Result<TenantRow> {
+    Ok(TenantRow {
+        name: r.get(0)?,
+        token_sha256: r.get(1)?,
+        default_cap: r.get::<_, i64>(2)? as u64,
+        created: Timespec::from_nanos(r.get(3)?),
+    })
+}
+
 pub struct SqliteMeta {
     conn: Mutex<Connection>,
     wal: PathBuf,
@@ -64,6 +73,12 @@ CREATE TABLE IF NOT EXISTS xattrs (
     name BLOB NOT NULL,
     value BLOB NOT NULL,
     PRIMARY KEY (vol, ino, name)
+);
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    default_cap INTEGER NOT NULL,
+    created INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sandboxes (
     name TEXT PRIMARY KEY,
@@ -471,6 +486,33 @@ impl MetaTxn for SqliteTxn<'_> {
             .and_then(|mut st| st.query_row(params![vol], |r| r.get(0)).optional())
             .map_err(db_err)?;
         Ok(through.unwrap_or(0) as u64)
+    }
+
+    fn insert_tenant(&mut self, t: &TenantRow) -> FsResult<()> {
+        self.tx
+            .execute(
+                "INSERT INTO tenants (name, token_sha256, default_cap, created) VALUES (?1, ?2, ?3, ?4)",
+                params![t.name, t.token_sha256, t.default_cap as i64, t.created.to_nanos()],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn tenant_by_token(&mut self, token_sha256: &str) -> FsResult<Option<TenantRow>> {
+        self.tx
+            .query_row(
+                "SELECT name, token_sha256, default_cap, created FROM tenants WHERE token_sha256 = ?1",
+                params![token_sha256],
+                tenant_row,
+            )
+            .optional()
+            .map_err(db_err)
+    }
+
+    fn list_tenants(&mut self) -> FsResult<Vec<TenantRow>> {
+        let mut st = self.tx.prepare("SELECT name, token_sha256, default_cap, created FROM tenants ORDER BY name").map_err(db_err)?;
+        let rows = st.query_map([], tenant_row).map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
     }
 
     fn insert_sandbox(&mut self, name: &str, now: Timespec) -> FsResult<()> {

@@ -172,18 +172,22 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/volumes/{v}/batch", post(batch))
         .route("/v1/volumes/{v}/signed-url", post(sign_url))
         .route("/v1/volumes/{v}/watch", get(super::watch::watch))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
         .route("/v1/sandboxes/{s}", get(inspect_sandbox).delete(delete_sandbox))
         .route("/v1/sandboxes/{s}/attachments", get(list_attachments).post(attach).delete(detach))
         .route("/v1/sandboxes/{s}/{verb}", post(sandbox_verb))
         .merge(super::tus::routes())
-        .layer(axum::middleware::from_fn_with_state(server.clone(), authorize));
-    Router::new()
         .route("/v1/signed/{v}", get(signed_download))
-        .merge(api)
         .fallback(|m: Method, uri: axum::http::Uri| async move {
             ApiError::new(StatusCode::NOT_FOUND, "NotFound", format!("no route for {m} {}", uri.path()))
         })
+        .with_state(server.clone());
+    // Authentication runs before routing (the API router is the outer router's fallback), so
+    // that a tenant's names are put in its namespace before the path is matched.
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::from_fn_with_state(server, authorize))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", "internal error (logged)").into_response()
         }))
@@ -193,23 +197,151 @@ pub fn router(server: Arc<Server>) -> Router {
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(Counter::default()))
-        .with_state(server)
 }
 
-async fn authorize(State(server): Srv, req: Request, next: Next) -> Response {
-    let expected = format!("Bearer {}", server.token);
-    let got = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
-    // Constant-time comparison: the token must not leak through timing.
-    let same = got.len() == expected.len() && got.iter().zip(expected.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if !same {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "missing or wrong API token (Authorization: Bearer <DATA/api-token>)",
-        )
-        .into_response();
+/// Who is calling: the operator (the token in `DATA/api-token`: everything) or a tenant (its own
+/// token: only its own volumes and sandboxes, in its own namespace).
+#[derive(Clone, Debug)]
+pub enum Principal {
+    Operator,
+    Tenant(crate::engine::meta::TenantRow),
+}
+
+impl Principal {
+    fn prefix(&self) -> Option<String> {
+        match self {
+            Principal::Operator => None,
+            Principal::Tenant(t) => Some(format!("{}{}", t.name, crate::engine::TENANT_SEP)),
+        }
     }
-    next.run(req).await
+
+    /// The engine's name for a volume or sandbox name this caller gave: a tenant's names live
+    /// behind its prefix (a name that already carries it stays as it is).
+    pub fn internal(&self, name: &str) -> String {
+        match self.prefix() {
+            Some(p) if !name.starts_with(&p) => format!("{p}{name}"),
+            _ => name.to_string(),
+        }
+    }
+
+    /// How this caller sees an engine name; `None` when it is not theirs.
+    pub fn show<'a>(&self, name: &'a str) -> Option<&'a str> {
+        match self.prefix() {
+            None => Some(name),
+            Some(p) => name.strip_prefix(p.as_str()),
+        }
+    }
+
+    fn shown(&self, name: &str) -> String {
+        self.show(name).unwrap_or(name).to_string()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Authenticates a request and, for a tenant, puts the volume or sandbox named in its path into
+/// the tenant's namespace (another tenant's objects are then simply not found: 404, not 403).
+async fn authorize(State(server): Srv, mut req: Request, next: Next) -> Response {
+    if req.uri().path().starts_with("/v1/signed/") {
+        return next.run(req).await; // the URL's signature is its authority
+    }
+    let unauthorized = || {
+        ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "missing or wrong API token (Authorization: Bearer <token>)")
+            .into_response()
+    };
+    let Some(token) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) else {
+        return unauthorized();
+    };
+    let token = token.trim().to_string();
+    // Constant-time comparison: the operator's token must not leak through timing; tenants'
+    // tokens are looked up by their SHA-256, which says nothing about the token.
+    let principal = if constant_time_eq(token.as_bytes(), server.token.as_bytes()) {
+        Principal::Operator
+    } else {
+        let (s2, hash) = (server.clone(), sha256_hex(token.as_bytes()));
+        match blocking(move || s2.engine.tenant_by_token(&hash)).await {
+            Ok(Some(t)) => Principal::Tenant(t),
+            Ok(None) => return unauthorized(),
+            Err(e) => return e.into_response(),
+        }
+    };
+    let Some(prefix) = principal.prefix() else {
+        req.extensions_mut().insert(principal);
+        return next.run(req).await;
+    };
+    if req.uri().path().starts_with("/v1/tenants") {
+        return ApiError::new(StatusCode::FORBIDDEN, "PermissionDenied", "only the operator manages tenants").into_response();
+    }
+    // `/v1/volumes/NAME/…` and `/v1/sandboxes/NAME/…` name objects in the tenant's namespace.
+    let mut segs: Vec<String> = req.uri().path().split('/').map(str::to_string).collect();
+    if segs.len() > 3 && segs[1] == "v1" && (segs[2] == "volumes" || segs[2] == "sandboxes") && !segs[3].is_empty() {
+        if !segs[3].starts_with(&prefix) {
+            segs[3] = format!("{prefix}{}", segs[3]);
+        }
+        let path = segs.join("/");
+        let pq = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = pq.parse().ok();
+        match axum::http::Uri::from_parts(parts) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => return ApiError::bad("invalid path").into_response(),
+        }
+    }
+    req.extensions_mut().insert(principal);
+    let resp = next.run(req).await;
+    if !(resp.status().is_client_error() || resp.status().is_server_error()) {
+        return resp;
+    }
+    // Error messages name objects as the tenant knows them.
+    let (mut parts, body) = resp.into_parts();
+    match axum::body::to_bytes(body, 1 << 16).await {
+        Ok(b) => {
+            let text = String::from_utf8_lossy(&b).replace(&format!("`{prefix}"), "`");
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, Body::from(text))
+        }
+        Err(_) => Response::from_parts(parts, Body::empty()),
+    }
+}
+
+type Who = axum::Extension<Principal>;
+
+async fn create_tenant(State(s): Srv, Json(b): Json<Value>) -> ApiResult {
+    let name = field(&b, "name")?.to_string();
+    let cap = cap_of(&b, "default_cap")?.unwrap_or(DEFAULT_CAP);
+    let token = super::random_token()?;
+    let hash = sha256_hex(token.as_bytes());
+    let t = blocking(move || s.engine.create_tenant(&name, &hash, cap)).await?;
+    ok(StatusCode::CREATED, json!({"name": t.name, "token": token, "default_cap_bytes": t.default_cap}))
+}
+
+async fn list_tenants(State(s): Srv) -> ApiResult {
+    let list = blocking(move || s.engine.list_tenants()).await?;
+    let out: Vec<Value> =
+        list.iter().map(|t| json!({"name": t.name, "default_cap_bytes": t.default_cap, "created_at": t.created.sec})).collect();
+    ok(StatusCode::OK, Value::Array(out))
+}
+
+/// A size field: bytes, or a string like "2GiB".
+fn cap_of(b: &Value, key: &str) -> ApiResult<Option<u64>> {
+    Ok(match b.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => {
+            Some(n.as_u64().filter(|c| *c > 0).ok_or_else(|| ApiError::bad(format!("`{key}` must be a positive number of bytes")))?)
+        }
+        Some(Value::String(t)) => Some(crate::engine::parse_size(t).map_err(ApiError::bad)?),
+        Some(_) => return Err(ApiError::bad(format!("`{key}` must be a number of bytes or a size like \"2GiB\""))),
+    })
 }
 
 /// How long requests still running at SIGTERM may take to finish.
@@ -244,10 +376,10 @@ pub async fn run(server: Arc<Server>, listener: tokio::net::TcpListener) -> io::
 /// The fields a volume has in the API, in their display order.
 pub const VOLUME_FIELDS: &[&str] = &["id", "name", "cap_bytes", "used_bytes", "free_bytes", "files", "created_at", "attachments"];
 
-pub fn volume_json(v: &VolumeInfo, attachments: Option<&[AttachmentInfo]>) -> Value {
+pub fn volume_json(p: &Principal, v: &VolumeInfo, attachments: Option<&[AttachmentInfo]>) -> Value {
     let mut o = json!({
         "id": v.id,
-        "name": v.name,
+        "name": p.shown(&v.name),
         "cap_bytes": v.cap,
         "used_bytes": v.used,
         "free_bytes": v.cap.saturating_sub(v.used),
@@ -255,16 +387,16 @@ pub fn volume_json(v: &VolumeInfo, attachments: Option<&[AttachmentInfo]>) -> Va
         "created_at": v.created.sec,
     });
     if let Some(a) = attachments {
-        o["attachments"] = a.iter().map(attachment_json).collect();
+        o["attachments"] = a.iter().map(|a| attachment_json(p, a)).collect();
     }
     o
 }
 
-pub fn attachment_json(a: &AttachmentInfo) -> Value {
+pub fn attachment_json(p: &Principal, a: &AttachmentInfo) -> Value {
     json!({
         "id": a.row.id,
-        "sandbox": a.row.sandbox,
-        "volume": a.volume_name,
+        "sandbox": p.shown(&a.row.sandbox),
+        "volume": p.shown(&a.volume_name),
         "path": a.row.path,
         "read_only": a.row.read_only,
         "subpath": a.row.subpath,
@@ -293,16 +425,17 @@ fn select(q: &HashMap<String, String>, v: Value) -> ApiResult<Value> {
     })
 }
 
-async fn list_volumes(State(s): Srv, Query(q): Params) -> ApiResult {
+async fn list_volumes(State(s): Srv, axum::Extension(p): Who, Query(q): Params) -> ApiResult {
     let with_attachments = q.get("fields").is_some_and(|f| f.split(',').any(|f| f.trim() == "attachments"));
     let v = blocking(move || {
         let all = s.attachments(None)?;
         Ok(s.engine
             .list_volumes()?
             .iter()
+            .filter(|v| p.show(&v.name).is_some())
             .map(|v| {
                 let mine: Vec<_> = all.iter().filter(|a| a.row.volume == v.id).cloned().collect();
-                volume_json(v, with_attachments.then_some(&mine[..]))
+                volume_json(&p, v, with_attachments.then_some(&mine[..]))
             })
             .collect())
     })
@@ -310,23 +443,29 @@ async fn list_volumes(State(s): Srv, Query(q): Params) -> ApiResult {
     ok(StatusCode::OK, select(&q, Value::Array(v))?)
 }
 
-async fn create_volume(State(s): Srv, Json(b): Json<Value>) -> ApiResult {
-    let name = field(&b, "name")?.to_string();
-    let cap = match b.get("cap") {
-        None | Some(Value::Null) => DEFAULT_CAP,
-        Some(Value::Number(n)) => n.as_u64().filter(|c| *c > 0).ok_or_else(|| ApiError::bad("`cap` must be a positive number of bytes"))?,
-        Some(Value::String(t)) => crate::engine::parse_size(t).map_err(ApiError::bad)?,
-        Some(_) => return Err(ApiError::bad("`cap` must be a number of bytes or a size like \"2GiB\"")),
+async fn create_volume(State(s): Srv, axum::Extension(p): Who, Json(b): Json<Value>) -> ApiResult {
+    let name = body_name(&p, &b, "name", "volume")?;
+    let cap = match (cap_of(&b, "cap")?, &p) {
+        (Some(c), Principal::Operator) => c,
+        (None, Principal::Operator) => DEFAULT_CAP,
+        (None, Principal::Tenant(t)) => t.default_cap,
+        (Some(_), Principal::Tenant(t)) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "PermissionDenied",
+                format!("only the operator sets a volume's cap; tenant `{}` volumes get its default cap", t.name),
+            ))
+        }
     };
     let v = blocking(move || s.engine.create_volume(&name, cap)).await?;
-    ok(StatusCode::CREATED, volume_json(&v, Some(&[])))
+    ok(StatusCode::CREATED, volume_json(&p, &v, Some(&[])))
 }
 
-async fn inspect_volume(State(s): Srv, Path(v): Path<String>, Query(q): Params) -> ApiResult {
+async fn inspect_volume(State(s): Srv, axum::Extension(p): Who, Path(v): Path<String>, Query(q): Params) -> ApiResult {
     let out = blocking(move || {
         let info = s.engine.volume(&v)?;
         let attachments: Vec<_> = s.attachments(None)?.into_iter().filter(|a| a.row.volume == info.id).collect();
-        Ok(volume_json(&info, Some(&attachments)))
+        Ok(volume_json(&p, &info, Some(&attachments)))
     })
     .await?;
     ok(StatusCode::OK, select(&q, out)?)
@@ -836,49 +975,64 @@ async fn signed_download(State(s): Srv, Path(v): Path<String>, Query(q): Params,
 
 // ----- sandboxes ------------------------------------------------------------------------------
 
-fn sandbox_json(s: &Server, name: &str) -> Result<Value, FsError> {
+fn sandbox_json(p: &Principal, s: &Server, name: &str) -> Result<Value, FsError> {
     let rt = s.sandbox_rt(name)?;
-    let attachments: Vec<Value> = s.attachments(Some(name))?.iter().map(attachment_json).collect();
-    Ok(json!({"name": rt.name, "guest_socket": rt.socket, "attachments": attachments}))
+    let attachments = attachments_json(p, &s.attachments(Some(name))?);
+    Ok(json!({"name": p.shown(&rt.name), "guest_socket": rt.socket, "attachments": attachments}))
 }
 
-async fn list_sandboxes(State(s): Srv) -> ApiResult {
+fn attachments_json(p: &Principal, a: &[AttachmentInfo]) -> Value {
+    a.iter().map(|a| attachment_json(p, a)).collect()
+}
+
+async fn list_sandboxes(State(s): Srv, axum::Extension(p): Who) -> ApiResult {
     let list = blocking(move || s.list_sandboxes()).await?;
-    ok(StatusCode::OK, Value::Array(list.into_iter().map(|(n, s)| json!({"name": n, "guest_socket": s})).collect()))
+    let out: Vec<Value> =
+        list.into_iter().filter_map(|(n, sock)| p.show(&n).map(|shown| json!({"name": shown, "guest_socket": sock}))).collect();
+    ok(StatusCode::OK, Value::Array(out))
 }
 
-async fn create_sandbox(State(s): Srv, Json(b): Json<Value>) -> ApiResult {
-    let name = field(&b, "name")?.to_string();
+/// A sandbox or volume name from a request body, checked and put in the caller's namespace.
+fn body_name(p: &Principal, b: &Value, key: &str, what: &str) -> ApiResult<String> {
+    let given = field(b, key)?;
+    if matches!(p, Principal::Tenant(_)) {
+        crate::engine::check_plain_name(what, given)?;
+    }
+    Ok(p.internal(given))
+}
+
+async fn create_sandbox(State(s): Srv, axum::Extension(p): Who, Json(b): Json<Value>) -> ApiResult {
+    let name = body_name(&p, &b, "name", "sandbox")?;
     let v = blocking(move || {
         s.create_sandbox(&name)?;
-        sandbox_json(&s, &name)
+        sandbox_json(&p, &s, &name)
     })
     .await?;
     ok(StatusCode::CREATED, v)
 }
 
-async fn inspect_sandbox(State(s): Srv, Path(name): Path<String>) -> ApiResult {
-    ok(StatusCode::OK, blocking(move || sandbox_json(&s, &name)).await?)
+async fn inspect_sandbox(State(s): Srv, axum::Extension(p): Who, Path(name): Path<String>) -> ApiResult {
+    ok(StatusCode::OK, blocking(move || sandbox_json(&p, &s, &name)).await?)
 }
 
-async fn delete_sandbox(State(s): Srv, Path(name): Path<String>) -> ApiResult {
-    let shown = name.clone();
+async fn delete_sandbox(State(s): Srv, axum::Extension(p): Who, Path(name): Path<String>) -> ApiResult {
+    let shown = p.shown(&name);
     blocking(move || s.delete_sandbox(&name)).await?;
     ok(StatusCode::OK, json!({"deleted": shown}))
 }
 
-async fn list_attachments(State(s): Srv, Path(name): Path<String>) -> ApiResult {
+async fn list_attachments(State(s): Srv, axum::Extension(p): Who, Path(name): Path<String>) -> ApiResult {
     let a = blocking(move || s.attachments(Some(&name))).await?;
-    ok(StatusCode::OK, Value::Array(a.iter().map(attachment_json).collect()))
+    ok(StatusCode::OK, attachments_json(&p, &a))
 }
 
-async fn attach(State(s): Srv, Path(name): Path<String>, Json(b): Json<Value>) -> ApiResult {
-    let volume = field(&b, "volume")?.to_string();
+async fn attach(State(s): Srv, axum::Extension(p): Who, Path(name): Path<String>, Json(b): Json<Value>) -> ApiResult {
+    let volume = body_name(&p, &b, "volume", "volume")?;
     let path = field(&b, "path")?.to_string();
     let read_only = flag(&b, "read_only");
     let subpath = b.get("subpath").and_then(Value::as_str).unwrap_or("/").to_string();
     let a = blocking(move || s.attach(&name, &volume, &path, read_only, &subpath)).await?;
-    ok(StatusCode::CREATED, attachment_json(&a))
+    ok(StatusCode::CREATED, attachment_json(&p, &a))
 }
 
 async fn detach(State(s): Srv, Path(name): Path<String>, Query(q): Params) -> ApiResult {
@@ -889,21 +1043,21 @@ async fn detach(State(s): Srv, Path(name): Path<String>, Query(q): Params) -> Ap
     ok(StatusCode::OK, json!({"detached": shown}))
 }
 
-async fn sandbox_verb(State(s): Srv, Path((name, verb)): Path<(String, String)>, body: Body) -> ApiResult {
+async fn sandbox_verb(State(s): Srv, axum::Extension(p): Who, Path((name, verb)): Path<(String, String)>, body: Body) -> ApiResult {
     let raw = axum::body::to_bytes(body, 1 << 20).await.map_err(|e| ApiError::bad(format!("cannot read the body: {e}")))?;
     let b: Value = if raw.is_empty() {
         json!({})
     } else {
         serde_json::from_slice(&raw).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))?
     };
-    let attachments =
-        |s: &Server, name: &str| -> Result<Value, FsError> { Ok(s.attachments(Some(name))?.iter().map(attachment_json).collect()) };
+    let p2 = p.clone();
+    let attachments = move |s: &Server, name: &str| -> Result<Value, FsError> { Ok(attachments_json(&p2, &s.attachments(Some(name))?)) };
     match verb.as_str() {
         "run" => {
             let mut volumes = Vec::new();
             for v in b.get("volumes").and_then(Value::as_array).into_iter().flatten() {
                 volumes.push((
-                    field(v, "volume")?.to_string(),
+                    body_name(&p, v, "volume", "volume")?,
                     field(v, "path")?.to_string(),
                     flag(v, "read_only"),
                     v.get("subpath").and_then(Value::as_str).unwrap_or("/").to_string(),
@@ -911,20 +1065,20 @@ async fn sandbox_verb(State(s): Srv, Path((name, verb)): Path<(String, String)>,
             }
             let memory = b.get("memory").and_then(Value::as_str).unwrap_or("256M").to_string();
             let a = blocking(move || s.run_sandbox(&name, &volumes, &memory)).await?;
-            ok(StatusCode::OK, Value::Array(a.iter().map(attachment_json).collect()))
+            ok(StatusCode::OK, attachments_json(&p, &a))
         }
         "stop" => {
-            let shown = name.clone();
+            let shown = p.shown(&name);
             blocking(move || s.stop_sandbox(&name)).await?;
             ok(StatusCode::OK, json!({"stopped": shown}))
         }
         "hibernate" => ok(StatusCode::OK, blocking(move || s.hibernate(&name).and_then(|_| attachments(&s, &name))).await?),
         "resume" => ok(StatusCode::OK, blocking(move || s.resume(&name).and_then(|_| attachments(&s, &name))).await?),
         "fork" => {
-            let child = field(&b, "name")?.to_string();
+            let child = body_name(&p, &b, "name", "sandbox")?;
             let v = blocking(move || {
                 s.fork_sandbox(&name, &child)?;
-                sandbox_json(&s, &child)
+                sandbox_json(&p, &s, &child)
             })
             .await?;
             ok(StatusCode::CREATED, v)
