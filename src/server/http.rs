@@ -179,6 +179,12 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/sandboxes/{s}/{verb}", post(sandbox_verb))
         .merge(super::tus::routes())
         .route("/v1/signed/{v}", get(signed_download))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                ([(header::CONTENT_TYPE, "application/json")], super::openapi::document().to_pretty_json().unwrap_or_default())
+            }),
+        )
         .fallback(|m: Method, uri: axum::http::Uri| async move {
             ApiError::new(StatusCode::NOT_FOUND, "NotFound", format!("no route for {m} {}", uri.path()))
         })
@@ -249,8 +255,8 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// Authenticates a request and, for a tenant, puts the volume or sandbox named in its path into
 /// the tenant's namespace (another tenant's objects are then simply not found: 404, not 403).
 async fn authorize(State(server): Srv, mut req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/v1/signed/") {
-        return next.run(req).await; // the URL's signature is its authority
+    if req.uri().path().starts_with("/v1/signed/") || req.uri().path() == "/openapi.json" {
+        return next.run(req).await; // a signed URL's signature is its authority; the API's shape is public
     }
     let unauthorized = || {
         ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "missing or wrong API token (Authorization: Bearer <token>)")

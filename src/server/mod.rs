@@ -12,6 +12,7 @@ pub mod files;
 pub mod guest;
 pub mod http;
 pub mod locks;
+pub mod openapi;
 pub mod session;
 pub mod tus;
 pub mod vm;
