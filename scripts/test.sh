@@ -35,6 +35,19 @@ cargo deny check licenses bans
 log "build"
 cargo build --locked --all-targets
 
+# Tools the CLI tests check archives and signed URLs with (fuse-tests/api_cli.rs); as root they
+# are installed when missing, elsewhere those checks print SKIPPED.
+need=()
+command -v unzip >/dev/null || need+=(unzip)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} != 0 ] && [ "$(id -u)" = 0 ]; then
+    log "installing ${need[*]}"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+    fi
+fi
+
 log "static guest binary (no host-only dependencies)"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked --release \
     --bin volumefs-guest --no-default-features --features guest \
