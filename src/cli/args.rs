@@ -174,8 +174,10 @@ pub enum FileVerb {
         quiet: Quiet,
     },
 
-    /// Replaces a file with stdin or --from FILE, atomically (streamed; readers see the old or
-    /// the new contents, and a failed write changes nothing)
+    /// Replaces a file with stdin or --from FILE, atomically (streamed)
+    ///
+    /// Readers see the old or the new contents, and a write that fails (the volume full, the
+    /// connection dropped) changes nothing. An existing file keeps its mode.
     Write {
         /// The volume
         volume: String,
@@ -198,8 +200,11 @@ pub enum FileVerb {
         json: bool,
     },
 
-    /// Writes many files in one request, all or nothing: a tar stream (modes, symlinks and
-    /// times kept) or JSON `{"files": [{"path", "content"}]}`
+    /// Writes many files in one request, all or nothing
+    ///
+    /// From a tar stream (modes, symlinks and modification times kept) or from JSON
+    /// `{"files": [{"path": "a.txt", "content": "text"}]}`. Nothing is left behind when any
+    /// entry fails (a `..` name, the volume full).
     #[command(group(ArgGroup::new("input").required(true).args(["tar", "json_input"])))]
     BatchWrite {
         /// The volume
@@ -217,7 +222,9 @@ pub enum FileVerb {
         quiet: Quiet,
     },
 
-    /// Moves or renames a file or directory (a file at TO is replaced; TO's parent must exist)
+    /// Moves or renames a file or directory
+    ///
+    /// A file at TO is replaced; TO's parent directory must exist.
     Mv {
         /// The volume
         volume: String,
@@ -258,8 +265,9 @@ pub enum FileVerb {
         json: bool,
     },
 
-    /// Replaces the one occurrence of a text in a file (none or several: an error that says how
-    /// many, and nothing changes)
+    /// Replaces the one occurrence of a text in a file
+    ///
+    /// None or several occurrences are an error that says how many, and nothing changes.
     Edit {
         /// The volume
         volume: String,
@@ -302,7 +310,10 @@ pub enum FileVerb {
         json: bool,
     },
 
-    /// Exits with 0 when a path exists, 1 when it does not (printing nothing), 2 on any other error
+    /// Exits with 0 when a path exists, 1 when it does not, 2 on errors
+    ///
+    /// Nothing is printed for 0 and 1; an error (no such volume, a path with `..`) is printed
+    /// on stderr.
     Exists {
         /// The volume
         volume: String,
@@ -336,6 +347,9 @@ pub enum FileVerb {
     },
 
     /// Replaces every match of a regular expression in the text files below a path
+    ///
+    /// Prints each changed file with its number of replacements. Files that are not UTF-8 text
+    /// or larger than 64 MiB are left alone.
     Replace {
         /// The volume
         volume: String,
