@@ -11,6 +11,7 @@
 //! `VOLUMEFS_KEEP_TEST_DIRS=1` keeps each test's temporary directory (logs, data) for debugging.
 //!
 //! Modules, by the behaviour they cover:
+//! - [`api_cli`]: the file verbs of `volumefs volume` against the server's HTTP API (no mount).
 //! - [`appends`]: O_APPEND from many sandboxes, lock revalidation, a stop with the server down.
 //! - [`crash`]: server SIGKILL and SIGTERM under a running workload; nothing acknowledged is lost.
 //! - [`differential`]: random operations on a mount and on a local directory, compared step by step.
@@ -30,6 +31,7 @@
 #[macro_use]
 mod harness;
 
+mod api_cli;
 mod appends;
 mod attrs;
 mod crash;

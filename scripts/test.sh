@@ -32,7 +32,9 @@ if ! command -v cargo-deny >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin
 fi
 cargo deny check licenses bans
 
-log "tools the tests drive: curl, GNU tar, unzip, tuspy (a stock tus client)"
+# Tools the tests drive (fuse-tests/http_api.rs, api_cli.rs): curl, GNU tar, unzip, and tuspy,
+# a stock tus client. As root they are installed when missing.
+log "tools the tests drive: curl, GNU tar, unzip, tuspy"
 missing=""
 for tool in curl tar unzip python3; do command -v "$tool" >/dev/null || missing="$missing $tool"; done
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ]; then

@@ -3,7 +3,7 @@
 
 use super::fields::Fields;
 use crate::engine::parse_size;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -42,12 +42,12 @@ pub enum Command {
     /// to DIR/http-addr once it listens. Logs go to stderr, filtered by RUST_LOG (default info).
     Server(ServerArgs),
 
-    /// Creates, lists, inspects and deletes volumes
+    /// Volumes (create, list, inspect, delete) and the files in them (read, write, ls, upload, …)
     #[command(subcommand)]
     Volume(VolumeCommand),
 
-    /// Reads and writes files of a volume through the server
-    #[command(subcommand)]
+    /// The old names of `volume read` and `volume write`, kept for scripts
+    #[command(subcommand, hide = true)]
     File(FileCommand),
 
     /// Registers sandboxes, boots them as microVMs, runs commands in them, manages their lifecycle
@@ -157,6 +157,350 @@ pub enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
+
+    #[command(flatten)]
+    Files(FileVerb),
+}
+
+/// The file verbs of `volume`: paths are volume paths (`/a/b.txt`, from the volume's root).
+#[derive(Debug, Subcommand)]
+pub enum FileVerb {
+    /// Writes a file's contents, or a byte range of them, to stdout (streamed)
+    Read {
+        /// The volume
+        volume: String,
+        /// The file's path in the volume
+        path: String,
+        /// Only these bytes: START-END (both included), START- (to the end) or -N (the last N)
+        #[arg(long, value_name = "RANGE", value_parser = parse_range, allow_hyphen_values = true)]
+        range: Option<ByteRange>,
+        #[command(flatten)]
+        quiet: Quiet,
+    },
+
+    /// Replaces a file with stdin or --from FILE, atomically (streamed)
+    ///
+    /// Readers see the old or the new contents, and a write that fails (the volume full, the
+    /// connection dropped) changes nothing. An existing file keeps its mode.
+    Write {
+        /// The volume
+        volume: String,
+        /// The file's path in the volume
+        path: String,
+        /// Reads the contents from FILE instead of stdin
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// Creates missing parent directories
+        #[arg(short, long)]
+        parents: bool,
+        /// Adds the contents at the file's end, as one write, instead (atomic against every
+        /// other appender; the file and its parents are created when missing; at most 64 MiB)
+        #[arg(long)]
+        append: bool,
+        #[command(flatten)]
+        quiet: Quiet,
+        /// Prints the server's answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Writes many files in one request, all or nothing
+    ///
+    /// From a tar stream (modes, symlinks and modification times kept) or from JSON
+    /// `{"files": [{"path": "a.txt", "content": "text"}]}`. Nothing is left behind when any
+    /// entry fails (a `..` name, the volume full).
+    #[command(group(ArgGroup::new("input").required(true).args(["tar", "json_input"])))]
+    BatchWrite {
+        /// The volume
+        volume: String,
+        /// The directory the paths are relative to (made with its parents when missing)
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        to: String,
+        /// A tar archive, or - for stdin
+        #[arg(long, value_name = "FILE|-")]
+        tar: Option<String>,
+        /// A JSON document {"files": [{"path": "a.txt", "content": "text"}]}, or - for stdin
+        #[arg(long = "json", value_name = "FILE|-")]
+        json_input: Option<String>,
+        #[command(flatten)]
+        quiet: Quiet,
+    },
+
+    /// Moves or renames a file or directory
+    ///
+    /// A file at TO is replaced; TO's parent directory must exist.
+    Mv {
+        /// The volume
+        volume: String,
+        /// The path to move
+        from: String,
+        /// Its new path
+        to: String,
+        /// Prints the server's answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Removes a file, symlink or empty directory
+    Rm {
+        /// The volume
+        volume: String,
+        /// The path to remove
+        path: String,
+        /// Removes a directory and everything in it
+        #[arg(short, long)]
+        recursive: bool,
+        /// Prints the server's answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Makes a directory
+    Mkdir {
+        /// The volume
+        volume: String,
+        /// The new directory's path
+        path: String,
+        /// Makes missing parents too; an existing directory is not an error
+        #[arg(short, long)]
+        parents: bool,
+        /// Prints the server's answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Replaces the one occurrence of a text in a file
+    ///
+    /// None or several occurrences are an error that says how many, and nothing changes.
+    Edit {
+        /// The volume
+        volume: String,
+        /// The file's path in the volume
+        path: String,
+        /// The exact text to find (not a pattern)
+        #[arg(long, value_name = "OLD")]
+        find: String,
+        /// What to put in its place
+        #[arg(long, value_name = "NEW")]
+        replace: String,
+        /// Prints the server's answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Lists a directory: mode, size, modification time (UTC), path
+    Ls {
+        /// The volume
+        volume: String,
+        /// The directory (or file) to list
+        #[arg(default_value = "/")]
+        path: String,
+        /// Lists everything below the directory too
+        #[arg(short, long)]
+        recursive: bool,
+        /// Prints JSON: {"entries": [{path, name, kind, size, mode, uid, gid, nlink, ino, mtime, atime, ctime, target?}], "truncated"}
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Shows a path's attributes (a symlink's own)
+    Stat {
+        /// The volume
+        volume: String,
+        /// The path
+        path: String,
+        /// Prints JSON: {path, name, kind, size, mode, uid, gid, nlink, ino, mtime, atime, ctime, target?}
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Exits with 0 when a path exists, 1 when it does not, 2 on errors
+    ///
+    /// Nothing is printed for 0 and 1; an error (no such volume, a path with `..`) is printed
+    /// on stderr.
+    Exists {
+        /// The volume
+        volume: String,
+        /// The path
+        path: String,
+    },
+
+    /// Finds files by name (a glob) and lines by content (a regular expression)
+    ///
+    /// Prints `path:line:text` for each matching line (as grep does) with --content, and the
+    /// matching paths without it. Files that are not UTF-8 text or larger than 64 MiB are skipped
+    /// by --content.
+    Search {
+        /// The volume
+        volume: String,
+        /// Where to search
+        #[arg(default_value = "/")]
+        path: String,
+        /// Only files whose name (last component) matches this glob, like `*.rs`
+        #[arg(long, value_name = "GLOB")]
+        name: Option<String>,
+        /// Only lines that match this regular expression
+        #[arg(long, value_name = "REGEX")]
+        content: Option<String>,
+        /// At most N matches (the server's default: 1000)
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// Prints JSON: {"matches": [{path, line?, text?}], "truncated"}
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Replaces every match of a regular expression in the text files below a path
+    ///
+    /// Prints each changed file with its number of replacements. Files that are not UTF-8 text
+    /// or larger than 64 MiB are left alone.
+    Replace {
+        /// The volume
+        volume: String,
+        /// The file or directory to work on
+        path: String,
+        /// The regular expression to find
+        #[arg(long, value_name = "REGEX")]
+        find: String,
+        /// What to put in its place (`$1`, `${name}` name groups of the expression)
+        #[arg(long, value_name = "NEW")]
+        replace: String,
+        /// Only files whose name matches this glob, like `*.md`
+        #[arg(long, value_name = "GLOB")]
+        name: Option<String>,
+        /// Prints JSON: {"changed": [{path, replacements}]}
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Uploads a local file, directory tree or stdin (-) to PATH (streamed)
+    ///
+    /// A file or stdin replaces the file at PATH atomically. A directory's contents go below
+    /// PATH, all or nothing, sent as a tar stream made on the fly: modes, symlinks (not
+    /// followed) and modification times are kept.
+    Upload {
+        /// A local file or directory, or - for stdin
+        local: PathBuf,
+        /// The volume
+        volume: String,
+        /// The path in the volume
+        path: String,
+        /// Creates missing parent directories (a directory's destination always is)
+        #[arg(short, long)]
+        parents: bool,
+        #[command(flatten)]
+        quiet: Quiet,
+        /// Prints the server's answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Downloads a file or directory tree to LOCAL (streamed)
+    ///
+    /// A file is written to LOCAL (into it, when it is a directory; - for stdout). A directory is
+    /// unpacked into LOCAL (made when missing), with modes, symlinks and modification times.
+    /// With --archive, the archive itself is written to LOCAL (or stdout).
+    Download {
+        /// The volume
+        volume: String,
+        /// The path in the volume
+        path: String,
+        /// Where to put it, or - for stdout
+        local: PathBuf,
+        /// Downloads an archive of the path in this format instead
+        #[arg(long, value_name = "FORMAT", value_enum)]
+        archive: Option<ArchiveFormat>,
+        #[command(flatten)]
+        quiet: Quiet,
+    },
+
+    /// Prints a URL that downloads PATH without a token until it expires
+    Url {
+        /// The volume
+        volume: String,
+        /// The file (or, with --archive, file or directory) to share
+        path: String,
+        /// The URL downloads an archive of the path in this format
+        #[arg(long, value_name = "FORMAT", value_enum)]
+        archive: Option<ArchiveFormat>,
+        /// How long the URL works: 30s, 15m, 2h, 7d (at most 7 days)
+        #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
+        expires: u64,
+        /// Prints JSON: {url, expires_at, path}
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `-q`: no progress bar.
+#[derive(Debug, Args)]
+pub struct Quiet {
+    /// Shows no progress (progress is drawn only on a terminal, for transfers that take a while)
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArchiveFormat {
+    Tar,
+    #[value(name = "tar.gz")]
+    TarGz,
+    Zip,
+}
+
+impl ArchiveFormat {
+    /// The name the API knows it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            ArchiveFormat::Tar => "tar",
+            ArchiveFormat::TarGz => "tar.gz",
+            ArchiveFormat::Zip => "zip",
+        }
+    }
+}
+
+/// A `--range`: the value of its `Range` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ByteRange(pub String);
+
+/// `START-END`, `START-` or `-N` → `bytes=…`.
+pub fn parse_range(s: &str) -> Result<ByteRange, String> {
+    let bad = || format!("invalid range {s:?}: expected START-END, START- or -N (byte offsets, END included)");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let num = |t: &str| if t.bytes().all(|c| c.is_ascii_digit()) { t.parse::<u64>().map_err(|_| bad()) } else { Err(bad()) };
+    match (a.trim(), b.trim()) {
+        ("", "") => Err(bad()),
+        ("", n) if num(n)? == 0 => Err(format!("invalid range {s:?}: the last 0 bytes are nothing")),
+        ("", n) => Ok(ByteRange(format!("bytes=-{}", num(n)?))),
+        (a, "") => Ok(ByteRange(format!("bytes={}-", num(a)?))),
+        (a, b) => {
+            let (a, b) = (num(a)?, num(b)?);
+            if a > b {
+                return Err(format!("invalid range {s:?}: START is past END"));
+            }
+            Ok(ByteRange(format!("bytes={a}-{b}")))
+        }
+    }
+}
+
+/// `30s`, `15m`, `2h`, `7d` or plain seconds → seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, like 30s, 15m, 2h or 7d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?} (s, m, h, d)")),
+    };
+    match n.checked_mul(scale) {
+        Some(0) => Err(format!("invalid duration {s:?}: must be more than 0")),
+        Some(secs) => Ok(secs),
+        None => Err(format!("invalid duration {s:?}: too long")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -166,9 +510,10 @@ pub struct FieldsArg {
     pub fields: Option<Fields>,
 }
 
+/// `volumefs file read|write`: what `volume read` and `volume write -p` do now.
 #[derive(Debug, Subcommand)]
 pub enum FileCommand {
-    /// Writes a file's contents to stdout
+    /// Writes a file's contents to stdout (now `volume read`)
     Read {
         /// The volume
         volume: String,
@@ -176,7 +521,7 @@ pub enum FileCommand {
         path: String,
     },
 
-    /// Replaces a file with stdin, atomically (parent directories are created)
+    /// Replaces a file with stdin, atomically, parent directories created (now `volume write -p`)
     Write {
         /// The volume
         volume: String,

@@ -1,131 +1,223 @@
-//! A small HTTP/1.1 client for the CLI: one request per connection, JSON in and out. The API
-//! is served on loopback or a private network, so plain HTTP with a bearer token is what it
-//! speaks; put a TLS proxy in front for anything else.
+//! The CLI's HTTP client, on ureq (sync). Bodies stream both ways: an upload is read from its
+//! source as it is sent and a download is handed to its sink as it arrives, so neither is ever
+//! whole in memory. The API is served on loopback or a private network, so plain HTTP with a
+//! bearer token is what it speaks (ureq is built without TLS); put a TLS proxy in front for
+//! anything else.
+//!
+//! Errors from the server are JSON `{code, message, errno}`; [`ApiError`] carries the code and
+//! the message, which is what the CLI prints.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{self, Read};
 use std::time::Duration;
+use ureq::http;
 
 pub struct Client {
-    host: String,
-    token: String,
+    /// `http://HOST:PORT`, without a trailing slash.
+    base: String,
+    auth: String,
+    agent: ureq::Agent,
 }
 
+#[derive(Debug)]
 pub struct ApiError {
+    /// The HTTP status, or 0 when the server was not reached or the exchange broke off.
     pub status: u16,
+    /// The server's stable error code (`NotFound`, `VolumeFull`, …); empty without one.
+    pub code: String,
     pub msg: String,
 }
+
+impl ApiError {
+    fn local(msg: String) -> ApiError {
+        ApiError { status: 0, code: String::new(), msg }
+    }
+}
+
+/// A response whose body has not been read yet (a download).
+pub struct Download {
+    /// `Content-Length`, when the server sent one.
+    pub len: Option<u64>,
+    pub headers: http::HeaderMap,
+    body: ureq::Body,
+}
+
+impl Download {
+    /// The body as it arrives. A body cut short (the server failed halfway, the connection
+    /// dropped) is a read error, never a silent end.
+    pub fn reader(self) -> impl Read {
+        self.body.into_reader()
+    }
+}
+
+/// How long a request may wait for the server to say something (`sandbox exec` waits for its
+/// command, up to the server's 600 s default).
+const READ_TIMEOUT: Duration = Duration::from_secs(660);
+/// Largest error or JSON answer read.
+const MAX_ANSWER: u64 = 64 << 20;
 
 impl Client {
     /// `url` is `http://HOST:PORT` (a trailing `/` is fine).
     pub fn new(url: &str, token: &str) -> Result<Client, String> {
-        let host = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("server URL {url:?} must start with http://"))?
-            .trim_end_matches('/')
-            .to_string();
+        let host = url.strip_prefix("http://").ok_or_else(|| format!("server URL {url:?} must start with http://"))?.trim_end_matches('/');
         if host.is_empty() || host.contains('/') {
             return Err(format!("server URL {url:?} must be http://HOST:PORT"));
         }
-        Ok(Client { host, token: token.to_string() })
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_per_read(Some(READ_TIMEOUT))
+            .user_agent(concat!("volumefs/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(Client { base: format!("http://{host}"), auth: format!("Bearer {token}"), agent: config.new_agent() })
     }
 
-    /// A JSON request; the JSON answer, or the server's error message.
+    fn request(&self, method: &str, path: &str) -> http::request::Builder {
+        http::Request::builder().method(method).uri(format!("{}{path}", self.base)).header(http::header::AUTHORIZATION, &self.auth)
+    }
+
+    /// What a failed exchange says: the server's message for an error status, or why the
+    /// server was not reached.
+    fn net(&self, e: ureq::Error) -> ApiError {
+        let msg = match &e {
+            ureq::Error::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused => {
+                format!("cannot reach the server at {}: {io}", self.base)
+            }
+            ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Timeout(ureq::Timeout::Connect) => {
+                format!("cannot reach the server at {}: {e}", self.base)
+            }
+            ureq::Error::Timeout(t) => format!("the server at {} did not answer in time ({t:?})", self.base),
+            _ => format!("talking to the server at {}: {e}", self.base),
+        };
+        ApiError::local(msg)
+    }
+
+    /// Sends a request; an error status becomes an [`ApiError`] with the server's message.
+    fn send(&self, req: http::Request<impl ureq::AsSendBody>) -> Result<http::Response<ureq::Body>, ApiError> {
+        let mut resp = self.agent.run(req).map_err(|e| self.net(e))?;
+        let status = resp.status().as_u16();
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let raw = resp.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().unwrap_or_default();
+        Err(error_of(status, &raw))
+    }
+
+    /// A JSON request; the JSON answer.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ApiError> {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let (status, raw) = self.call_raw(method, path, "application/json", body.as_bytes())?;
-        let v: Value = serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
-        if (200..300).contains(&status) {
-            Ok(v)
-        } else {
-            let msg =
-                v.get("message").or_else(|| v.get("error")).and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| v.to_string());
-            Err(ApiError { status, msg })
-        }
+        let invalid = |e: http::Error| ApiError::local(format!("invalid request {method} {path}: {e}"));
+        let req = self.request(method, path);
+        let mut resp = match body {
+            Some(b) => self.send(req.header(http::header::CONTENT_TYPE, "application/json").body(b.to_string()).map_err(invalid)?)?,
+            None => self.send(req.body(()).map_err(invalid)?)?,
+        };
+        answer(&mut resp)
     }
 
-    /// Raw bytes both ways (file contents); an error status becomes the server's message.
-    pub fn call_bytes(&self, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, ApiError> {
-        let (status, raw) = self.call_raw(method, path, "application/octet-stream", body)?;
-        if (200..300).contains(&status) {
-            return Ok(raw);
+    /// A request whose body is read from `body` as it is sent (`len` known: `Content-Length`,
+    /// else chunked); the JSON answer.
+    pub fn upload(&self, method: &str, path: &str, content_type: &str, len: Option<u64>, body: &mut dyn Read) -> Result<Value, ApiError> {
+        let mut req = self.request(method, path).header(http::header::CONTENT_TYPE, content_type);
+        if let Some(n) = len {
+            req = req.header(http::header::CONTENT_LENGTH, n);
         }
-        let v: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-        let msg = v
-            .get("message")
-            .or_else(|| v.get("error"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| String::from_utf8_lossy(&raw).into_owned());
-        Err(ApiError { status, msg })
+        let req =
+            req.body(ureq::SendBody::from_reader(body)).map_err(|e| ApiError::local(format!("invalid request {method} {path}: {e}")))?;
+        let mut resp = self.send(req)?;
+        answer(&mut resp)
     }
 
-    fn call_raw(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, Vec<u8>), ApiError> {
-        let net = |e: std::io::Error| ApiError { status: 0, msg: format!("cannot reach the server at http://{}: {e}", self.host) };
-        let mut s = TcpStream::connect(&self.host).map_err(net)?;
-        s.set_read_timeout(Some(Duration::from_secs(600))).map_err(net)?;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.host,
-            self.token,
-            body.len()
-        );
-        s.write_all(head.as_bytes()).and_then(|_| s.write_all(body)).map_err(net)?;
-        let mut r = BufReader::new(s);
-        let mut status_line = String::new();
-        r.read_line(&mut status_line).map_err(net)?;
-        let status: u16 = status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| ApiError { status: 0, msg: format!("malformed response from the server: {status_line:?}") })?;
-        let mut length = None;
-        let mut chunked = false;
-        loop {
-            let mut line = String::new();
-            r.read_line(&mut line).map_err(net)?;
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse::<usize>().ok();
-                } else if k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked") {
-                    chunked = true;
-                }
-            }
+    /// A GET whose body is left to the caller to stream.
+    pub fn download(&self, path: &str, headers: &[(&str, &str)]) -> Result<Download, ApiError> {
+        let mut req = self.request("GET", path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
-        let mut raw = Vec::new();
-        if chunked {
-            loop {
-                let mut size = String::new();
-                r.read_line(&mut size).map_err(net)?;
-                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                let mut chunk = vec![0; n + 2];
-                r.read_exact(&mut chunk).map_err(net)?;
-                raw.extend_from_slice(&chunk[..n]);
-            }
-        } else if let Some(n) = length {
-            raw.resize(n, 0);
-            r.read_exact(&mut raw).map_err(net)?;
-        } else {
-            r.read_to_end(&mut raw).map_err(net)?;
-        }
-        Ok((status, raw))
+        let req = req.body(()).map_err(|e| ApiError::local(format!("invalid request GET {path}: {e}")))?;
+        let resp = self.send(req)?;
+        let (parts, body) = resp.into_parts();
+        let len = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        Ok(Download { len, headers: parts.headers, body })
     }
 }
 
-/// Encodes a path segment or query value.
-pub fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+fn answer(resp: &mut http::Response<ureq::Body>) -> Result<Value, ApiError> {
+    let raw =
+        resp.body_mut().with_config().limit(MAX_ANSWER).read_to_vec().map_err(|e| ApiError::local(format!("reading the answer: {e}")))?;
+    if raw.is_empty() {
+        return Ok(Value::Null);
+    }
+    Ok(serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned())))
+}
+
+/// The error an error status carries: the server's JSON `{code, message}`, or its text.
+fn error_of(status: u16, raw: &[u8]) -> ApiError {
+    let v: Value = serde_json::from_slice(raw).unwrap_or(Value::Null);
+    let code = v.get("code").and_then(Value::as_str).unwrap_or("").to_string();
+    let msg = match v.get("message").or_else(|| v.get("error")).and_then(Value::as_str) {
+        Some(m) => m.to_string(),
+        None if raw.is_empty() => format!("the server answered {status}"),
+        None => String::from_utf8_lossy(raw).trim().to_string(),
+    };
+    ApiError { status, code, msg }
+}
+
+/// Encodes a path segment (a volume or sandbox name, one name of a path): everything but the
+/// unreserved characters of RFC 3986 is percent-encoded, `/` included.
+pub fn segment(s: &str) -> String {
+    encode(s, b"")
+}
+
+/// Encodes a volume path for a URL path: each name as a [`segment`], joined by `/`, without the
+/// leading `/` (`/a b/c` → `a%20b/c`); `.` names are left out, as the server would.
+pub fn path(p: &str) -> String {
+    p.split('/').filter(|s| !s.is_empty() && *s != ".").map(segment).collect::<Vec<_>>().join("/")
+}
+
+/// Encodes a query value (`/` may stay; `&`, `=`, `+`, `#`, `%` and the rest may not).
+pub fn query(s: &str) -> String {
+    encode(s, b"/")
+}
+
+fn encode(s: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || keep.contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_of_segments_paths_and_query_values() {
+        assert_eq!(segment("a b/c"), "a%20b%2Fc");
+        assert_eq!(segment("ü"), "%C3%BC");
+        assert_eq!(path("/a b/./c%d//e"), "a%20b/c%25d/e");
+        assert_eq!(path("/"), "");
+        assert_eq!(query("/x+y&z=1#?"), "/x%2By%26z%3D1%23%3F");
+    }
+
+    #[test]
+    fn errors_carry_the_servers_message_and_code() {
+        let e = error_of(507, br#"{"code":"VolumeFull","message":"volume `v` is full","errno":"EDQUOT"}"#);
+        assert_eq!((e.status, e.code.as_str(), e.msg.as_str()), (507, "VolumeFull", "volume `v` is full"));
+        let e = error_of(502, b"bad gateway\n");
+        assert_eq!((e.code.as_str(), e.msg.as_str()), ("", "bad gateway"));
+        assert_eq!(error_of(500, b"").msg, "the server answered 500");
+    }
+
+    #[test]
+    fn only_plain_http_urls() {
+        assert!(Client::new("https://h:1", "t").err().unwrap().contains("must start with http://"));
+        assert!(Client::new("http://h:1/api", "t").err().unwrap().contains("http://HOST:PORT"));
+        assert_eq!(Client::new("http://h:1/", "t").unwrap().base, "http://h:1");
+    }
 }

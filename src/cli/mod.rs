@@ -1,15 +1,23 @@
 //! The `volumefs` command line: the server itself (`volumefs server`) and a client of its HTTP
 //! API for everything else. The grammar and help text are in [`args`] (clap); output is for
 //! people by default and JSON with `--json`; errors go to stderr with a non-zero exit code:
-//! 2 for a command line that does not parse, 1 for a command that failed.
+//! 2 for a command line that does not parse, 1 for a command that failed (`volume exists` has
+//! its own: 0 present, 1 absent, 2 error). The file verbs of `volume` are in [`files`], the
+//! HTTP client in [`client`], progress bars in [`progress`] and local trees as tar streams in
+//! [`tree`].
 
 pub mod args;
 pub mod client;
 pub mod fields;
+pub mod files;
+pub mod progress;
+pub mod tree;
 
-use args::{AttachArgs, Cli, Command, DetachArgs, ExecArgs, FileCommand, RunArgs, SandboxCommand, ServerArgs, VolumeCommand};
+use args::{
+    AttachArgs, Cli, Command, DetachArgs, ExecArgs, FileCommand, FileVerb, Quiet, RunArgs, SandboxCommand, ServerArgs, VolumeCommand,
+};
 use clap::{CommandFactory, Parser};
-use client::{encode, Client};
+use client::{query, segment as encode, Client};
 use serde_json::{json, Value};
 
 /// Runs the CLI on `argv` (without the program name); returns the process exit code.
@@ -22,6 +30,15 @@ pub fn main(argv: Vec<String>) -> i32 {
             return e.exit_code();
         }
     };
+    if !matches!(cli.command, Command::Server(_)) {
+        // A client writing to a closed pipe (`volumefs volume ls v | head`) stops quietly, as
+        // other command line tools do, instead of failing on its next print. (Sockets are
+        // written with MSG_NOSIGNAL: a dropped connection is still an error, never a signal.)
+        // SAFETY: setting a signal's disposition to its default has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -73,8 +90,8 @@ fn run(cli: Cli) -> Result<i32, String> {
     let api = Api { server: cli.server, token: cli.token };
     match cli.command {
         Command::Server(a) => serve(a)?,
-        Command::Volume(c) => volume(&api, c)?,
-        Command::File(c) => file(&api, c)?,
+        Command::Volume(c) => return volume(&api, c),
+        Command::File(c) => return file(&api, c),
         Command::Sandbox(c) => return sandbox(&api, c),
         Command::Attach(a) => attach(&api, a)?,
         Command::Detach(a) => detach(&api, a)?,
@@ -83,7 +100,8 @@ fn run(cli: Cli) -> Result<i32, String> {
     Ok(0)
 }
 
-fn volume(api: &Api, cmd: VolumeCommand) -> Result<(), String> {
+/// A `volume` command; its exit code.
+fn volume(api: &Api, cmd: VolumeCommand) -> Result<i32, String> {
     match cmd {
         VolumeCommand::Create { name, cap, json } => {
             let v = api.call("POST", "/v1/volumes", Some(json!({"name": name, "cap": cap})))?;
@@ -118,26 +136,18 @@ fn volume(api: &Api, cmd: VolumeCommand) -> Result<(), String> {
             api.call("DELETE", &format!("/v1/volumes/{}{q}", encode(&name)), None)?;
             println!("deleted volume {name}");
         }
+        VolumeCommand::Files(verb) => return files::run(api, verb),
     }
-    Ok(())
+    Ok(0)
 }
 
-fn file(api: &Api, cmd: FileCommand) -> Result<(), String> {
-    let files = |volume: &str, path: &str| format!("/v1/volumes/{}/files/{}", encode(volume), encode(path.trim_start_matches('/')));
+/// `file read|write`, the old names: `volume read`, and `volume write -p` without its report.
+fn file(api: &Api, cmd: FileCommand) -> Result<i32, String> {
     match cmd {
-        FileCommand::Read { volume, path } => {
-            use std::io::Write;
-            let bytes = api.client()?.call_bytes("GET", &files(&volume, &path), &[]).map_err(|e| e.msg)?;
-            std::io::stdout().write_all(&bytes).map_err(|e| e.to_string())
-        }
+        FileCommand::Read { volume, path } => files::run(api, FileVerb::Read { volume, path, range: None, quiet: Quiet { quiet: true } }),
         FileCommand::Write { volume, path, append } => {
-            use std::io::Read;
-            let mut data = Vec::new();
-            std::io::stdin().read_to_end(&mut data).map_err(|e| format!("cannot read stdin: {e}"))?;
-            // `file write` has always made missing parent directories.
-            let (method, q) = if append { ("POST", "?append") } else { ("PUT", "?parents=true") };
-            api.client()?.call_bytes(method, &format!("{}{q}", files(&volume, &path)), &data).map_err(|e| e.msg)?;
-            Ok(())
+            files::write_quietly(api, &volume, &path, append)?;
+            Ok(0)
         }
     }
 }
@@ -261,7 +271,7 @@ fn attach(api: &Api, a: AttachArgs) -> Result<(), String> {
 
 fn detach(api: &Api, a: DetachArgs) -> Result<(), String> {
     let force = if a.force { "&force=true" } else { "" };
-    api.call("DELETE", &format!("/v1/sandboxes/{}/attachments?path={}{force}", encode(&a.sb), encode(&a.at)), None)?;
+    api.call("DELETE", &format!("/v1/sandboxes/{}/attachments?path={}{force}", encode(&a.sb), query(&a.at)), None)?;
     println!("detached {} from {}", a.at, a.sb);
     Ok(())
 }

@@ -247,3 +247,88 @@ fn completions_for_bash_zsh_and_fish() {
     }
     assert_eq!(err(&["completions", "tcsh"]).exit_code(), 2);
 }
+
+const FILE_VERBS: [&str; 15] =
+    ["read", "write", "batch-write", "mv", "rm", "mkdir", "edit", "ls", "stat", "exists", "search", "replace", "upload", "download", "url"];
+
+#[test]
+fn every_file_verb_has_help_and_file_is_a_hidden_alias() {
+    let help = err(&["volume", "--help"]).to_string();
+    for verb in FILE_VERBS {
+        assert!(help.contains(verb), "`volume --help` does not mention {verb}:\n{help}");
+        let e = err(&["volume", verb, "--help"]);
+        assert_eq!(e.exit_code(), 0, "volume {verb} --help");
+        assert!(e.to_string().contains("Usage: volumefs volume"), "volume {verb} --help:\n{e}");
+    }
+    // `file read|write` still parse, but `--help` no longer shows them.
+    assert!(!err(&["--help"]).to_string().contains("\n  file "));
+    assert!(matches!(ok(&["file", "read", "v", "/p"]).command, Command::File(FileCommand::Read { .. })));
+}
+
+#[test]
+fn ranges_and_durations() {
+    assert_eq!(parse_range("0-99"), Ok(ByteRange("bytes=0-99".into())));
+    assert_eq!(parse_range("100-"), Ok(ByteRange("bytes=100-".into())));
+    assert_eq!(parse_range("-5"), Ok(ByteRange("bytes=-5".into())));
+    for bad in ["", "-", "5", "9-3", "-0", "a-b", "1-2-3", "+1-2"] {
+        assert!(parse_range(bad).is_err(), "{bad:?} parsed");
+    }
+    // A range that starts with `-` is a value, not an option.
+    match ok(&["volume", "read", "v", "/f", "--range", "-3"]).command {
+        Command::Volume(VolumeCommand::Files(FileVerb::Read { range, .. })) => assert_eq!(range, Some(ByteRange("bytes=-3".into()))),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(parse_duration("30s"), Ok(30));
+    assert_eq!(parse_duration("15m"), Ok(900));
+    assert_eq!(parse_duration("2h"), Ok(7200));
+    assert_eq!(parse_duration("7d"), Ok(604_800));
+    assert_eq!(parse_duration("45"), Ok(45));
+    for bad in ["", "m", "0s", "3x", "1.5h", "-1s", "99999999999999999999d"] {
+        assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+    }
+    match ok(&["volume", "url", "v", "/d", "--archive", "tar.gz"]).command {
+        Command::Volume(VolumeCommand::Files(FileVerb::Url { expires, archive, json, .. })) => {
+            assert_eq!((expires, archive, json), (900, Some(ArchiveFormat::TarGz), false))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn file_verb_options() {
+    match ok(&["volume", "write", "v", "/a/b", "--from", "f.bin", "-p", "-q"]).command {
+        Command::Volume(VolumeCommand::Files(FileVerb::Write { from, parents, append, quiet, .. })) => {
+            assert_eq!(from.as_deref(), Some(std::path::Path::new("f.bin")));
+            assert!(parents && !append && quiet.quiet);
+        }
+        other => panic!("{other:?}"),
+    }
+    match ok(&["volume", "batch-write", "v", "--json", "-"]).command {
+        Command::Volume(VolumeCommand::Files(FileVerb::BatchWrite { to, tar, json_input, .. })) => {
+            assert_eq!((to.as_str(), tar, json_input.as_deref()), ("/", None, Some("-")))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err(&["volume", "batch-write", "v"]).kind(), ErrorKind::MissingRequiredArgument);
+    assert_eq!(err(&["volume", "batch-write", "v", "--tar", "a", "--json", "b"]).kind(), ErrorKind::ArgumentConflict);
+    match ok(&["volume", "ls", "v", "-r", "--json"]).command {
+        Command::Volume(VolumeCommand::Files(FileVerb::Ls { path, recursive, json, .. })) => assert!(path == "/" && recursive && json),
+        other => panic!("{other:?}"),
+    }
+    match ok(&["volume", "rm", "v", "/d", "-r"]).command {
+        Command::Volume(VolumeCommand::Files(FileVerb::Rm { recursive, .. })) => assert!(recursive),
+        other => panic!("{other:?}"),
+    }
+    match ok(&["volume", "search", "v", "--name", "*.rs", "--content", "fn main", "--limit", "3"]).command {
+        Command::Volume(VolumeCommand::Files(FileVerb::Search { path, name, content, limit, .. })) => {
+            assert_eq!((path.as_str(), name.as_deref(), content.as_deref(), limit), ("/", Some("*.rs"), Some("fn main"), Some(3)))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err(&["volume", "edit", "v", "/f", "--find", "a"]).kind(), ErrorKind::MissingRequiredArgument);
+    assert_eq!(err(&["volume", "download", "v", "/d", "out", "--archive", "rar"]).kind(), ErrorKind::InvalidValue);
+    match ok(&["volume", "upload", "-", "v", "/f", "-p"]).command {
+        Command::Volume(VolumeCommand::Files(FileVerb::Upload { local, parents, .. })) => assert!(local.as_os_str() == "-" && parents),
+        other => panic!("{other:?}"),
+    }
+}

@@ -341,7 +341,7 @@ fn stage(
                     }
                     up.write(&buf[..n])?;
                 }
-                server.set_meta(vol, up.ino(), Some(mode), owner, Some(mtime))?;
+                up.set_meta(mode, owner, mtime)?;
                 done.files += 1;
                 done.bytes += up.written;
                 uploads.push((up, path));

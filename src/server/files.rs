@@ -75,6 +75,8 @@ pub struct Upload {
     ino: Ino,
     pub written: u64,
     done: bool,
+    /// The mode was set for these contents (an archive's entry): the old file's does not carry over.
+    mode_set: bool,
 }
 
 fn root() -> Caller {
@@ -200,7 +202,7 @@ impl Server {
         }
         let tmp = format!(".{}.volumefs-{:x}", &name[..name.len().min(200)], self.new_session_id());
         let a = self.engine.create(vol, parent, tmp.as_bytes(), 0o644, 0, &root())?;
-        Ok(Upload { server: self.clone(), vol, parent, name: name.to_string(), tmp, ino: a.ino, written: 0, done: false })
+        Ok(Upload { server: self.clone(), vol, parent, name: name.to_string(), tmp, ino: a.ino, written: 0, done: false, mode_set: false })
     }
 
     /// Replaces (or creates) a file with `data`, atomically.
@@ -545,17 +547,20 @@ impl Upload {
         Ok(())
     }
 
-    /// The temporary file's inode (to set its mode or times before the commit).
-    pub fn ino(&self) -> Ino {
-        self.ino
+    /// Sets the new contents' mode, owner and modification time before the commit (an
+    /// archive's entry); the mode then wins over the old file's.
+    pub fn set_meta(&mut self, mode: u32, owner: Option<(u32, u32)>, mtime: Timespec) -> FsResult<()> {
+        self.server.set_meta(self.vol, self.ino, Some(mode), owner, Some(mtime))?;
+        self.mode_set = true;
+        Ok(())
     }
 
     /// Renames the temporary file over the target. An existing target's permission bits carry
-    /// over to the new contents.
+    /// over to the new contents, unless [`Upload::set_meta`] gave them their own.
     pub fn commit(mut self) -> FsResult<Attr> {
         let (server, vol, parent) = (self.server.clone(), self.vol, self.parent);
         if let Ok(old) = server.engine.lookup(vol, parent, self.name.as_bytes(), &root()) {
-            if old.kind == Kind::File && old.perm != 0o644 {
+            if old.kind == Kind::File && old.perm != 0o644 && !self.mode_set {
                 let _ = server.set_meta(vol, self.ino, Some(old.perm), None, None);
             }
         }

@@ -554,8 +554,15 @@ impl io::Read for BodyReader {
     }
 }
 
+/// How long the rest of a request body that a handler stopped reading (it failed early: the
+/// volume is full, the path is wrong) is still read and thrown away, as nginx's lingering close
+/// does. Most HTTP clients send the whole body before they read the answer; closing on them
+/// mid-body resets the connection and they never see the error.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs `consume` on the blocking pool with the request body as a `Read`, feeding it as the
 /// body arrives. A body that breaks off (the client went away) is a read error for `consume`.
+/// What `consume` leaves unread is drained for at most [`LINGER`] while the answer goes out.
 pub(super) async fn with_body<T: Send + 'static>(
     body: Body,
     consume: impl FnOnce(BodyReader) -> Result<T, FsError> + Send + 'static,
@@ -563,14 +570,24 @@ pub(super) async fn with_body<T: Send + 'static>(
     let (tx, rx) = mpsc::channel(PIPE_DEPTH);
     let job = tokio::task::spawn_blocking(move || consume(BodyReader { rx, cur: Bytes::new() }));
     let mut stream = body.into_data_stream();
+    let mut unread = false;
     while let Some(frame) = stream.next().await {
         let frame = frame.map_err(|e| io::Error::new(io::ErrorKind::ConnectionAborted, format!("the request body broke off: {e}")));
         let failed = frame.is_err();
-        if tx.send(frame).await.is_err() || failed {
-            break; // the consumer stopped (an error it will report) or the body broke off
+        if tx.send(frame).await.is_err() {
+            unread = !failed; // the consumer stopped (with an error it will report, or done)
+            break;
+        }
+        if failed {
+            break; // the body broke off
         }
     }
     drop(tx);
+    if unread {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(LINGER, async move { while let Some(Ok(_)) = stream.next().await {} }).await;
+        });
+    }
     match job.await {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", format!("internal error: {e}"))),
