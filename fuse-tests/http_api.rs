@@ -861,3 +861,45 @@ fn openapi_document_matches_the_router() {
     }
     assert!(n >= 40, "only {n} operations listed");
 }
+
+/// `volumefs volume upload` of a large file goes through tus and resumes on its own: the server
+/// is killed (SIGKILL) mid-upload and started again on the same address, and the CLI, asking the
+/// server how far it got, sends only the rest.
+#[test]
+fn cli_upload_resumes_across_a_server_crash() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut c = Cluster::with_server_args(&["--http", &addr]);
+    c.create_volume("v", None);
+    let size = 512usize << 20;
+    let local = c.path("big.bin");
+    std::fs::write(&local, pattern(size, 9)).unwrap();
+    let state = c.path("state");
+    let child = Command::new(crate::harness::SERVER_BIN)
+        .args(["volume", "upload", local.to_str().unwrap(), "v", "/big.bin", "-q"])
+        .env("VOLUMEFS_SERVER", format!("http://{addr}"))
+        .env("VOLUMEFS_TOKEN", &c.token)
+        .env("XDG_STATE_HOME", &state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = eventually(Duration::from_secs(60), || c.volume_used("v") >= 64 << 20);
+    assert!(started.is_some(), "the upload did not get going");
+    c.kill_server();
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_server();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the upload failed: {stderr}\nserver:\n{}", c.server_log());
+    let resumed_at: u64 = stderr
+        .lines()
+        .find_map(|l| l.split("resuming at byte ").nth(1)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the CLI did not resume: {stderr}"));
+    eprintln!("http_api: CLI upload of {} MiB resumed at {:.1} MiB after the server was killed", size >> 20, resumed_at as f64 / 1048576.0);
+    assert!(resumed_at > 0, "resumed from the server's offset, not from zero");
+    let out = c.cli_output(&["volume", "read", "v", "/big.bin"]);
+    assert!(out.status.success());
+    assert!(out.stdout == pattern(size, 9), "the uploaded file differs");
+    assert_eq!(c.volume_used("v"), size as u64, "no leftover hidden upload file");
+}

@@ -128,6 +128,26 @@ impl Client {
         answer(&mut resp)
     }
 
+    /// A request with extra headers and an optional streamed body (`len` bytes); the response
+    /// with its headers. An error status is an [`ApiError`] carrying the server's message.
+    pub fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<(&mut dyn Read, u64)>,
+    ) -> Result<http::Response<ureq::Body>, ApiError> {
+        let mut req = self.request(method, path);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let invalid = |e: http::Error| ApiError::local(format!("invalid request {method} {path}: {e}"));
+        match body {
+            Some((r, n)) => self.send(req.header(http::header::CONTENT_LENGTH, n).body(ureq::SendBody::from_reader(r)).map_err(invalid)?),
+            None => self.send(req.body(()).map_err(invalid)?),
+        }
+    }
+
     /// A GET whose body is left to the caller to stream.
     pub fn download(&self, path: &str, headers: &[(&str, &str)]) -> Result<Download, ApiError> {
         let mut req = self.request("GET", path);

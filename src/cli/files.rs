@@ -414,6 +414,9 @@ fn upload(api: &Api, local: &Path, volume: &str, path: &str, parents: bool, quie
         return send_from(&client, "PUT", &put, OCTETS, local, quiet);
     }
     let md = fs::metadata(local).map_err(|e| format!("cannot read {}: {e}", local.display()))?;
+    if md.is_file() && md.len() >= super::tus::THRESHOLD {
+        return super::tus::upload(&client, &api.server_url(), volume, path, local, parents, quiet);
+    }
     if !md.is_dir() {
         return send_from(&client, "PUT", &put, OCTETS, local, quiet);
     }

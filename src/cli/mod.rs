@@ -12,6 +12,7 @@ pub mod fields;
 pub mod files;
 pub mod progress;
 pub mod tree;
+mod tus;
 
 use args::{
     AttachArgs, Cli, Command, DetachArgs, ExecArgs, FileCommand, FileVerb, Quiet, RunArgs, SandboxCommand, ServerArgs, VolumeCommand,
@@ -59,6 +60,10 @@ impl Api {
         let token =
             self.token.as_deref().ok_or("no API token: pass --token or set VOLUMEFS_TOKEN (the server writes it to DATA/api-token)")?;
         Client::new(&self.server, token.trim())
+    }
+
+    fn server_url(&self) -> String {
+        self.server.clone()
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {

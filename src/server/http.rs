@@ -731,9 +731,14 @@ async fn head_file(State(s): Srv, Path((v, path)): Path<(String, String)>) -> Ap
     Ok(r)
 }
 
+/// A path as the API echoes it: canonical, from the root.
+fn shown_path(path: &str) -> String {
+    super::files::split_path(path).map(|p| super::files::join(&p)).unwrap_or_else(|_| path.to_string())
+}
+
 async fn put_file(State(s): Srv, Path((v, path)): Path<(String, String)>, Query(q): Params, body: Body) -> ApiResult {
     let parents = truthy(&q, "parents");
-    let shown = path.clone();
+    let shown = shown_path(&path);
     let a = with_body(body, move |mut r| {
         let mut up = s.begin_upload(&v, &path, parents)?;
         let mut buf = vec![0u8; super::files::CHUNK];
@@ -769,7 +774,7 @@ async fn post_file(State(s): Srv, Path((v, path)): Path<(String, String)>, Query
     let data = axum::body::to_bytes(body, MAX_APPEND).await.map_err(|e| {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "TooLarge", format!("an append carries at most {MAX_APPEND} bytes: {e}"))
     })?;
-    let shown = path.clone();
+    let shown = shown_path(&path);
     let n = data.len();
     let a = blocking(move || s.append_file(&v, &path, &data)).await?;
     ok(StatusCode::OK, json!({"written": shown, "appended": n, "size": a.size}))
@@ -777,7 +782,7 @@ async fn post_file(State(s): Srv, Path((v, path)): Path<(String, String)>, Query
 
 async fn delete_file(State(s): Srv, Path((v, path)): Path<(String, String)>, Query(q): Params) -> ApiResult {
     let recursive = truthy(&q, "recursive");
-    let shown = path.clone();
+    let shown = shown_path(&path);
     let n = blocking(move || s.remove(&v, &path, recursive)).await?;
     ok(StatusCode::OK, json!({"removed": shown, "entries": n}))
 }

@@ -292,18 +292,23 @@ fn finish(s: &Server, id: &str, r: &Record) -> FsResult<()> {
     Ok(())
 }
 
-fn load_live(s: &Server, id: &str) -> FsResult<Record> {
+/// The upload `id` of volume `volume` (an id is only good with the volume it was made for: a
+/// tenant holding another tenant's id reaches nothing).
+fn load_live(s: &Server, volume: &str, id: &str) -> FsResult<Record> {
     let r = s.uploads.load(id)?;
+    if r.volume != volume {
+        return Err(FsError::new(libc::ENOENT, format!("upload {id} not found")));
+    }
     if s.uploads.expires(&r) < Timespec::now().sec {
         return Err(FsError::new(libc::ENOENT, format!("upload {id} expired")));
     }
     Ok(r)
 }
 
-async fn status(State(s): Srv, Path((_, id)): Path<(String, String)>) -> Response {
+async fn status(State(s): Srv, Path((v, id)): Path<(String, String)>) -> Response {
     let s2 = s.clone();
     let found = super::http::blocking(move || {
-        let r = load_live(&s2, &id)?;
+        let r = load_live(&s2, &v, &id)?;
         Ok((offset(&s2, &r)?, r))
     })
     .await;
@@ -335,11 +340,11 @@ impl Drop for Busy<'_> {
     }
 }
 
-async fn append(State(s): Srv, Path((_, id)): Path<(String, String)>, headers: HeaderMap, body: Body) -> Response {
-    append_inner(s, id, headers, body).await.unwrap_or_else(with_tus)
+async fn append(State(s): Srv, Path((v, id)): Path<(String, String)>, headers: HeaderMap, body: Body) -> Response {
+    append_inner(s, v, id, headers, body).await.unwrap_or_else(with_tus)
 }
 
-async fn append_inner(s: Arc<Server>, id: String, headers: HeaderMap, body: Body) -> ApiResult {
+async fn append_inner(s: Arc<Server>, v: String, id: String, headers: HeaderMap, body: Body) -> ApiResult {
     check_version(&headers)?;
     if headers.get(header::CONTENT_TYPE).and_then(|c| c.to_str().ok()) != Some("application/offset+octet-stream") {
         return Err(ApiError::new(
@@ -359,7 +364,7 @@ async fn append_inner(s: Arc<Server>, id: String, headers: HeaderMap, body: Body
     let _busy = Busy(&s, id.clone());
     let (s2, id2) = (s.clone(), id.clone());
     let (r, start) = super::http::blocking(move || {
-        let r = load_live(&s2, &id2)?;
+        let r = load_live(&s2, &v, &id2)?;
         Ok((offset(&s2, &r)?, r))
     })
     .await
@@ -420,11 +425,11 @@ async fn append_inner(s: Arc<Server>, id: String, headers: HeaderMap, body: Body
     Ok(resp)
 }
 
-async fn terminate(State(s): Srv, Path((_, id)): Path<(String, String)>, headers: HeaderMap) -> Response {
+async fn terminate(State(s): Srv, Path((v, id)): Path<(String, String)>, headers: HeaderMap) -> Response {
     let result = async {
         check_version(&headers)?;
         super::http::blocking(move || {
-            let r = s.uploads.load(&id)?;
+            let r = load_live(&s, &v, &id)?;
             discard(&s, &id, &r);
             tracing::info!(upload = %id, volume = %r.volume, path = %r.path, "upload terminated");
             Ok(())
