@@ -66,7 +66,7 @@ def file_url(volume: str, path: str) -> str:
     """``/v1/volumes/V/files/PATH``."""
     rel = path.lstrip("/")
     if not rel:
-        raise errors.InvalidArgument("InvalidArgument", "the volume root is a directory, not a file")
+        raise errors.IsADirectory("IsADirectory", "the volume root is a directory, not a file")
     return f"/v1/volumes/{seg(volume)}/files/{quote(rel, safe='/')}"
 
 
