@@ -456,6 +456,20 @@ def tus_delete(url: str) -> Req:
     return Req("DELETE", url, headers={"Tus-Resumable": TUS_VERSION}, parse=lambda r: None)
 
 
+def shutdown_socket(resp: Any) -> None:
+    """Shuts a streamed response's socket down, so that a read blocked on it (in another thread
+    or task) returns at once; closing the response alone waits for the next bytes."""
+    try:
+        stream = resp.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            import socket as _socket
+
+            sock.shutdown(_socket.SHUT_RDWR)
+    except Exception:  # noqa: BLE001 - best effort: the close that follows still happens
+        pass
+
+
 # ----- Server-Sent Events -----------------------------------------------------------------------
 
 _INTERNAL = re.compile(r"^\..+\.volumefs-(up-)?[0-9a-f]+$")

@@ -619,6 +619,7 @@ class AsyncWatch:
         """Stops watching."""
         self._closed = True
         if self._resp is not None:
+            core.shutdown_socket(self._resp)
             await self._resp.aclose()
 
     async def __aenter__(self) -> "AsyncWatch":

@@ -656,6 +656,7 @@ class Watch:
         """Stops watching."""
         self._closed = True
         if self._resp is not None:
+            core.shutdown_socket(self._resp)
             self._resp.close()
 
     def __enter__(self) -> "Watch":
