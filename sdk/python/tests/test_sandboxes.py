@@ -112,7 +112,7 @@ def test_verbs_that_need_an_agent_or_a_vm(client: volumefs.Client, vol: Volume) 
         sb.delete()
 
 
-def test_tenants_are_isolated(server: Server, client: volumefs.Client) -> None:
+def test_tenants_are_isolated(server: Server, client: volumefs.Client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     acme_name, globex_name = unique("acme"), unique("globex")
     acme_t = client.tenants.create(acme_name, default_cap="64MiB")
     globex_t = client.tenants.create(globex_name, default_cap=32 << 20)
@@ -152,8 +152,15 @@ def test_tenants_are_isolated(server: Server, client: volumefs.Client) -> None:
         assert globex.sandboxes.list() == []
         with pytest.raises(volumefs.NotFound):
             globex.sandbox("sb").volumes.attach(g, "/mnt/x")
-        # Uploads and watches work in the tenant's namespace.
+        # Uploads (streamed and tus) and watches work in the tenant's namespace.
         assert a.files.upload(b"via stream", "/s").size == 10
+        local = tmp_path / "f.bin"
+        local.write_bytes(b"t" * 3_000_000)
+        assert a.files.upload(local, "/tus.bin", chunk_size=1 << 20).sent == 3_000_000
+        assert a.files.read("/tus.bin") == b"t" * 3_000_000
+        (tmp_path / "big.bin").write_bytes(b"b" * (33 << 20))
+        with pytest.raises(volumefs.VolumeFull):
+            g.files.upload(tmp_path / "big.bin", "/too-big")  # globex's default cap is 32 MiB
         with a.files.watch("/") as w:
             a.files.mkdir("/seen")
             ev = next(iter(w))

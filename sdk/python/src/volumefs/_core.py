@@ -685,20 +685,22 @@ class _ChunkReader:
     """A read-only file object over an iterator of byte chunks (a streamed HTTP body)."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
-        self.chunks, self.buf = chunks, b""
+        self.chunks = chunks
+        self.cur = memoryview(b"")
 
     def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self.buf) < n:
-            try:
-                more = next(self.chunks)
-            except StopIteration:
-                break
-            self.buf += more
-        if n < 0:
-            out, self.buf = self.buf, b""
-        else:
-            out, self.buf = self.buf[:n], self.buf[n:]
-        return out
+        out = bytearray()
+        while n < 0 or len(out) < n:
+            if not self.cur:
+                try:
+                    self.cur = memoryview(next(self.chunks))
+                except StopIteration:
+                    break
+                continue
+            take = len(self.cur) if n < 0 else min(n - len(out), len(self.cur))
+            out += self.cur[:take]
+            self.cur = self.cur[take:]
+        return bytes(out)
 
 
 def _inside(base: str, target: str) -> bool:

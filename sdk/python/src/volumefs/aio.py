@@ -226,8 +226,12 @@ class AsyncReadStream:
         self.size: Optional[int] = _int(resp.headers.get("x-volumefs-size"))
         #: The bytes this answer carries.
         self.length: Optional[int] = _int(resp.headers.get("content-length"))
+        self._gen = self._chunks()
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._gen
+
+    async def _chunks(self) -> AsyncIterator[Any]:
         try:
             with http_errors(self._server):
                 async for chunk in self._resp.aiter_bytes(self._chunk):
@@ -594,8 +598,8 @@ class AsyncWatch:
                     if ev.kind == "deleted":
                         await self.aclose()
                         return
-            except httpx.HTTPError:
-                pass
+            except (httpx.HTTPError, httpx.StreamError):
+                pass  # dropped (or closed under us): reconnect below unless closed
             finally:
                 await resp.aclose()
             if self._closed:

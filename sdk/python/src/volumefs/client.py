@@ -252,8 +252,12 @@ class ReadStream:
         self.size: Optional[int] = _int(resp.headers.get("x-volumefs-size"))
         #: The bytes this answer carries (the range's length for a range).
         self.length: Optional[int] = _int(resp.headers.get("content-length"))
+        self._gen = self._chunks()
 
     def __iter__(self) -> Iterator[Any]:
+        return self._gen
+
+    def _chunks(self) -> Iterator[Any]:
         try:
             with http_errors(self._server):
                 for chunk in self._resp.iter_bytes(self._chunk):
@@ -633,8 +637,8 @@ class Watch:
                     if ev.kind == "deleted":
                         self.close()
                         return
-            except httpx.HTTPError:
-                pass  # dropped: reconnect below
+            except (httpx.HTTPError, httpx.StreamError):
+                pass  # dropped (or closed under us): reconnect below unless closed
             finally:
                 resp.close()
             if self._closed:
