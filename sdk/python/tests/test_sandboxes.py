@@ -100,6 +100,7 @@ def test_verbs_that_need_an_agent_or_a_vm(client: volumefs.Client, vol: Volume) 
             with pytest.raises(volumefs.Unavailable) as e:
                 call()
             assert e.value.status == 502 and "no running agent" in e.value.message
+            assert e.value.errno == "EHOSTUNREACH"
         with pytest.raises(volumefs.InvalidArgument) as e2:
             sb.stop()
         assert "no running VM" in e2.value.message
