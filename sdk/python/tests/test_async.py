@@ -272,3 +272,23 @@ async def test_errors(server: Server) -> None:
             await c.volumes.create("x")
         with pytest.raises(volumefs.Unavailable):
             await c.volume("v").files.watch("/", retry_for=0.3)
+
+
+async def test_class_methods_use_the_default_async_client(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from volumefs import AsyncSandbox, aio
+
+    monkeypatch.setenv("VOLUMEFS_SERVER", server.url)
+    monkeypatch.setenv("VOLUMEFS_TOKEN", server.token)
+    monkeypatch.setattr(aio, "_default", None)  # made fresh on this test's event loop
+    try:
+        name = unique("adflt")
+        v = await AsyncVolume.create(name, cap="1MiB")
+        assert aio.default_async_client().server == server.url
+        assert await AsyncVolume.get(name) == v and name in [x.name for x in await AsyncVolume.list()]
+        sb = await AsyncSandbox.create(unique("adsb"), volumes={"/mnt/v": v})
+        assert await AsyncSandbox.get(sb.name) == sb and sb.name in [s.name for s in await AsyncSandbox.list()]
+        assert [a.volume for a in (await sb.info()).attachments or []] == [name]
+        await sb.delete()
+        await v.delete()
+    finally:
+        await aio.default_async_client().aclose()

@@ -407,7 +407,10 @@ def tenant_list() -> Req:
 
 def tus_metadata(path: str, parents: bool) -> str:
     """``Upload-Metadata``: ``path <base64>[,parents <base64 of true>]``."""
-    enc = lambda s: base64.b64encode(s.encode("utf-8")).decode("ascii")  # noqa: E731
+
+    def enc(s: str) -> str:
+        return base64.b64encode(s.encode("utf-8")).decode("ascii")
+
     meta = f"path {enc(path)}"
     if parents:
         meta += f",parents {enc('true')}"

@@ -841,8 +841,9 @@ class AsyncSandbox:
 
     async def info(self) -> SandboxInfo:
         """The sandbox as the server sees it now."""
-        self.last_info = await self.client._call(core.sandbox_get(self.name))
-        return self.last_info  # type: ignore[return-value]
+        info: SandboxInfo = await self.client._call(core.sandbox_get(self.name))
+        self.last_info = info
+        return info
 
     async def exec(
         self, cmd: Union[str, Sequence[str]], *, stdin: Union[str, bytes, None] = None, timeout: Optional[float] = None

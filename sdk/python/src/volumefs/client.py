@@ -890,8 +890,9 @@ class Sandbox:
 
     def info(self) -> SandboxInfo:
         """The sandbox as the server sees it now, with its attachments."""
-        self.last_info = self.client._call(core.sandbox_get(self.name))
-        return self.last_info  # type: ignore[return-value]
+        info: SandboxInfo = self.client._call(core.sandbox_get(self.name))
+        self.last_info = info
+        return info
 
     def exec(self, cmd: Union[str, Sequence[str]], *, stdin: Union[str, bytes, None] = None, timeout: Optional[float] = None) -> ExecResult:
         """Runs a command in the sandbox through its agent and returns its exit code and output.
