@@ -295,6 +295,11 @@ pub fn errno_name(errno: i32) -> &'static str {
         libc::E2BIG => "E2BIG",
         libc::ENOTCONN => "ENOTCONN",
         libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::EPROTO => "EPROTO",
+        libc::ENOLCK => "ENOLCK",
+        libc::EMFILE => "EMFILE",
+        libc::ENFILE => "ENFILE",
         _ => "errno",
     }
 }
