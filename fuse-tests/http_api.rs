@@ -903,3 +903,51 @@ fn cli_upload_resumes_across_a_server_crash() {
     assert!(out.stdout == pattern(size, 9), "the uploaded file differs");
     assert_eq!(c.volume_used("v"), size as u64, "no leftover hidden upload file");
 }
+
+/// The CLI's side of tenants and watch: `tenant create` prints a token that works as
+/// VOLUMEFS_TOKEN with the tenant's default cap, and `volume watch` prints changes as they happen.
+#[test]
+fn cli_tenants_and_watch() {
+    let c = Cluster::new();
+    let token = c.cli(&["tenant", "create", "acme", "--default-cap", "64MiB"]).trim().to_string();
+    assert_eq!(token.len(), 64, "{token}");
+    let as_acme = |args: &[&str]| -> Output {
+        Command::new(crate::harness::SERVER_BIN)
+            .args(args)
+            .env("VOLUMEFS_SERVER", format!("http://{}", c.addr))
+            .env("VOLUMEFS_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    let out = as_acme(&["volume", "create", "data"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "created volume data (64.0 MiB)", "{}", String::from_utf8_lossy(&out.stderr));
+    let out = as_acme(&["volume", "create", "big", "--cap", "1GiB"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("only the operator sets"));
+    assert!(c.cli(&["tenant", "list"]).contains("acme"));
+    let out = as_acme(&["tenant", "list"]);
+    assert!(!out.status.success(), "tenants do not list tenants");
+    assert_eq!(c.volumes().into_iter().map(|v| v.name).collect::<Vec<_>>(), ["acme~data"]);
+    // watch, as the tenant, while the operator writes into acme's volume.
+    let mut child = Command::new(crate::harness::SERVER_BIN)
+        .args(["volume", "watch", "data", "/d", "--count", "3"])
+        .env("VOLUMEFS_SERVER", format!("http://{}", c.addr))
+        .env("VOLUMEFS_TOKEN", &token)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    put(&c, "acme~data", "/elsewhere", b"x");
+    let (code, _) =
+        call(&c, &["-H", "Content-Type: application/json", "-d", r#"{"path":"/d","parents":true}"#, "{base}/v1/volumes/acme~data/mkdir"]);
+    assert_eq!(code, 200);
+    put(&c, "acme~data", "/d/f", b"y");
+    let done = eventually(Duration::from_secs(20), || child.try_wait().unwrap().is_some());
+    if done.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert!(done.is_some(), "watch did not see 3 changes: {lines:?}");
+    assert_eq!(lines[0], "create /d", "{lines:?}");
+    assert!(lines.iter().all(|l| l.contains("/d")), "only changes under /d: {lines:?}");
+}

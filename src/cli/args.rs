@@ -60,6 +60,10 @@ pub enum Command {
     /// Detaches the volume mounted at a path of a sandbox
     Detach(DetachArgs),
 
+    /// Tenants: their own tokens, namespaces and default caps (operator only)
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+
     /// Prints a shell completion script
     ///
     /// For example: `volumefs completions bash > /etc/bash_completion.d/volumefs`,
@@ -121,9 +125,10 @@ pub enum VolumeCommand {
     Create {
         /// The new volume's name
         name: String,
-        /// Capacity, like 2GiB or 512MiB (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB); no auto-grow
-        #[arg(long, value_name = "SIZE", default_value = "2GiB", value_parser = parse_size)]
-        cap: u64,
+        /// Capacity, like 2GiB or 512MiB (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB); no auto-grow.
+        /// Default 2GiB, or a tenant's default cap (only the operator sets caps)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        cap: Option<u64>,
         /// Prints the new volume as JSON
         #[arg(long)]
         json: bool,
@@ -414,6 +419,25 @@ pub enum FileVerb {
         quiet: Quiet,
     },
 
+    /// Prints the changes under PATH as they happen (from sandboxes and the API alike)
+    ///
+    /// One line per change: KIND PATH (moves: move FROM -> TO). Reconnects by itself after a
+    /// dropped connection, resuming after the last change seen. With --json, one JSON object per
+    /// line. Runs until interrupted, or until --count changes were printed.
+    Watch {
+        /// The volume
+        volume: String,
+        /// Only changes under this path
+        #[arg(default_value = "/")]
+        path: String,
+        /// Stops after this many changes
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Prints a URL that downloads PATH without a token until it expires
     Url {
         /// The volume
@@ -511,6 +535,27 @@ pub struct FieldsArg {
 }
 
 /// `volumefs file read|write`: what `volume read` and `volume write -p` do now.
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Creates a tenant and prints its API token (shown once; only its hash is kept)
+    Create {
+        /// The tenant's name
+        name: String,
+        /// The cap its volumes get (like 2GiB; default 2GiB)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        default_cap: Option<u64>,
+        /// Prints JSON: {name, token, default_cap_bytes}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists tenants
+    List {
+        /// Prints JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum FileCommand {
     /// Writes a file's contents to stdout (now `volume read`)

@@ -151,6 +151,7 @@ pub(super) fn run(api: &Api, verb: FileVerb) -> Result<i32, String> {
             }
         }
         FileVerb::Download { volume, path, local, archive, quiet } => download(api, &volume, &path, &local, archive, quiet.quiet)?,
+        FileVerb::Watch { volume, path, count, json } => watch(api, &volume, &path, count, json)?,
         FileVerb::Url { volume, path, archive, expires, json } => {
             let mut body = json!({"path": path, "expires_secs": expires});
             if let Some(a) = archive {
@@ -165,6 +166,66 @@ pub(super) fn run(api: &Api, verb: FileVerb) -> Result<i32, String> {
         }
     }
     Ok(0)
+}
+
+/// `watch`: Server-Sent Events from `/watch`, one line per change; after a dropped connection it
+/// reconnects with the last event id, so nothing is missed or printed twice.
+fn watch(api: &Api, volume: &str, path: &str, count: Option<u64>, json: bool) -> Result<(), String> {
+    use std::io::{BufRead, Write};
+    let client = api.client()?;
+    let url = format!("{}?path={}", vol_url(volume, "watch"), client::query(path));
+    let mut last: Option<String> = None;
+    let mut printed = 0u64;
+    let mut failures = 0;
+    loop {
+        let headers: Vec<(&str, &str)> = last.as_deref().map(|id| vec![("Last-Event-ID", id)]).unwrap_or_default();
+        let d = match client.download(&url, &headers) {
+            Ok(d) => d,
+            Err(e) if e.status == 0 && failures < 30 => {
+                failures += 1;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => return Err(e.msg),
+        };
+        failures = 0;
+        let (mut id, mut kind, mut data) = (None, String::new(), String::new());
+        for line in std::io::BufReader::new(d.reader()).lines() {
+            let Ok(line) = line else { break }; // dropped: reconnect
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                kind = v.to_string();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data = v.to_string();
+            } else if line.is_empty() && !kind.is_empty() {
+                let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                let mut out = std::io::stdout().lock();
+                let shown = if json {
+                    data.clone()
+                } else {
+                    match (kind.as_str(), v["from"].as_str()) {
+                        ("move", Some(from)) => format!("move {from} -> {}", v["path"].as_str().unwrap_or("")),
+                        ("truncated" | "deleted", _) => format!("{kind}: {}", v["message"].as_str().unwrap_or("")),
+                        (k, _) => format!("{k} {}", v["path"].as_str().unwrap_or("")),
+                    }
+                };
+                if writeln!(out, "{shown}").and_then(|_| out.flush()).is_err() {
+                    return Ok(()); // stdout closed
+                }
+                if kind == "deleted" {
+                    return Ok(());
+                }
+                last = id.take().or(last);
+                kind.clear();
+                data.clear();
+                printed += 1;
+                if count.is_some_and(|n| printed >= n) {
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 fn plural<'a>(n: u64, one: &'a str, more: &'a str) -> &'a str {

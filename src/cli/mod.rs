@@ -15,7 +15,8 @@ pub mod tree;
 mod tus;
 
 use args::{
-    AttachArgs, Cli, Command, DetachArgs, ExecArgs, FileCommand, FileVerb, Quiet, RunArgs, SandboxCommand, ServerArgs, VolumeCommand,
+    AttachArgs, Cli, Command, DetachArgs, ExecArgs, FileCommand, FileVerb, Quiet, RunArgs, SandboxCommand, ServerArgs, TenantCommand,
+    VolumeCommand,
 };
 use clap::{CommandFactory, Parser};
 use client::{query, segment as encode, Client};
@@ -99,6 +100,7 @@ fn run(cli: Cli) -> Result<i32, String> {
         Command::File(c) => return file(&api, c),
         Command::Sandbox(c) => return sandbox(&api, c),
         Command::Attach(a) => attach(&api, a)?,
+        Command::Tenant(t) => tenant(&api, t)?,
         Command::Detach(a) => detach(&api, a)?,
         Command::Completions { shell } => clap_complete::generate(shell, &mut Cli::command(), "volumefs", &mut std::io::stdout()),
     }
@@ -109,11 +111,15 @@ fn run(cli: Cli) -> Result<i32, String> {
 fn volume(api: &Api, cmd: VolumeCommand) -> Result<i32, String> {
     match cmd {
         VolumeCommand::Create { name, cap, json } => {
-            let v = api.call("POST", "/v1/volumes", Some(json!({"name": name, "cap": cap})))?;
+            let mut body = json!({"name": name});
+            if let Some(cap) = cap {
+                body["cap"] = json!(cap);
+            }
+            let v = api.call("POST", "/v1/volumes", Some(body))?;
             if json {
                 print_json(&v);
             } else {
-                println!("created volume {name} ({})", human(cap));
+                println!("created volume {name} ({})", human(v["cap_bytes"].as_u64().unwrap_or(0)));
             }
         }
         VolumeCommand::List { json, fields } => {
@@ -155,6 +161,40 @@ fn file(api: &Api, cmd: FileCommand) -> Result<i32, String> {
             Ok(0)
         }
     }
+}
+
+fn tenant(api: &Api, cmd: TenantCommand) -> Result<(), String> {
+    match cmd {
+        TenantCommand::Create { name, default_cap, json } => {
+            let mut body = json!({"name": name});
+            if let Some(cap) = default_cap {
+                body["default_cap"] = json!(cap);
+            }
+            let v = api.call("POST", "/v1/tenants", Some(body))?;
+            if json {
+                print_json(&v);
+            } else {
+                // The token alone on stdout, so that `T=$(volumefs tenant create acme)` works.
+                eprintln!(
+                    "created tenant {name} (volumes get {}); its token, shown once:",
+                    human(v["default_cap_bytes"].as_u64().unwrap_or(0))
+                );
+                println!("{}", v["token"].as_str().unwrap_or(""));
+            }
+        }
+        TenantCommand::List { json } => {
+            let v = api.call("GET", "/v1/tenants", None)?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            println!("{:<24} {:>12}", "NAME", "DEFAULT CAP");
+            for t in v.as_array().into_iter().flatten() {
+                println!("{:<24} {:>12}", t["name"].as_str().unwrap_or(""), human(t["default_cap_bytes"].as_u64().unwrap_or(0)));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A `sandbox` command; the exit code of `sandbox exec`'s command, or 0.

@@ -103,11 +103,11 @@ fn server_and_token_are_global_options_with_env_fallbacks() {
 #[test]
 fn volume_create_parses_the_cap_with_the_engines_parser() {
     match ok(&["volume", "create", "data", "--cap", "1GiB", "--json"]).command {
-        Command::Volume(VolumeCommand::Create { name, cap, json }) => assert_eq!((name.as_str(), cap, json), ("data", 1 << 30, true)),
+        Command::Volume(VolumeCommand::Create { name, cap, json }) => assert_eq!((name.as_str(), cap, json), ("data", Some(1 << 30), true)),
         other => panic!("{other:?}"),
     }
     match ok(&["volume", "create", "data"]).command {
-        Command::Volume(VolumeCommand::Create { cap, json, .. }) => assert_eq!((cap, json), (crate::engine::DEFAULT_CAP, false)),
+        Command::Volume(VolumeCommand::Create { cap, json, .. }) => assert_eq!((cap, json), (None, false)), // the server picks the default (a tenant's, or 2 GiB)
         other => panic!("{other:?}"),
     }
     let e = err(&["volume", "create", "bad", "--cap", "12parsecs"]);
@@ -115,7 +115,7 @@ fn volume_create_parses_the_cap_with_the_engines_parser() {
     assert!(e.to_string().contains("unknown unit"), "{e}");
     // A repeated option: the last one counts, as before.
     match ok(&["volume", "create", "data", "--cap", "1GiB", "--cap=2MiB"]).command {
-        Command::Volume(VolumeCommand::Create { cap, .. }) => assert_eq!(cap, 2 << 20),
+        Command::Volume(VolumeCommand::Create { cap, .. }) => assert_eq!(cap, Some(2 << 20)),
         other => panic!("{other:?}"),
     }
 }
