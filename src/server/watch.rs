@@ -9,6 +9,9 @@
 //! data: {"id":1042,"kind":"create","path":"/dir/a.txt","from":null,"node":"file","time":1796200000.5}
 //! ```
 //!
+//! The server's own temporary files are left out (`?internal=true` shows them): an API write
+//! reads as one `create` or `modify` of the file, not as a hidden file made and renamed.
+//!
 //! Event ids are `VOLUMEID-CHANGEID`. A client that reconnects with `Last-Event-ID` (or
 //! `?after=`) resumes right after that change; without one it gets changes from now on. When
 //! the log no longer reaches back to where the client resumes (retention), or the id names
@@ -22,7 +25,7 @@
 
 use super::http::{blocking, ApiError, ApiResult};
 use super::Server;
-use crate::engine::meta::{Change, VolId};
+use crate::engine::meta::{Change, ChangeKind, VolId};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -57,6 +60,38 @@ fn generations(server: &Server) -> watch::Receiver<u64> {
             rx
         })
         .clone()
+}
+
+/// Whether a path is one of the server's own hidden files: the temporary file of an atomic
+/// whole-file write (`.NAME.volumefs-ID`) or of a resumable upload (`.NAME.volumefs-up-ID`).
+fn is_internal(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or("");
+    name.starts_with('.') && name.contains(".volumefs-")
+}
+
+/// Events as a watcher wants them (unless `?internal=true`): an atomic write's temporary file is
+/// not shown; its final rename is the file's `create`, or its `modify` when it replaced a file
+/// (the replaced name's `delete`, logged just before, is folded into it).
+fn present(events: Vec<Change>, internal: bool) -> Vec<Change> {
+    if internal {
+        return events;
+    }
+    let mut out: Vec<Change> = Vec::with_capacity(events.len());
+    for mut c in events {
+        let from_internal = c.from.as_deref().is_some_and(is_internal);
+        if c.kind == ChangeKind::Move && from_internal && !is_internal(&c.path) {
+            let replaced = out.last().is_some_and(|d| d.kind == ChangeKind::Delete && d.path == c.path);
+            if replaced {
+                out.pop();
+            }
+            c.kind = if replaced { ChangeKind::Modify } else { ChangeKind::Create };
+            c.from = None;
+            out.push(c);
+        } else if !is_internal(&c.path) && !from_internal {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn under(prefix: &str, path: &str) -> bool {
@@ -108,6 +143,7 @@ pub async fn watch(
             }
         }
     };
+    let internal = q.get("internal").is_some_and(|v| v == "true" || v == "1");
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let mut gens = generations(&s);
     tokio::spawn(async move {
@@ -138,13 +174,14 @@ pub async fn watch(
                 return;
             }
             let full = page.events.len() >= PAGE;
-            for c in &page.events {
-                after = c.id;
+            let last = page.events.last().map(|c| c.id);
+            for c in present(page.events, internal) {
                 let wanted = under(&prefix, &c.path) || c.from.as_deref().is_some_and(|f| under(&prefix, f));
-                if wanted && tx.send(Ok(event(vol, c))).await.is_err() {
+                if wanted && tx.send(Ok(event(vol, &c))).await.is_err() {
                     return; // the client went away
                 }
             }
+            after = last.unwrap_or(after);
             if full {
                 continue;
             }

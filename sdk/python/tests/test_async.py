@@ -198,7 +198,7 @@ async def test_watch(server: Server, avol: AsyncVolume, proxy: Proxy) -> None:
         await avol.files.mkdir("/a")
         await avol.files.write("/a/f", "x")
         events = await take(w, 2)
-    assert [(e.kind, e.path) for e in events] == [("create", "/a"), ("move", "/a/f")]
+    assert [(e.kind, e.path) for e in events] == [("create", "/a"), ("create", "/a/f")]
     # Through a proxy that drops the stream: reconnected, nothing lost.
     async with AsyncClient(proxy.url, server.token) as c:
         w = await c.volume(avol.name).files.watch("/a")
@@ -214,7 +214,7 @@ async def test_watch(server: Server, avol: AsyncVolume, proxy: Proxy) -> None:
     # A lazily opened watch (plain async for) and the end of a deleted volume.
     w2 = avol.files.watch("/", after=events[0].id)
     got = await take(w2, 1)
-    assert [(e.kind, e.path) for e in got] == [("move", "/a/f")]
+    assert [(e.kind, e.path) for e in got] == [("create", "/a/f")]
     await avol.delete(force=True)
     rest = await take(w2, 10)
     assert rest and rest[-1].kind == "deleted"

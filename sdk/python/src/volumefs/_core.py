@@ -297,11 +297,15 @@ def archive_get(volume: str, path: str, fmt: str) -> Req:
     return Req("GET", f"/v1/volumes/{seg(volume)}/archive", params={"path": path or "/", "format": fmt}, timeout=-1)
 
 
-def watch_req(volume: str, path: str, last_id: Optional[str]) -> Req:
+def watch_req(volume: str, path: str, last_id: Optional[str], internal: bool = False) -> Req:
     headers = {"Accept": "text/event-stream"}
     if last_id:
         headers["Last-Event-ID"] = last_id
-    return Req("GET", f"/v1/volumes/{seg(volume)}/watch", params={"path": path or "/"}, headers=headers)
+    params = {"path": path or "/"}
+    if internal:
+        # The server leaves its own temporary files out unless asked.
+        params["internal"] = "true"
+    return Req("GET", f"/v1/volumes/{seg(volume)}/watch", params=params, headers=headers)
 
 
 # Sandboxes

@@ -567,7 +567,7 @@ class AsyncWatch:
         while True:
             try:
                 self._resp = await self._c._send(
-                    core.watch_req(self._files._v, self.path, self.last_id), stream=True, timeout=self._timeout
+                    core.watch_req(self._files._v, self.path, self.last_id, self._internal), stream=True, timeout=self._timeout
                 )
                 return
             except Unavailable:

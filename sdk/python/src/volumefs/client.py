@@ -608,7 +608,7 @@ class Watch:
         delay = 0.1
         while True:
             try:
-                self._resp = self._c._send(core.watch_req(self._files._v, self.path, self.last_id), stream=True, timeout=self._timeout)
+                self._resp = self._c._send(core.watch_req(self._files._v, self.path, self.last_id, self._internal), stream=True, timeout=self._timeout)
                 return
             except Unavailable:
                 now = time.monotonic()
