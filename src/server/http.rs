@@ -57,6 +57,10 @@ pub(super) type ApiResult<T = Response> = Result<T, ApiError>;
 const MAX_APPEND: usize = 64 << 20;
 /// Largest JSON body of a batch write.
 const MAX_JSON_BATCH: usize = 64 << 20;
+/// How long a quick JSON request may take.
+const QUICK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a request body may go without a byte.
+const BODY_STALL: std::time::Duration = std::time::Duration::from_secs(120);
 /// Chunks in flight between the volume and an HTTP body, each up to a [`super::files::CHUNK`].
 const PIPE_DEPTH: usize = 4;
 
@@ -155,26 +159,32 @@ impl tower_http::request_id::MakeRequestId for Counter {
 /// The whole API.
 pub fn router(server: Arc<Server>) -> Router {
     use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
-    let api = Router::new()
+    // Quick JSON requests: a whole-request timeout. Streams (files, archives, batches, uploads,
+    // watch), tree walks (list, remove, search, replace, edit) and sandbox verbs that wait on a
+    // VM or its agent are bounded by their own work instead.
+    let quick = Router::new()
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{v}", get(inspect_volume).patch(patch_volume).delete(delete_volume))
+        .route("/v1/volumes/{v}/stat", get(stat))
+        .route("/v1/volumes/{v}/mkdir", post(mkdir))
+        .route("/v1/volumes/{v}/move", post(move_path))
+        .route("/v1/volumes/{v}/signed-url", post(sign_url))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
+        .route("/v1/sandboxes/{s}", get(inspect_sandbox).delete(delete_sandbox))
+        .route_layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, QUICK_TIMEOUT));
+    let api = Router::new()
+        .merge(quick)
         .route("/v1/volumes/{v}/files", get(get_root))
         .route("/v1/volumes/{v}/files/{*path}", get(get_file).head(head_file).put(put_file).post(post_file).delete(delete_file))
         .route("/v1/volumes/{v}/archive", get(get_archive))
-        .route("/v1/volumes/{v}/stat", get(stat))
         .route("/v1/volumes/{v}/list", get(list))
-        .route("/v1/volumes/{v}/mkdir", post(mkdir))
-        .route("/v1/volumes/{v}/move", post(move_path))
         .route("/v1/volumes/{v}/remove", post(remove))
         .route("/v1/volumes/{v}/edit", post(edit))
         .route("/v1/volumes/{v}/search", get(search))
         .route("/v1/volumes/{v}/replace", post(replace))
         .route("/v1/volumes/{v}/batch", post(batch))
-        .route("/v1/volumes/{v}/signed-url", post(sign_url))
         .route("/v1/volumes/{v}/watch", get(super::watch::watch))
-        .route("/v1/tenants", get(list_tenants).post(create_tenant))
-        .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
-        .route("/v1/sandboxes/{s}", get(inspect_sandbox).delete(delete_sandbox))
         .route("/v1/sandboxes/{s}/attachments", get(list_attachments).post(attach).delete(detach))
         .route("/v1/sandboxes/{s}/{verb}", post(sandbox_verb))
         .merge(super::tus::routes())
@@ -194,6 +204,9 @@ pub fn router(server: Arc<Server>) -> Router {
     Router::new()
         .fallback_service(api)
         .layer(axum::middleware::from_fn_with_state(server, authorize))
+        // A request body that stalls (no bytes for this long) is cut off: a client cannot pin
+        // an upload slot forever. A resumable (tus) upload simply resumes.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(BODY_STALL))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", "internal error (logged)").into_response()
         }))

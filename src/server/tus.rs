@@ -233,7 +233,10 @@ async fn create_inner(s: Arc<Server>, v: String, headers: HeaderMap) -> ApiResul
         if length > info.cap.saturating_sub(info.used) {
             return Err(FsError::new(
                 libc::EDQUOT,
-                format!("volume `{v}` has {} bytes free; the upload needs {length}", info.cap.saturating_sub(info.used)),
+                format!(
+                    "volume `{v}` is full for this upload: {} bytes free, the upload needs {length}",
+                    info.cap.saturating_sub(info.used)
+                ),
             ));
         }
         let parts = super::files::split_path(&path)?;
