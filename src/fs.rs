@@ -94,6 +94,21 @@ pub struct Timespec {
     pub nsec: u32,
 }
 
+/// Calendar date and time of day, UTC, of seconds since the epoch: `(year, month, day, hour,
+/// minute, second)` (days to a civil date by Howard Hinnant's algorithm).
+pub fn utc_parts(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let t = secs.rem_euclid(86_400) as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d, t / 3600, t / 60 % 60, t % 60)
+}
+
 impl Timespec {
     pub fn now() -> Timespec {
         Timespec::from_system_time(SystemTime::now())

@@ -406,25 +406,10 @@ pub fn mode_string(kind: &str, mode: u32) -> String {
     s
 }
 
-/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 /// `2024-05-01 13:07` (UTC) of seconds since the epoch.
 pub fn utc(secs: f64) -> String {
-    let s = secs.floor() as i64;
-    let (y, mo, d) = civil(s.div_euclid(86_400));
-    let t = s.rem_euclid(86_400);
-    format!("{y:04}-{mo:02}-{d:02} {:02}:{:02}", t / 3600, t / 60 % 60)
+    let (y, mo, d, h, mi, _) = crate::fs::utc_parts(secs.floor() as i64);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}")
 }
 
 /// `ls` for people: mode, size, mtime, path (and a symlink's target).

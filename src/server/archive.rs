@@ -149,24 +149,10 @@ fn write_tar<W: Write>(server: &Server, vol: VolId, entries: &[Entry], rel: &dyn
     b.into_inner()
 }
 
-/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-pub(super) fn civil(days: i64) -> (i32, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    ((yoe + era * 400 + i64::from(m <= 2)) as i32, m, d)
-}
-
 fn zip_time(t: Timespec) -> zip::DateTime {
-    let (y, mo, d) = civil(t.sec.div_euclid(86_400));
-    let s = t.sec.rem_euclid(86_400);
+    let (y, mo, d, h, mi, s) = crate::fs::utc_parts(t.sec);
     let y = y.clamp(1980, 2107) as u16;
-    zip::DateTime::from_date_and_time(y, mo, d, (s / 3600) as u8, (s / 60 % 60) as u8, (s % 60) as u8).unwrap_or_default()
+    zip::DateTime::from_date_and_time(y, mo as u8, d as u8, h as u8, mi as u8, s as u8).unwrap_or_default()
 }
 
 fn write_zip(server: &Server, vol: VolId, entries: &[Entry], rel: &dyn Fn(&str) -> String, out: impl Write) -> FsResult<()> {

@@ -101,17 +101,8 @@ impl Uploads {
 fn http_date(unix: i64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let days = unix.div_euclid(86_400);
-    let s = unix.rem_euclid(86_400);
-    let (y, m, d) = super::archive::civil(days);
-    format!(
-        "{}, {d:02} {} {y} {:02}:{:02}:{:02} GMT",
-        DAYS[days.rem_euclid(7) as usize],
-        MONTHS[m as usize - 1],
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    let (y, m, d, h, mi, s) = crate::fs::utc_parts(unix);
+    format!("{}, {d:02} {} {y} {h:02}:{mi:02}:{s:02} GMT", DAYS[unix.div_euclid(86_400).rem_euclid(7) as usize], MONTHS[m as usize - 1])
 }
 
 /// `Upload-Metadata`: `key base64,key base64,key`.
