@@ -37,6 +37,13 @@ fn call(c: &Cluster, args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or_else(|_| panic!("no status in {text:?}")), body.to_string())
 }
 
+/// POSTs a tar file to volume v's batch endpoint, unpacking below `dest`.
+fn post_tar(c: &Cluster, tarball: &Path, dest: &str) -> (u16, String) {
+    let data = format!("@{}", tarball.display());
+    let url = format!("{{base}}/v1/volumes/v/batch?path={dest}");
+    call(c, &["-H", "Content-Type: application/x-tar", "--data-binary", &data, &url])
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -135,16 +142,7 @@ fn http_archives_round_trip_through_gnu_tar_and_unzip() {
     ));
     let tarball = c.path("up.tar");
     sh(&format!("tar -C {} -cf {} tree", src.display(), tarball.display()));
-    let (code, body) = call(
-        &c,
-        &[
-            "-H",
-            "Content-Type: application/x-tar",
-            "--data-binary",
-            &format!("@{}", tarball.display()),
-            "{base}/v1/volumes/v/batch?path=/up",
-        ],
-    );
+    let (code, body) = post_tar(&c, &tarball, "/up");
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["files"], 4, "{body}");
     assert_eq!(json(&body)["symlinks"], 1, "{body}");
@@ -211,16 +209,7 @@ fn http_batch_is_all_or_nothing() {
     sh(&format!("mkdir -p {s}/d && echo one > {s}/d/one && echo evil > {s}/evil", s = src.display()));
     let tarball = c.path("bad.tar");
     sh(&format!("cd {s}/d && tar -P -cf {t} one ../evil", s = src.display(), t = tarball.display()));
-    let (code, body) = call(
-        &c,
-        &[
-            "-H",
-            "Content-Type: application/x-tar",
-            "--data-binary",
-            &format!("@{}", tarball.display()),
-            "{base}/v1/volumes/v/batch?path=/new",
-        ],
-    );
+    let (code, body) = post_tar(&c, &tarball, "/new");
     assert_eq!(code, 400, "{body}");
     assert!(body.contains(".."), "{body}");
     assert_eq!(ls(&c, "v"), ["/keep"], "nothing of the batch stays, not even its directory");
@@ -433,6 +422,17 @@ fn http_file_operations() {
     assert_eq!((st["kind"].as_str(), st["size"].as_u64(), st["mode"].as_u64()), (Some("file"), Some(37), Some(0o644)), "{body}");
     let (code, _) = call(&c, &["-I", "{base}/v1/volumes/v/files/nope"]);
     assert_eq!(code, 404, "HEAD of a missing path");
+    // A long name of 3-byte characters: the hidden temporary name is cut at a character boundary
+    // (it was cut at byte 200, mid-character, and the request panicked).
+    let long = "€".repeat(80);
+    let encoded: String = long.bytes().map(|b| format!("%{b:02X}")).collect();
+    let f = c.path("euro");
+    std::fs::write(&f, b"euro").unwrap();
+    let (code, body) = call(&c, &["-T", f.to_str().unwrap(), &format!("{{base}}/v1/volumes/v/files/{encoded}")]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(get(&c, "v", &format!("/{encoded}")), b"euro");
+    let (code, _) = call(&c, &["-X", "DELETE", &format!("{{base}}/v1/volumes/v/files/{encoded}")]);
+    assert_eq!(code, 200);
     let (code, body) = post("mkdir", r#"{"path": "/a/b/c", "parents": true}"#);
     assert_eq!(code, 200, "{body}");
     let (code, body) = post("mkdir", r#"{"path": "/x/y"}"#);

@@ -341,7 +341,7 @@ fn stage(
                         return Err(FsError::new(libc::EISDIR, format!("{path} is a directory")));
                     }
                 }
-                let tmp = format!(".{}.volumefs-{:x}", &last[..last.len().min(200)], server.new_session_id());
+                let tmp = super::files::temp_name(&last, &format!("{:x}", server.new_session_id()));
                 server.import_symlink(vol, parent, &tmp, &target)?;
                 links.push(StagedLink { vol, parent, tmp, name: last, done: false, server: server.clone() });
                 done.symlinks += 1;

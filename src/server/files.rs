@@ -25,6 +25,22 @@ pub const CHUNK: usize = crate::proto::MAX_IO as usize;
 /// Files larger than this are skipped by content search and replace, and refused by edit.
 pub const MAX_TEXT: u64 = 64 << 20;
 
+/// The hidden name the server writes `name`'s new contents under before renaming them into
+/// place: `.NAME.volumefs-TAG` (watch recognises and hides it). Long names are cut at a
+/// character boundary so that the result stays a valid name.
+pub fn temp_name(name: &str, tag: &str) -> String {
+    let mut cut = name.len().min(200);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(".{}.volumefs-{tag}", &name[..cut])
+}
+
+/// Whether `name` is one of [`temp_name`]'s.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".volumefs-")
+}
+
 /// Checks an API path and splits it into names.
 pub fn split_path(path: &str) -> FsResult<Vec<&str>> {
     if path.len() > MAX_PATH {
@@ -200,7 +216,7 @@ impl Server {
                 return Err(FsError::new(libc::EISDIR, format!("{} is a directory", join(&parts))));
             }
         }
-        let tmp = format!(".{}.volumefs-{:x}", &name[..name.len().min(200)], self.new_session_id());
+        let tmp = temp_name(name, &format!("{:x}", self.new_session_id()));
         let a = self.engine.create(vol, parent, tmp.as_bytes(), 0o644, 0, &root())?;
         Ok(Upload { server: self.clone(), vol, parent, name: name.to_string(), tmp, ino: a.ino, written: 0, done: false, mode_set: false })
     }

@@ -94,10 +94,7 @@ async fn write_welcome(stream: &mut UnixStream, w: &Welcome) -> std::io::Result<
     tokio::time::timeout(WELCOME_TIMEOUT, stream.write_all(&buf)).await.map_err(|_| std::io::ErrorKind::TimedOut)?
 }
 
-/// Runs an engine-bound closure on the blocking pool; a panic becomes `EIO`.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, FsError> + Send + 'static) -> Result<T, FsError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(FsError::new(libc::EIO, format!("internal error: {e}"))))
-}
+use super::blocking;
 
 async fn serve(server: &Arc<Server>, rt: &Arc<SandboxRt>, mut stream: UnixStream, closer: &Stream) -> std::io::Result<()> {
     let hello: Hello = match tokio::time::timeout(HELLO_TIMEOUT, proto::read_frame_async(&mut stream)).await {

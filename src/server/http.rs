@@ -117,10 +117,7 @@ impl IntoResponse for ApiError {
 
 /// Runs an engine-bound closure on the blocking pool; a panic becomes an internal error.
 pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, FsError> + Send + 'static) -> ApiResult<T> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", format!("internal error: {e}"))),
-    }
+    super::blocking(f).await.map_err(ApiError::from)
 }
 
 fn truthy(q: &HashMap<String, String>, key: &str) -> bool {
@@ -509,8 +506,8 @@ async fn delete_volume(State(s): Srv, Path(v): Path<String>, Query(q): Params) -
 
 // ----- file contents --------------------------------------------------------------------------
 
-/// A body fed from a blocking producer through a bounded channel.
-fn channel_body() -> (mpsc::Sender<io::Result<Bytes>>, Body) {
+/// A body fed by a producer (a blocking task, or an async one) through a bounded channel.
+pub(super) fn channel_body() -> (mpsc::Sender<io::Result<Bytes>>, Body) {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(PIPE_DEPTH);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     (tx, Body::from_stream(stream))
@@ -1000,8 +997,7 @@ async fn signed_download(State(s): Srv, Path(v): Path<String>, Query(q): Params,
     let expires: i64 = q.get("expires").and_then(|e| e.parse().ok()).ok_or_else(|| forbidden("not a valid signed URL"))?;
     let sig = q.get("sig").ok_or_else(|| forbidden("not a valid signed URL"))?;
     let want = signature(&s.url_key, &v, &path, &archive, expires);
-    let same = want.len() == sig.len() && want.bytes().zip(sig.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if !same {
+    if !constant_time_eq(want.as_bytes(), sig.as_bytes()) {
         return Err(forbidden("the URL's signature does not match (was it changed?)"));
     }
     if crate::fs::Timespec::now().sec > expires {

@@ -39,6 +39,12 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Runs an engine-bound closure on the runtime's blocking pool (engine calls block); a panic in
+/// it becomes `EIO`. The guest data plane and the HTTP API both go through here.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> FsResult<T> + Send + 'static) -> FsResult<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(FsError::new(libc::EIO, format!("internal error: {e}"))))
+}
+
 pub struct Config {
     pub data: PathBuf,
     /// How long a session may go without its guest before its lease lapses.

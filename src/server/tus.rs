@@ -237,7 +237,7 @@ async fn create_inner(s: Arc<Server>, v: String, headers: HeaderMap) -> ApiResul
                 return Err(FsError::new(libc::EISDIR, format!("{path} is a directory")));
             }
         }
-        let tmp = format!(".{}.volumefs-up-{id2}", &name[..name.len().min(200)]);
+        let tmp = super::files::temp_name(name, &format!("up-{id2}"));
         let a = s2.engine.create(info.id, parent, tmp.as_bytes(), 0o644, 0, &Caller::root())?;
         s2.close_file(info.id, a.ino);
         let r = Record {

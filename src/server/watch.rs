@@ -26,14 +26,14 @@
 use super::http::{blocking, ApiError, ApiResult};
 use super::Server;
 use crate::engine::meta::{Change, ChangeKind, VolId};
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// Between keep-alive comments on an idle stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -62,11 +62,10 @@ fn generations(server: &Server) -> watch::Receiver<u64> {
         .clone()
 }
 
-/// Whether a path is one of the server's own hidden files: the temporary file of an atomic
-/// whole-file write (`.NAME.volumefs-ID`) or of a resumable upload (`.NAME.volumefs-up-ID`).
+/// Whether a path is one of the server's own hidden files (an atomic write's or a resumable
+/// upload's, see [`crate::server::files::temp_name`]).
 fn is_internal(path: &str) -> bool {
-    let name = path.rsplit('/').next().unwrap_or("");
-    name.starts_with('.') && name.contains(".volumefs-")
+    crate::server::files::is_temp_name(path.rsplit('/').next().unwrap_or(""))
 }
 
 /// Events as a watcher wants them (unless `?internal=true`): an atomic write's temporary file is
@@ -144,7 +143,7 @@ pub async fn watch(
         }
     };
     let internal = q.get("internal").is_some_and(|v| v == "true" || v == "1");
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let (tx, body) = super::http::channel_body();
     let mut gens = generations(&s);
     tokio::spawn(async move {
         let mut after = after;
@@ -196,8 +195,7 @@ pub async fn watch(
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    let mut r = Response::new(Body::from_stream(stream));
+    let mut r = Response::new(body);
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(r)
