@@ -39,8 +39,10 @@ cargo deny check licenses bans
 log "tools the tests drive: curl, GNU tar, unzip, tuspy"
 missing=""
 for tool in curl tar unzip python3; do command -v "$tool" >/dev/null || missing="$missing $tool"; done
+# pip installs tuspy and the Python SDK; minimal images ship python3 without it.
+python3 -m pip --version >/dev/null 2>&1 || missing="$missing python3-pip"
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${missing/python3/python3 python3-pip} >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 if ! python3 -c "import tusclient" 2>/dev/null; then
     python3 -m pip install --quiet tuspy || python3 -m pip install --quiet --break-system-packages tuspy
