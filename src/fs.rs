@@ -158,6 +158,10 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
+    /// Bytes the volume stores for a regular file: those its writes and preallocations cover.
+    /// Holes cost nothing, so this may be less than `size` (a sparse file) or more (space
+    /// preallocated past the end with `FALLOC_FL_KEEP_SIZE`). 0 for anything else.
+    pub alloc: u64,
     pub atime: Timespec,
     pub mtime: Timespec,
     pub ctime: Timespec,
@@ -167,7 +171,20 @@ pub struct Attr {
 impl Attr {
     /// 512-byte blocks, as `st_blocks` counts them.
     pub fn blocks(&self) -> u64 {
-        self.size.div_ceil(512)
+        match self.kind {
+            Kind::File => self.alloc.div_ceil(512),
+            Kind::Dir | Kind::Symlink | Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => self.size.div_ceil(512),
+        }
+    }
+
+    /// Bytes of the volume's cap this inode's contents take: a file's stored bytes, a symlink's
+    /// target (xattrs are counted apart).
+    pub fn stored(&self) -> u64 {
+        match self.kind {
+            Kind::File => self.alloc,
+            Kind::Symlink => self.size,
+            Kind::Dir | Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => 0,
+        }
     }
 
     pub fn mode(&self) -> u32 {
@@ -241,6 +258,11 @@ pub struct StatFs {
 /// Flags of `rename`, as in renameat2(2).
 pub const RENAME_NOREPLACE: u32 = 1;
 pub const RENAME_EXCHANGE: u32 = 2;
+pub const RENAME_WHITEOUT: u32 = 4;
+
+/// The most bytes one copy_file_range request copies (the call may copy less than asked;
+/// callers loop): one request holds the volume's metadata transaction that long.
+pub const COPY_MAX: u64 = 8 << 20;
 
 /// Flags of `setxattr`.
 pub const XATTR_CREATE: i32 = 1;

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Protocol version spoken by this build. The server accepts exactly the versions it knows.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest read or write carried by one request (the FUSE max_write / max_read).
 pub const MAX_IO: u32 = 1 << 20;
@@ -165,6 +165,33 @@ pub enum Op {
         append: bool,
         #[serde(with = "bytes")]
         data: Vec<u8>,
+    },
+    /// fallocate(2): `mode` 0 (preallocate, growing the file), with `FALLOC_FL_KEEP_SIZE`,
+    /// `FALLOC_FL_PUNCH_HOLE` (with KEEP_SIZE) or `FALLOC_FL_ZERO_RANGE`.
+    Fallocate {
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    },
+    /// lseek(2) with `SEEK_DATA` or `SEEK_HOLE`: answered with [`Reply::Offset`].
+    Lseek {
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        whence: i32,
+    },
+    /// copy_file_range(2), done on the host: no data crosses the connection. Copies at most
+    /// [`crate::fs::COPY_MAX`] bytes (fewer at the source's end of file), answered with [`Reply::Written`].
+    CopyFileRange {
+        ino_in: Ino,
+        fh_in: u64,
+        offset_in: u64,
+        ino_out: Ino,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
     },
     Fsync {
         ino: Ino,
@@ -309,6 +336,8 @@ impl Op {
             | Op::Rename { .. }
             | Op::Create { .. }
             | Op::Write { .. }
+            | Op::Fallocate { .. }
+            | Op::CopyFileRange { .. }
             | Op::SetXattr { .. }
             | Op::RemoveXattr { .. } => OpClass::Mutation,
             Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease => OpClass::SessionState,
@@ -318,6 +347,7 @@ impl Op {
             | Op::ReadLink { .. }
             | Op::Open { .. }
             | Op::Read { .. }
+            | Op::Lseek { .. }
             | Op::Fsync { .. }
             | Op::Release { .. }
             | Op::OpenDir { .. }
@@ -370,6 +400,8 @@ pub enum Reply {
     Xattr(Vec<u8>),
     /// Answer to `GetLk`: the conflicting lock, or one with `typ == F_UNLCK`.
     Lock(Lock),
+    /// Answer to `Lseek`: the offset found.
+    Offset(u64),
 }
 
 /// Pushed by the server: something this session has cached changed elsewhere.

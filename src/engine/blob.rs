@@ -19,6 +19,9 @@ pub trait BlobStore: Send + Sync {
     fn read(&self, vol: VolId, ino: Ino, offset: u64, buf: &mut [u8]) -> FsResult<()>;
     fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8]) -> FsResult<()>;
     fn truncate(&self, vol: VolId, ino: Ino, size: u64) -> FsResult<()>;
+    /// Makes `[offset, offset+len)` read as zeros without changing the blob's length (a hole
+    /// where the store can make one).
+    fn zero(&self, vol: VolId, ino: Ino, offset: u64, len: u64) -> FsResult<()>;
     fn remove(&self, vol: VolId, ino: Ino) -> FsResult<()>;
     fn remove_volume(&self, vol: VolId) -> FsResult<()>;
     fn sync(&self, vol: VolId, ino: Ino) -> FsResult<()>;
@@ -123,6 +126,37 @@ impl BlobStore for LocalBlobs {
         }
         let f = self.file(vol, ino)?;
         f.set_len(size).map_err(|e| io_err("truncate", &self.path(vol, ino), e))
+    }
+
+    fn zero(&self, vol: VolId, ino: Ino, offset: u64, len: u64) -> FsResult<()> {
+        let path = self.path(vol, ino);
+        let f = match File::open(&path) {
+            // Nothing stored: it reads as zeros already.
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("open", &path, e)),
+            Ok(_) => self.file(vol, ino)?,
+        };
+        let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on a descriptor this store owns; no memory is passed.
+        let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&*f), flags, offset as libc::off_t, len as libc::off_t) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(io_err("punch a hole in", &path, e));
+        }
+        // A host filesystem without holes: write the zeros, within the blob's current length.
+        let blob_len = f.metadata().map_err(|e| io_err("stat", &path, e))?.len();
+        let end = (offset + len).min(blob_len);
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = offset;
+        while at < end {
+            let k = ((end - at) as usize).min(zeros.len());
+            f.write_all_at(&zeros[..k], at).map_err(|e| io_err("write", &path, e))?;
+            at += k as u64;
+        }
+        Ok(())
     }
 
     fn remove(&self, vol: VolId, ino: Ino) -> FsResult<()> {

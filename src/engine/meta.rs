@@ -231,6 +231,15 @@ pub trait MetaTxn {
     fn get_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8]) -> FsResult<Option<(Ino, Kind)>>;
     fn insert_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8], ino: Ino, kind: Kind) -> FsResult<()>;
     fn delete_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8]) -> FsResult<()>;
+    /// The stored byte ranges `[start, end)` of a file that overlap or touch `[from, to]`, in
+    /// order. A file's ranges are disjoint and never touch (they are merged as they are made).
+    fn extents(&mut self, vol: VolId, ino: Ino, from: u64, to: u64) -> FsResult<Vec<(u64, u64)>>;
+    /// Removes the ranges `old` (as `extents` returned them) and adds `new`.
+    fn replace_extents(&mut self, vol: VolId, ino: Ino, old: &[(u64, u64)], new: &[(u64, u64)]) -> FsResult<()>;
+    /// Renames an entry in place: it keeps its cookie (no target may exist at the new name).
+    fn move_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8]) -> FsResult<()>;
+    /// Points an existing entry at another inode, keeping its cookie.
+    fn set_dentry_target(&mut self, vol: VolId, parent: Ino, name: &[u8], ino: Ino, kind: Kind) -> FsResult<()>;
     /// Entries with cookie greater than `after`, in cookie order, at most `limit`.
     fn list_dentries(&mut self, vol: VolId, parent: Ino, after: u64, limit: u32) -> FsResult<Vec<DentryRow>>;
     fn has_dentries(&mut self, vol: VolId, parent: Ino) -> FsResult<bool>;

@@ -43,8 +43,12 @@ pub const DEFAULT_CAP: u64 = 2 << 30;
 /// Largest file size (as ext4 with 4 KiB blocks).
 pub const MAX_FILE_SIZE: u64 = 16 << 40;
 const MAX_LINKS: u32 = 65000;
-/// Total bytes of xattr names and values on one inode.
-const XATTR_TOTAL_MAX: usize = 64 << 10;
+/// Total bytes of xattr names and values on one inode: room for several values of the largest
+/// size Linux allows (`XATTR_SIZE_MAX`, 64 KiB), as XFS and btrfs give; the cap charges them all.
+const XATTR_TOTAL_MAX: usize = 256 << 10;
+/// Total bytes of xattr names (each with its NUL) on one inode: what one `listxattr` can return
+/// (Linux's `XATTR_LIST_MAX`).
+const XATTR_LIST_MAX: usize = 64 << 10;
 /// A volume may hold one inode per this many bytes of its cap (at least [`MIN_INODES`]): the
 /// metadata rows of a volume, which the cap does not count, stay bounded by its size. ext4's
 /// default is one per 16 KiB.
@@ -56,6 +60,9 @@ pub fn max_inodes(cap: u64) -> u64 {
     (cap / BYTES_PER_INODE).max(MIN_INODES)
 }
 const BLOCK: u64 = 4096;
+
+/// The open flag execve(2) adds (`__FMODE_EXEC` in Linux's uapi fcntl.h); FUSE passes it on.
+const FMODE_EXEC: i32 = 0o40;
 
 const R: u32 = 4;
 const W: u32 = 2;
@@ -283,6 +290,7 @@ impl Engine {
                     uid: 0,
                     gid: 0,
                     size: 0,
+                    alloc: 0,
                     atime: now,
                     mtime: now,
                     ctime: now,
@@ -475,7 +483,12 @@ impl Engine {
                 if size > MAX_FILE_SIZE {
                     return Err(FsError::new(libc::EFBIG, format!("{size} bytes is larger than the largest file ({MAX_FILE_SIZE})")));
                 }
-                Self::charge(t, vol, old_size, size)?;
+                if size < old_size {
+                    // Growing makes a hole, which costs nothing; cutting frees what lay past the
+                    // new end (space preallocated beyond it too, as on ext4).
+                    let freed = Self::deallocate(t, vol, &mut a, size, u64::MAX)?;
+                    Self::charge(t, vol, freed, 0)?;
+                }
                 if size != old_size {
                     a.size = size;
                     if set.mtime.is_none() {
@@ -520,6 +533,52 @@ impl Engine {
         } else {
             Ok(())
         }
+    }
+
+    /// Records `[start, end)` of file `a` as stored (merged with the ranges it touches); returns
+    /// the bytes newly stored, which the caller charges.
+    fn allocate(t: &mut dyn MetaTxn, vol: VolId, a: &mut Attr, start: u64, end: u64) -> FsResult<u64> {
+        if start >= end {
+            return Ok(0);
+        }
+        let old = t.extents(vol, a.ino, start, end)?;
+        if let [(s, e)] = old[..] {
+            if s <= start && e >= end {
+                return Ok(0);
+            }
+        }
+        let lo = old.first().map_or(start, |r| r.0.min(start));
+        let hi = old.last().map_or(end, |r| r.1.max(end));
+        let had: u64 = old.iter().map(|(s, e)| e - s).sum();
+        t.replace_extents(vol, a.ino, &old, &[(lo, hi)])?;
+        let added = (hi - lo) - had;
+        a.alloc += added;
+        Ok(added)
+    }
+
+    /// Forgets `[start, end)` of file `a` (it becomes a hole); returns the bytes freed.
+    fn deallocate(t: &mut dyn MetaTxn, vol: VolId, a: &mut Attr, start: u64, end: u64) -> FsResult<u64> {
+        if start >= end {
+            return Ok(0);
+        }
+        let old: Vec<(u64, u64)> = t.extents(vol, a.ino, start, end)?.into_iter().filter(|(s, e)| *e > start && *s < end).collect();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let mut keep = Vec::new();
+        let mut freed = 0;
+        for &(s, e) in &old {
+            if s < start {
+                keep.push((s, start));
+            }
+            if e > end {
+                keep.push((end, e));
+            }
+            freed += e.min(end) - s.max(start);
+        }
+        t.replace_extents(vol, a.ino, &old, &keep)?;
+        a.alloc -= freed;
+        Ok(freed)
     }
 
     pub fn readlink(&self, vol: VolId, ino: Ino) -> FsResult<Vec<u8>> {
@@ -581,6 +640,7 @@ impl Engine {
                 uid: c.uid,
                 gid,
                 size: target.map_or(0, |t| t.len() as u64),
+                alloc: 0,
                 atime: now,
                 mtime: now,
                 ctime: now,
@@ -689,8 +749,7 @@ impl Engine {
                 return Ok(false);
             }
             let xattrs: usize = t.list_xattrs(vol, ino)?.iter().map(|(n, l)| n.len() + l).sum();
-            let data = if matches!(a.kind, Kind::File | Kind::Symlink) { a.size } else { 0 };
-            t.add_used(vol, -((data + xattrs as u64) as i64))?;
+            t.add_used(vol, -((a.stored() + xattrs as u64) as i64))?;
             t.delete_inode(vol, ino)?;
             Ok(true)
         })?;
@@ -766,8 +825,13 @@ impl Engine {
     fn rename_names(&self, vol: VolId, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32, c: &Caller) -> FsResult<()> {
         check_name(name)?;
         check_name(new_name)?;
-        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 || flags == RENAME_NOREPLACE | RENAME_EXCHANGE {
+        let known = RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT;
+        if flags & !known != 0 || flags & RENAME_EXCHANGE != 0 && flags & (RENAME_NOREPLACE | RENAME_WHITEOUT) != 0 {
             return Err(FsError::new(libc::EINVAL, format!("unsupported rename flags {flags:#x}")));
+        }
+        if flags & RENAME_WHITEOUT != 0 && !c.is_root() {
+            // A whiteout is a device node (0:0): Linux asks for CAP_MKNOD.
+            return Err(FsError::new(libc::EPERM, "only root may leave a whiteout"));
         }
         let now = Timespec::now();
         let purge = self.mutate(vol, |t, log| {
@@ -801,10 +865,9 @@ impl Engine {
                     }
                     check_access(&other, c, W)?;
                 }
-                t.delete_dentry(vol, parent, name)?;
-                t.delete_dentry(vol, new_parent, new_name)?;
-                t.insert_dentry(vol, parent, name, dst_ino, other.kind)?;
-                t.insert_dentry(vol, new_parent, new_name, src_ino, src.kind)?;
+                // Each name keeps its place in its directory's listing.
+                t.set_dentry_target(vol, parent, name, dst_ino, other.kind)?;
+                t.set_dentry_target(vol, new_parent, new_name, src_ino, src.kind)?;
                 if new_parent != parent {
                     let (sd, od) = ((src.kind == Kind::Dir) as u32, (other.kind == Kind::Dir) as u32);
                     sp.nlink = sp.nlink + od - sd;
@@ -857,8 +920,34 @@ impl Engine {
                     purge = Some(dst_ino);
                 }
             }
-            t.delete_dentry(vol, parent, name)?;
-            t.insert_dentry(vol, new_parent, new_name, src_ino, src.kind)?;
+            // The entry keeps its place (cookie) in listings: a directory read while its files
+            // are renamed returns each file once, under one of its names.
+            t.move_dentry(vol, parent, name, new_parent, new_name)?;
+            if flags & RENAME_WHITEOUT != 0 {
+                // overlayfs marks a name deleted in its lower layer with a 0:0 character device.
+                let v = t.volume_by_id(vol)?.ok_or_else(|| stale(ROOT_INO))?;
+                if v.inodes >= max_inodes(v.cap) {
+                    return Err(FsError::new(libc::ENOSPC, format!("volume `{}` holds its most inodes", v.name)));
+                }
+                let ino = t.next_ino(vol)?;
+                let w = Attr {
+                    ino,
+                    kind: Kind::CharDev,
+                    perm: 0,
+                    nlink: 1,
+                    uid: c.uid,
+                    gid: c.gid,
+                    size: 0,
+                    alloc: 0,
+                    atime: now,
+                    mtime: now,
+                    ctime: now,
+                    rdev: 0,
+                };
+                t.put_inode(vol, &w)?;
+                t.insert_dentry(vol, parent, name, ino, Kind::CharDev)?;
+                log.push(Event::name(ChangeKind::Create, Kind::CharDev, ino, parent, name));
+            }
             if src.kind == Kind::Dir && new_parent != parent {
                 sp.nlink -= 1;
                 dp.nlink += 1;
@@ -907,6 +996,9 @@ impl Engine {
     pub fn open(&self, vol: VolId, ino: Ino, flags: i32, c: &Caller) -> FsResult<Attr> {
         let a = self.getattr(vol, ino)?;
         let want = match flags & libc::O_ACCMODE {
+            // execve opens with `__FMODE_EXEC`: it needs execute permission, not read (a 0711
+            // binary runs for everyone).
+            libc::O_RDONLY if flags & FMODE_EXEC != 0 => X,
             libc::O_RDONLY => R,
             libc::O_WRONLY => W,
             _ => R | W,
@@ -956,8 +1048,17 @@ impl Engine {
     }
 
     pub fn read(&self, vol: VolId, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        self.read_as(vol, ino, offset, size, false)
+    }
+
+    /// A read by a program through a mount: with `touch`, the access moves atime as a
+    /// `relatime` mount does (see [`Engine::accessed`]).
+    pub fn read_as(&self, vol: VolId, ino: Ino, offset: u64, size: u32, touch: bool) -> FsResult<Vec<u8>> {
         let a = self.getattr(vol, ino)?;
         regular(&a)?;
+        if touch {
+            self.touch_atime(vol, &a)?;
+        }
         if offset >= a.size {
             return Ok(Vec::new());
         }
@@ -980,10 +1081,9 @@ impl Engine {
                 .checked_add(data.len() as u64)
                 .filter(|e| *e <= MAX_FILE_SIZE)
                 .ok_or_else(|| FsError::new(libc::EFBIG, format!("a write ending past {MAX_FILE_SIZE} bytes")))?;
-            if end > a.size {
-                Self::charge(t, vol, a.size, end)?;
-                a.size = end;
-            }
+            let added = Self::allocate(t, vol, &mut a, offset, end)?;
+            Self::charge(t, vol, 0, added)?;
+            a.size = a.size.max(end);
             a.mtime = now;
             a.ctime = now;
             if !c.is_root() {
@@ -994,6 +1094,183 @@ impl Engine {
             t.put_inode(vol, &a)?;
             log.push(Event::Modify { node: a.kind, ino });
             Ok((offset, a))
+        })
+    }
+
+    /// fallocate(2) on a regular file. Mode 0 stores (and charges) `[offset, offset+length)`,
+    /// growing the file; `FALLOC_FL_KEEP_SIZE` does so without changing the size (space kept
+    /// past the end); `FALLOC_FL_PUNCH_HOLE` (always with KEEP_SIZE) turns the range into a hole
+    /// and frees it; `FALLOC_FL_ZERO_RANGE` zeroes it and keeps it stored. Collapse, insert and
+    /// unshare are `EOPNOTSUPP`.
+    pub fn fallocate(&self, vol: VolId, ino: Ino, offset: u64, length: u64, mode: i32, c: &Caller) -> FsResult<Attr> {
+        if length == 0 {
+            return Err(FsError::new(libc::EINVAL, "fallocate of 0 bytes"));
+        }
+        let end = offset
+            .checked_add(length)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or_else(|| FsError::new(libc::EFBIG, format!("a range ending past {MAX_FILE_SIZE} bytes")))?;
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let now = Timespec::now();
+        self.mutate(vol, |t, log| {
+            let mut a = Self::inode(t, vol, ino)?;
+            regular(&a)?;
+            let old_size = a.size;
+            match mode & !libc::FALLOC_FL_KEEP_SIZE {
+                0 => {
+                    let added = Self::allocate(t, vol, &mut a, offset, end)?;
+                    Self::charge(t, vol, 0, added)?;
+                }
+                libc::FALLOC_FL_PUNCH_HOLE if keep => {
+                    let freed = Self::deallocate(t, vol, &mut a, offset, end)?;
+                    Self::charge(t, vol, freed, 0)?;
+                    if offset < a.size {
+                        self.blobs.zero(vol, ino, offset, end.min(a.size) - offset)?;
+                    }
+                    a.mtime = now;
+                }
+                libc::FALLOC_FL_ZERO_RANGE => {
+                    let added = Self::allocate(t, vol, &mut a, offset, end)?;
+                    Self::charge(t, vol, 0, added)?;
+                    if offset < a.size {
+                        self.blobs.zero(vol, ino, offset, end.min(a.size) - offset)?;
+                    }
+                    a.mtime = now;
+                }
+                other => {
+                    return Err(FsError::new(
+                        libc::EOPNOTSUPP,
+                        format!("fallocate mode {other:#x} is not supported (preallocate, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE are)"),
+                    ))
+                }
+            }
+            if !keep && end > old_size {
+                // Bytes past the old end (left by a crash) must read as zeros.
+                self.blobs.truncate(vol, ino, old_size)?;
+                a.size = end;
+                a.mtime = now;
+            }
+            a.ctime = now;
+            if !c.is_root() {
+                drop_setid(&mut a);
+            }
+            t.put_inode(vol, &a)?;
+            log.push(Event::Modify { node: a.kind, ino });
+            Ok(a)
+        })
+    }
+
+    /// lseek(2) with `SEEK_DATA` (the first stored byte at or after `offset`) or `SEEK_HOLE`
+    /// (the first byte of a hole at or after it; the end of file counts as one). `ENXIO` at or
+    /// past the end of file.
+    pub fn lseek(&self, vol: VolId, ino: Ino, offset: u64, whence: i32) -> FsResult<u64> {
+        self.tx(|t| {
+            let a = Self::inode(t, vol, ino)?;
+            regular(&a)?;
+            if offset >= a.size {
+                return Err(FsError::new(libc::ENXIO, format!("offset {offset} is at or past the end of file ({})", a.size)));
+            }
+            let ranges: Vec<(u64, u64)> = t.extents(vol, ino, offset, a.size)?.into_iter().filter(|(_, e)| *e > offset).collect();
+            match whence {
+                libc::SEEK_DATA => match ranges.first() {
+                    Some(&(s, _)) if s < a.size => Ok(s.max(offset)),
+                    _ => Err(FsError::new(libc::ENXIO, format!("no data at or after offset {offset}"))),
+                },
+                // Ranges never touch, so the one holding `offset` ends at a hole.
+                libc::SEEK_HOLE => Ok(match ranges.first() {
+                    Some(&(s, e)) if s <= offset => e.min(a.size),
+                    _ => offset,
+                }),
+                other => Err(FsError::new(libc::EINVAL, format!("lseek whence {other} is not SEEK_DATA or SEEK_HOLE"))),
+            }
+        })
+    }
+
+    /// copy_file_range(2) on the host: copies up to `len` bytes (at most [`COPY_MAX`], and not
+    /// past the source's end) from `src` at `src_off` to `dst` at `dst_off`, holes included;
+    /// returns the bytes copied and the destination's attributes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_range(&self, vol: VolId, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64, c: &Caller) -> FsResult<(u64, Attr)> {
+        let now = Timespec::now();
+        self.mutate(vol, |t, log| {
+            let sa = Self::inode(t, vol, src)?;
+            regular(&sa)?;
+            let mut d = Self::inode(t, vol, dst)?;
+            regular(&d)?;
+            let n = len.min(COPY_MAX).min(sa.size.saturating_sub(src_off));
+            if n == 0 {
+                return Ok((0, d));
+            }
+            if src == dst && src_off < dst_off + n && dst_off < src_off + n {
+                return Err(FsError::new(libc::EINVAL, "copy_file_range within one file with overlapping ranges"));
+            }
+            let dst_end = dst_off
+                .checked_add(n)
+                .filter(|e| *e <= MAX_FILE_SIZE)
+                .ok_or_else(|| FsError::new(libc::EFBIG, format!("a copy ending past {MAX_FILE_SIZE} bytes")))?;
+            let data: Vec<(u64, u64)> = t
+                .extents(vol, src, src_off, src_off + n)?
+                .into_iter()
+                .map(|(s, e)| (s.max(src_off), e.min(src_off + n)))
+                .filter(|(s, e)| s < e)
+                .collect();
+            // The destination range becomes what the source range is: its holes as holes.
+            let freed = Self::deallocate(t, vol, &mut d, dst_off, dst_end)?;
+            let mut added = 0;
+            for &(s, e) in &data {
+                added += Self::allocate(t, vol, &mut d, dst_off + (s - src_off), dst_off + (e - src_off))?;
+            }
+            Self::charge(t, vol, freed, added)?;
+            if dst_off < d.size {
+                self.blobs.zero(vol, dst, dst_off, dst_end.min(d.size) - dst_off)?;
+            }
+            if dst_end > d.size {
+                // Bytes past the old end (left by a crash) must read as zeros.
+                self.blobs.truncate(vol, dst, d.size)?;
+                d.size = dst_end;
+            }
+            let mut buf = vec![0u8; (1u64 << 20).min(n) as usize];
+            for (s, e) in data {
+                let mut at = s;
+                while at < e {
+                    let k = ((e - at) as usize).min(buf.len());
+                    self.blobs.read(vol, src, at, &mut buf[..k])?;
+                    self.blobs.write(vol, dst, dst_off + (at - src_off), &buf[..k])?;
+                    at += k as u64;
+                }
+            }
+            d.mtime = now;
+            d.ctime = now;
+            if !c.is_root() {
+                drop_setid(&mut d);
+            }
+            t.put_inode(vol, &d)?;
+            log.push(Event::Modify { node: d.kind, ino: dst });
+            Ok((n, d))
+        })
+    }
+
+    /// Records a read of `ino` (a file's data, a directory's listing) as Linux's default
+    /// `relatime` does: atime moves to now when it is not after mtime or ctime or is a day old.
+    /// Otherwise, the common case, nothing is written.
+    pub fn accessed(&self, vol: VolId, ino: Ino) -> FsResult<()> {
+        let a = self.getattr(vol, ino)?;
+        self.touch_atime(vol, &a)
+    }
+
+    fn touch_atime(&self, vol: VolId, a: &Attr) -> FsResult<()> {
+        let now = Timespec::now();
+        if a.atime > a.mtime && a.atime > a.ctime && now.sec - a.atime.sec < 24 * 3600 {
+            return Ok(());
+        }
+        // Its own small transaction (atime is not a change: no ctime, no change-log event); an
+        // inode removed meanwhile is left alone.
+        self.tx(|t| match t.get_inode(vol, a.ino)? {
+            Some(mut cur) => {
+                cur.atime = now;
+                t.put_inode(vol, &cur)
+            }
+            None => Ok(()),
         })
     }
 
@@ -1098,10 +1375,13 @@ impl Engine {
             if flags & XATTR_REPLACE != 0 && old.is_none() {
                 return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
             }
-            let total: usize =
-                existing.iter().filter(|(n, _)| n != name).map(|(n, l)| n.len() + l).sum::<usize>() + name.len() + value.len();
+            let others = existing.iter().filter(|(n, _)| n != name);
+            let total: usize = others.clone().map(|(n, l)| n.len() + l).sum::<usize>() + name.len() + value.len();
             if total > XATTR_TOTAL_MAX {
                 return Err(FsError::new(libc::ENOSPC, format!("xattrs of inode {ino} would exceed {XATTR_TOTAL_MAX} bytes")));
+            }
+            if others.map(|(n, _)| n.len() + 1).sum::<usize>() + name.len() + 1 > XATTR_LIST_MAX {
+                return Err(FsError::new(libc::ENOSPC, format!("xattr names of inode {ino} would exceed {XATTR_LIST_MAX} bytes")));
             }
             let before = old.map_or(0, |(n, l)| n.len() + l);
             Self::charge(t, vol, before as u64, (name.len() + value.len()) as u64)?;

@@ -22,6 +22,10 @@ enum Step {
     Write(Index, u64, usize, u8),
     Append(Index, usize, u8),
     Truncate(Index, u64),
+    /// offset, length, mode (an index into FALLOC_MODES).
+    Fallocate(Index, u64, u64, usize),
+    /// source, its offset, destination, its offset, length.
+    Copy(Index, u64, Index, u64, u64),
     Rename(Index, usize, Index, usize, u32),
     Link(Index, Index, usize),
     Unlink(Index, usize),
@@ -33,6 +37,16 @@ enum Step {
     Restart,
 }
 
+const FALLOC_MODES: [i32; 6] = [
+    0,
+    libc::FALLOC_FL_KEEP_SIZE,
+    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    libc::FALLOC_FL_ZERO_RANGE,
+    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+    // Refused (EOPNOTSUPP): punching must keep the size.
+    libc::FALLOC_FL_PUNCH_HOLE,
+];
+
 fn step() -> impl Strategy<Value = Step> {
     let name = 0..NAMES.len();
     prop_oneof![
@@ -41,6 +55,8 @@ fn step() -> impl Strategy<Value = Step> {
         4 => (any::<Index>(), 0..9000u64, 0..4000usize, any::<u8>()).prop_map(|(f, o, l, b)| Step::Write(f, o, l, b)),
         2 => (any::<Index>(), 0..3000usize, any::<u8>()).prop_map(|(f, l, b)| Step::Append(f, l, b)),
         2 => (any::<Index>(), 0..12000u64).prop_map(|(f, s)| Step::Truncate(f, s)),
+        2 => (any::<Index>(), 0..12000u64, 0..5000u64, 0..FALLOC_MODES.len()).prop_map(|(f, o, l, m)| Step::Fallocate(f, o, l, m)),
+        2 => (any::<Index>(), 0..12000u64, any::<Index>(), 0..12000u64, 0..6000u64).prop_map(|(a, o, b, p, l)| Step::Copy(a, o, b, p, l)),
         3 => (any::<Index>(), name.clone(), any::<Index>(), name.clone(), prop_oneof![Just(0), Just(RENAME_NOREPLACE), Just(RENAME_EXCHANGE)])
             .prop_map(|(a, n, b, m, f)| Step::Rename(a, n, b, m, f)),
         2 => (any::<Index>(), any::<Index>(), name.clone()).prop_map(|(f, d, n)| Step::Link(f, d, n)),
@@ -65,6 +81,9 @@ struct Node {
     body: Body,
     nlink: u32,
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// For a file, which bytes are stored (charged): may be shorter than the data (holes at the
+    /// end) or longer (preallocated past the end).
+    stored: Vec<bool>,
     /// Handles the test holds on it (open files keep unlinked inodes alive).
     handles: u32,
 }
@@ -78,13 +97,13 @@ type Outcome = Result<(), i32>;
 
 impl Model {
     fn new() -> Model {
-        let root = Node { body: Body::Dir(BTreeMap::new()), nlink: 2, xattrs: BTreeMap::new(), handles: 0 };
+        let root = Node { body: Body::Dir(BTreeMap::new()), nlink: 2, xattrs: BTreeMap::new(), stored: Vec::new(), handles: 0 };
         Model { nodes: BTreeMap::from([(ROOT_INO, root)]) }
     }
 
     fn used(&self) -> u64 {
         let xattrs: usize = self.nodes.values().flat_map(|n| n.xattrs.iter()).map(|(k, v)| k.len() + v.len()).sum();
-        let data: usize = self.nodes.values().map(|n| if let Body::File(d) = &n.body { d.len() } else { 0 }).sum();
+        let data: usize = self.nodes.values().map(|n| n.stored.iter().filter(|b| **b).count()).sum();
         (data + xattrs) as u64
     }
 
@@ -93,6 +112,30 @@ impl Model {
             Err(libc::EDQUOT)
         } else {
             Ok(())
+        }
+    }
+
+    /// How many bytes of `[start, end)` of `ino` are not stored yet.
+    fn unstored(&self, ino: Ino, start: u64, end: u64) -> i64 {
+        let st = &self.nodes[&ino].stored;
+        (start..end).filter(|i| !st.get(*i as usize).copied().unwrap_or(false)).count() as i64
+    }
+
+    /// Marks `[start, end)` of `ino` stored (`true`) or a hole.
+    fn store(&mut self, ino: Ino, start: u64, end: u64, on: bool) {
+        let st = &mut self.nodes.get_mut(&ino).unwrap().stored;
+        if on && st.len() < end as usize {
+            st.resize(end as usize, false);
+        }
+        for i in start as usize..(end as usize).min(st.len()) {
+            st[i] = on;
+        }
+    }
+
+    fn data_mut(&mut self, ino: Ino) -> &mut Vec<u8> {
+        match &mut self.nodes.get_mut(&ino).unwrap().body {
+            Body::File(d) => d,
+            Body::Dir(_) => unreachable!("not a file"),
         }
     }
 
@@ -249,7 +292,8 @@ fn apply(m: &mut Model, r: &mut Real, s: &Step) -> (Outcome, Outcome) {
                         e.release(v, a.ino).unwrap();
                     }
                     let body = if dir { Body::Dir(BTreeMap::new()) } else { Body::File(Vec::new()) };
-                    m.nodes.insert(a.ino, Node { body, nlink: if dir { 2 } else { 1 }, xattrs: BTreeMap::new(), handles: 0 });
+                    let node = Node { body, nlink: if dir { 2 } else { 1 }, xattrs: BTreeMap::new(), stored: Vec::new(), handles: 0 };
+                    m.nodes.insert(a.ino, node);
                     m.children_mut(d).insert(name.to_vec(), a.ino);
                     m.set_dir_links(d);
                     Ok(())
@@ -263,10 +307,11 @@ fn apply(m: &mut Model, r: &mut Real, s: &Step) -> (Outcome, Outcome) {
             let data = vec![*byte; *len];
             let Body::File(cur) = &m.nodes[&f].body else { unreachable!() };
             let end = (*off as usize + len).max(cur.len());
-            let want = m.fits(end as i64 - cur.len() as i64);
+            let want = m.fits(m.unstored(f, *off, *off + *len as u64));
             let got = errno_of(e.write(v, f, *off, &data, false, &c)).map(|_| ());
             if want.is_ok() && got.is_ok() {
-                let Body::File(cur) = &mut m.nodes.get_mut(&f).unwrap().body else { unreachable!() };
+                m.store(f, *off, *off + *len as u64, true);
+                let cur = m.data_mut(f);
                 cur.resize(end, 0);
                 cur[*off as usize..*off as usize + len].copy_from_slice(&data);
             }
@@ -274,22 +319,84 @@ fn apply(m: &mut Model, r: &mut Real, s: &Step) -> (Outcome, Outcome) {
         }
         Step::Append(f, len, byte) => {
             let Some(f) = pick(&files, f) else { return skip };
-            let want = m.fits(*len as i64);
+            let at = m.data_mut(f).len() as u64;
+            let want = m.fits(m.unstored(f, at, at + *len as u64));
             let got = errno_of(e.write(v, f, 0, &vec![*byte; *len], true, &c)).map(|_| ());
             if want.is_ok() && got.is_ok() {
-                let Body::File(cur) = &mut m.nodes.get_mut(&f).unwrap().body else { unreachable!() };
-                cur.extend(std::iter::repeat_n(*byte, *len));
+                m.store(f, at, at + *len as u64, true);
+                m.data_mut(f).extend(std::iter::repeat_n(*byte, *len));
             }
             (want, got)
         }
         Step::Truncate(f, size) => {
             let Some(f) = pick(&files, f) else { return skip };
-            let Body::File(cur) = &m.nodes[&f].body else { unreachable!() };
-            let want = m.fits(*size as i64 - cur.len() as i64);
+            // Growing makes a hole (free); cutting frees everything past the new end.
             let got = errno_of(e.setattr(v, f, &SetAttr { size: Some(*size), ..Default::default() }, &c)).map(|_| ());
+            if got.is_ok() {
+                if (*size as usize) < m.data_mut(f).len() {
+                    m.nodes.get_mut(&f).unwrap().stored.truncate(*size as usize);
+                }
+                m.data_mut(f).resize(*size as usize, 0);
+            }
+            (Ok(()), got)
+        }
+        Step::Fallocate(f, off, len, mode) => {
+            let Some(f) = pick(&files, f) else { return skip };
+            let mode = FALLOC_MODES[*mode];
+            let (off, end) = (*off, *off + *len);
+            let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+            let want = if *len == 0 {
+                Err(libc::EINVAL)
+            } else if mode == libc::FALLOC_FL_PUNCH_HOLE {
+                Err(libc::EOPNOTSUPP)
+            } else if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+                Ok(())
+            } else {
+                m.fits(m.unstored(f, off, end))
+            };
+            let got = errno_of(e.fallocate(v, f, off, *len, mode, &c)).map(|_| ());
             if want.is_ok() && got.is_ok() {
-                let Body::File(cur) = &mut m.nodes.get_mut(&f).unwrap().body else { unreachable!() };
-                cur.resize(*size as usize, 0);
+                let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+                m.store(f, off, end, !punch);
+                let cur = m.data_mut(f);
+                if punch || mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+                    let stop = (end as usize).min(cur.len());
+                    if (off as usize) < stop {
+                        cur[off as usize..stop].fill(0);
+                    }
+                }
+                if !keep && end as usize > cur.len() {
+                    cur.resize(end as usize, 0);
+                }
+            }
+            (want, got)
+        }
+        Step::Copy(a, off, b, doff, len) => {
+            let (Some(src), Some(dst)) = (pick(&files, a), pick(&files, b)) else { return skip };
+            let src_data = m.data_mut(src).clone();
+            let n = (*len).min((src_data.len() as u64).saturating_sub(*off));
+            let want = if n > 0 && src == dst && *off < doff + n && *doff < off + n {
+                Err(libc::EINVAL)
+            } else {
+                // The destination range becomes the source range, holes included.
+                let src_stored = &m.nodes[&src].stored;
+                let held = |i: u64| src_stored.get(i as usize).copied().unwrap_or(false);
+                let need: i64 = (0..n).filter(|i| held(off + i)).count() as i64 - (n as i64 - m.unstored(dst, *doff, doff + n));
+                m.fits(need)
+            };
+            let got = errno_of(e.copy_range(v, src, *off, dst, *doff, *len, &c)).and_then(|(k, _)| if k == n { Ok(()) } else { Err(-1) });
+            if want.is_ok() && got.is_ok() && n > 0 {
+                let src_stored = m.nodes[&src].stored.clone();
+                for i in 0..n {
+                    let on = src_stored.get((off + i) as usize).copied().unwrap_or(false);
+                    m.store(dst, doff + i, doff + i + 1, on);
+                }
+                let cur = m.data_mut(dst);
+                let end = (doff + n) as usize;
+                if cur.len() < end {
+                    cur.resize(end, 0);
+                }
+                cur[*doff as usize..end].copy_from_slice(&src_data[*off as usize..(off + n) as usize]);
             }
             (want, got)
         }
@@ -418,6 +525,25 @@ fn compare(m: &Model, r: &Real) -> Result<(), String> {
             let got = if data.is_empty() { Vec::new() } else { e.read(v, *ino, 0, data.len() as u32 + 1).map_err(|x| x.to_string())? };
             if a.size != data.len() as u64 || &got != data {
                 return Err(format!("inode {ino}: size {} and {} bytes read, model has {} bytes", a.size, got.len(), data.len()));
+            }
+            let stored = n.stored.iter().filter(|b| **b).count() as u64;
+            if a.alloc != stored {
+                return Err(format!("inode {ino}: {} bytes stored in the engine, {stored} in the model", a.alloc));
+            }
+            // SEEK_DATA / SEEK_HOLE walk the file: the data runs they find are the model's.
+            let mut found = vec![false; data.len()];
+            let mut pos = 0;
+            while let Ok(start) = e.lseek(v, *ino, pos, libc::SEEK_DATA) {
+                let stop = e.lseek(v, *ino, start, libc::SEEK_HOLE).map_err(|x| x.to_string())?;
+                found[start as usize..stop as usize].fill(true);
+                pos = stop;
+                if pos >= a.size {
+                    break;
+                }
+            }
+            let want: Vec<bool> = (0..data.len()).map(|i| n.stored.get(i).copied().unwrap_or(false)).collect();
+            if found != want {
+                return Err(format!("inode {ino}: SEEK_DATA/SEEK_HOLE disagree with the model's stored bytes"));
             }
         }
         let names = e.listxattr(v, *ino, &c).map_err(|x| x.to_string())?;

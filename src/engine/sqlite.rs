@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     uid INTEGER NOT NULL,
     gid INTEGER NOT NULL,
     size INTEGER NOT NULL,
+    alloc INTEGER NOT NULL DEFAULT 0,
     atime INTEGER NOT NULL,
     mtime INTEGER NOT NULL,
     ctime INTEGER NOT NULL,
@@ -74,6 +75,13 @@ CREATE TABLE IF NOT EXISTS xattrs (
     value BLOB NOT NULL,
     PRIMARY KEY (vol, ino, name)
 );
+CREATE TABLE IF NOT EXISTS extents (
+    vol INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    stop INTEGER NOT NULL,
+    PRIMARY KEY (vol, ino, start)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
     token_sha256 TEXT NOT NULL UNIQUE,
@@ -121,6 +129,24 @@ impl SqliteMeta {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=OFF; PRAGMA busy_timeout=5000;")
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        // Data directories from before files were charged for stored bytes (not apparent size)
+        // gain `inodes.alloc`, and each file one stored range covering it, which is what it cost
+        // then: usage stays the same.
+        let has_alloc: bool = conn
+            .query_row("SELECT COUNT(*) FROM pragma_table_info('inodes') WHERE name = 'alloc'", [], |r| r.get::<_, i64>(0))
+            .map_err(db_err)?
+            > 0;
+        if !has_alloc {
+            conn.execute_batch(&format!(
+                "BEGIN;
+                 ALTER TABLE inodes ADD COLUMN alloc INTEGER NOT NULL DEFAULT 0;
+                 INSERT INTO extents (vol, ino, start, stop) SELECT vol, ino, 0, size FROM inodes WHERE kind = {f} AND size > 0;
+                 UPDATE inodes SET alloc = size WHERE kind = {f};
+                 COMMIT;",
+                f = Kind::File.code()
+            ))
+            .map_err(db_err)?;
+        }
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         Ok(SqliteMeta { conn: Mutex::new(conn), wal: PathBuf::from(wal) })
@@ -177,6 +203,7 @@ fn row_attr(r: &Row<'_>) -> rusqlite::Result<Attr> {
         mtime: Timespec::from_nanos(r.get(8)?),
         ctime: Timespec::from_nanos(r.get(9)?),
         rdev: r.get::<_, i64>(10)? as u32,
+        alloc: r.get::<_, i64>(11)? as u64,
     })
 }
 
@@ -236,7 +263,7 @@ impl MetaTxn for SqliteTxn<'_> {
     }
 
     fn delete_volume(&mut self, id: VolId) -> FsResult<()> {
-        for table in ["inodes", "dentries", "xattrs", "changes", "changes_pruned"] {
+        for table in ["inodes", "dentries", "xattrs", "extents", "changes", "changes_pruned"] {
             self.tx.execute(&format!("DELETE FROM {table} WHERE vol = ?1"), params![id]).map_err(db_err)?;
         }
         self.tx.execute("DELETE FROM volumes WHERE id = ?1", params![id]).map_err(db_err)?;
@@ -263,7 +290,7 @@ impl MetaTxn for SqliteTxn<'_> {
     fn get_inode(&mut self, vol: VolId, ino: Ino) -> FsResult<Option<Attr>> {
         self.tx
             .prepare_cached(
-                "SELECT ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev FROM inodes WHERE vol = ?1 AND ino = ?2",
+                "SELECT ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev, alloc FROM inodes WHERE vol = ?1 AND ino = ?2",
             )
             .and_then(|mut st| st.query_row(params![vol, ino as i64], row_attr).optional())
             .map_err(db_err)
@@ -272,11 +299,12 @@ impl MetaTxn for SqliteTxn<'_> {
     fn put_inode(&mut self, vol: VolId, a: &Attr) -> FsResult<()> {
         self.tx
             .prepare_cached(
-                "INSERT INTO inodes (vol, ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                "INSERT INTO inodes (vol, ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev, alloc)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                  ON CONFLICT (vol, ino) DO UPDATE SET kind = excluded.kind, perm = excluded.perm,
                    nlink = excluded.nlink, uid = excluded.uid, gid = excluded.gid, size = excluded.size,
-                   atime = excluded.atime, mtime = excluded.mtime, ctime = excluded.ctime, rdev = excluded.rdev",
+                   atime = excluded.atime, mtime = excluded.mtime, ctime = excluded.ctime, rdev = excluded.rdev,
+                   alloc = excluded.alloc",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -291,7 +319,8 @@ impl MetaTxn for SqliteTxn<'_> {
                     a.atime.to_nanos(),
                     a.mtime.to_nanos(),
                     a.ctime.to_nanos(),
-                    a.rdev as i64
+                    a.rdev as i64,
+                    a.alloc as i64
                 ])
             })
             .map_err(db_err)?;
@@ -302,6 +331,7 @@ impl MetaTxn for SqliteTxn<'_> {
         let n = self.tx.execute("DELETE FROM inodes WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64]).map_err(db_err)?;
         self.tx.execute("UPDATE volumes SET inodes = inodes - ?2 WHERE id = ?1", params![vol, n as i64]).map_err(db_err)?;
         self.tx.execute("DELETE FROM xattrs WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64]).map_err(db_err)?;
+        self.tx.execute("DELETE FROM extents WHERE vol = ?1 AND ino = ?2", params![vol, ino as i64]).map_err(db_err)?;
         Ok(())
     }
 
@@ -350,6 +380,58 @@ impl MetaTxn for SqliteTxn<'_> {
         self.tx
             .prepare_cached("DELETE FROM dentries WHERE vol = ?1 AND parent = ?2 AND name = ?3")
             .and_then(|mut st| st.execute(params![vol, parent as i64, name]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn extents(&mut self, vol: VolId, ino: Ino, from: u64, to: u64) -> FsResult<Vec<(u64, u64)>> {
+        // Ranges are disjoint and never touch: only the last one starting at or before `from`
+        // can reach it, so the scan starts there (an index seek, not a walk of the file).
+        let mut st = self
+            .tx
+            .prepare_cached(
+                "SELECT start, stop FROM extents WHERE vol = ?1 AND ino = ?2
+                   AND start >= COALESCE((SELECT MAX(start) FROM extents WHERE vol = ?1 AND ino = ?2 AND start <= ?3), ?3)
+                   AND start <= ?4 ORDER BY start",
+            )
+            .map_err(db_err)?;
+        let rows = st
+            .query_map(params![vol, ino as i64, from as i64, to.min(i64::MAX as u64) as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(db_err)?;
+        let all: Vec<(u64, u64)> = rows.collect::<Result<_, _>>().map_err(db_err)?;
+        Ok(all.into_iter().filter(|(_, end)| *end >= from).collect())
+    }
+
+    fn replace_extents(&mut self, vol: VolId, ino: Ino, old: &[(u64, u64)], new: &[(u64, u64)]) -> FsResult<()> {
+        for (start, _) in old {
+            self.tx
+                .prepare_cached("DELETE FROM extents WHERE vol = ?1 AND ino = ?2 AND start = ?3")
+                .and_then(|mut st| st.execute(params![vol, ino as i64, *start as i64]))
+                .map_err(db_err)?;
+        }
+        for (start, end) in new {
+            self.tx
+                .prepare_cached("INSERT INTO extents (vol, ino, start, stop) VALUES (?1, ?2, ?3, ?4)")
+                .and_then(|mut st| st.execute(params![vol, ino as i64, *start as i64, *end as i64]))
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    fn move_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8]) -> FsResult<()> {
+        self.tx
+            .prepare_cached("UPDATE dentries SET parent = ?4, name = ?5 WHERE vol = ?1 AND parent = ?2 AND name = ?3")
+            .and_then(|mut st| st.execute(params![vol, parent as i64, name, new_parent as i64, new_name]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn set_dentry_target(&mut self, vol: VolId, parent: Ino, name: &[u8], ino: Ino, kind: Kind) -> FsResult<()> {
+        self.tx
+            .prepare_cached("UPDATE dentries SET ino = ?4, kind = ?5 WHERE vol = ?1 AND parent = ?2 AND name = ?3")
+            .and_then(|mut st| st.execute(params![vol, parent as i64, name, ino as i64, kind.code()]))
             .map_err(db_err)?;
         Ok(())
     }

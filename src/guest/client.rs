@@ -43,17 +43,44 @@ struct OpenHandle {
     current: u64,
 }
 
-/// The handle field of ops that carry one.
-fn fh_of(op: &mut Op) -> Option<&mut u64> {
+/// The handle fields of an op (every op is named: a new one must say whether it carries a
+/// handle, or a reconnect would send the kernel's number to a server that never issued it).
+fn fhs_of(op: &mut Op) -> Vec<&mut u64> {
     match op {
         Op::Read { fh, .. }
         | Op::Write { fh, .. }
+        | Op::Fallocate { fh, .. }
+        | Op::Lseek { fh, .. }
         | Op::Fsync { fh, .. }
         | Op::Release { fh, .. }
         | Op::ReleaseDir { fh, .. }
         | Op::ReadDir { fh, .. }
-        | Op::Flush { fh, .. } => Some(fh),
-        _ => None,
+        | Op::Flush { fh, .. } => vec![fh],
+        Op::CopyFileRange { fh_in, fh_out, .. } => vec![fh_in, fh_out],
+        Op::Lookup { .. }
+        | Op::Forget { .. }
+        | Op::GetAttr { .. }
+        | Op::SetAttr { .. }
+        | Op::ReadLink { .. }
+        | Op::MkNod { .. }
+        | Op::MkDir { .. }
+        | Op::Symlink { .. }
+        | Op::Link { .. }
+        | Op::Unlink { .. }
+        | Op::RmDir { .. }
+        | Op::Rename { .. }
+        | Op::Open { .. }
+        | Op::Create { .. }
+        | Op::OpenDir { .. }
+        | Op::StatFs
+        | Op::SetXattr { .. }
+        | Op::GetXattr { .. }
+        | Op::ListXattr { .. }
+        | Op::RemoveXattr { .. }
+        | Op::Renew
+        | Op::ReleaseLease
+        | Op::GetLk { .. }
+        | Op::SetLk { .. } => Vec::new(),
     }
 }
 
@@ -245,11 +272,13 @@ impl MountClient {
     /// The request with handle numbers of the current session.
     fn encode(&self, req: &Request) -> std::io::Result<Vec<u8>> {
         let mut req = req.clone();
-        if let Some(fh) = fh_of(&mut req.op) {
-            if let Some(h) = self.handles.lock().unwrap().get(fh) {
+        let handles = self.handles.lock().unwrap();
+        for fh in fhs_of(&mut req.op) {
+            if let Some(h) = handles.get(fh) {
                 *fh = h.current;
             }
         }
+        drop(handles);
         proto::encode(&req)
     }
 

@@ -8,9 +8,9 @@ use super::client::MountClient;
 use crate::fs::{Attr, Caller, FsError, Kind, SetAttr, SetTime, Timespec};
 use crate::proto::{Lock, Notice, Op, Reply, MAX_IO};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -278,6 +278,9 @@ impl Filesystem for VolumeFs {
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_POSIX_LOCKS
             | InitFlags::FUSE_FLOCK_LOCKS
+            // name_to_handle_at / open_by_handle_at: the kernel finds an inode by number with a
+            // lookup of "." in it (and a directory's parent with ".."); inode numbers are stable.
+            | InitFlags::FUSE_EXPORT_SUPPORT
             // mmap keeps working on descriptors opened with O_APPEND (direct I/O, see open_flags).
             | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
         // No FUSE_WRITEBACK_CACHE: with it the kernel trusts its own size and times of regular
@@ -432,6 +435,40 @@ impl Filesystem for VolumeFs {
                     inval.invalidate(ino.0);
                 }
             }
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn fallocate(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        self.send(req, Op::Fallocate { ino: ino.0, fh: fh.0, offset, length, mode }, empty_reply(reply));
+    }
+
+    fn lseek(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let Ok(offset) = u64::try_from(offset) else { return reply.error(Errno::ENXIO) };
+        self.send(req, Op::Lseek { ino: ino.0, fh: fh.0, offset, whence }, move |r| match r {
+            Ok(Reply::Offset(at)) => reply.offset(at as i64),
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let op = Op::CopyFileRange { ino_in: ino_in.0, fh_in: fh_in.0, offset_in, ino_out: ino_out.0, fh_out: fh_out.0, offset_out, len };
+        self.send(req, op, move |r| match r {
+            Ok(Reply::Written(n)) => reply.written(n),
             Ok(other) => reply.error(unexpected(other)),
             Err(e) => reply.error(errno(&e)),
         });

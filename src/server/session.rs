@@ -511,7 +511,19 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
     check_read_only(s, &req.op)?;
     let entry = |parent: Ino, name: &[u8]| Changed::Entries(vec![(parent, name.to_vec())]);
     Ok(match &req.op {
-        Op::Lookup { parent, name } => (Reply::Entry(s.grant(e.lookup(v, s.to_real(e, *parent)?, name, c)?)), Changed::Nothing),
+        Op::Lookup { parent, name } => {
+            let p = s.to_real(e, *parent)?;
+            let a = match name.as_slice() {
+                // How exportfs (open_by_handle_at, NFS re-export) reaches an inode by number
+                // ("." of it) and a directory's parent (".."): the answer passes the same scope
+                // check as any inode, and ".." of this mount's root is the root.
+                b"." => e.getattr(v, p)?,
+                b".." if p == s.root => e.getattr(v, p)?,
+                b".." => e.getattr(v, s.to_real(e, e.dir_parent(v, p)?)?)?,
+                _ => e.lookup(v, p, name, c)?,
+            };
+            (Reply::Entry(s.grant(a)), Changed::Nothing)
+        }
         Op::Forget { items } => {
             for (ino, n) in items {
                 let real = if *ino == ROOT_INO { s.root } else { *ino };
@@ -574,7 +586,8 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::Read { ino, fh, offset, size } => {
             let real = s.to_real(e, *ino)?;
             s.handle(*fh, real, false)?;
-            (Reply::Data(e.read(v, real, *offset, (*size).min(crate::proto::MAX_IO))?), Changed::Nothing)
+            // A read-only attachment leaves atime alone, as a read-only mount does.
+            (Reply::Data(e.read_as(v, real, *offset, (*size).min(crate::proto::MAX_IO), !s.read_only)?), Changed::Nothing)
         }
         Op::Write { ino, fh, offset, append, data } => {
             let real = s.to_real(e, *ino)?;
@@ -583,6 +596,24 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             let written = data.len() as u32;
             let reply = if *append { Reply::Appended { written, offset: at, attr: s.wire_attr(attr) } } else { Reply::Written(written) };
             (reply, Changed::Inode(real))
+        }
+        Op::Fallocate { ino, fh, offset, length, mode } => {
+            let real = s.to_real(e, *ino)?;
+            s.handle(*fh, real, true)?;
+            e.fallocate(v, real, *offset, *length, *mode, c)?;
+            (Reply::Empty, Changed::Inode(real))
+        }
+        Op::Lseek { ino, fh, offset, whence } => {
+            let real = s.to_real(e, *ino)?;
+            s.handle(*fh, real, false)?;
+            (Reply::Offset(e.lseek(v, real, *offset, *whence)?), Changed::Nothing)
+        }
+        Op::CopyFileRange { ino_in, fh_in, offset_in, ino_out, fh_out, offset_out, len } => {
+            let (src, dst) = (s.to_real(e, *ino_in)?, s.to_real(e, *ino_out)?);
+            s.handle(*fh_in, src, false)?;
+            s.handle(*fh_out, dst, true)?;
+            let (n, _) = e.copy_range(v, src, *offset_in, dst, *offset_out, *len, c)?;
+            (Reply::Written(n as u32), Changed::Inode(dst))
         }
         Op::Fsync { ino, fh: _, datasync } => {
             e.fsync(v, s.to_real(e, *ino)?, *datasync)?;
@@ -627,6 +658,9 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         }
         Op::ReadDir { ino, fh: _, cookie, plus, max_entries } => {
             let real = s.to_real(e, *ino)?;
+            if *cookie == 0 && !s.read_only {
+                e.accessed(v, real)?;
+            }
             let mut entries = e.readdir(v, real, *cookie, *max_entries, *plus)?;
             // Stop at a byte budget, before anything is counted as looked up: the reply must
             // fit one frame whatever the names' lengths (the guest asks again from the cookie).
