@@ -282,3 +282,20 @@ fn rename_whiteout_and_an_overlayfs_upper_layer() {
     sh(&format!("umount '{}'", merged.display()));
     assert!(gone, "the whiteout hides the lower file after a remount");
 }
+
+/// O_TMPFILE is refused with EOPNOTSUPP (fuser 0.18, the newest release, cannot receive
+/// FUSE_TMPFILE; see docs/semantics.md), which is the errno programs expect from a filesystem
+/// without it: Python's tempfile falls back to a named file and works.
+#[test]
+fn o_tmpfile_is_refused_cleanly_and_tempfile_falls_back() {
+    require_fuse!();
+    let s = Single::new();
+    let out = python(&format!(
+        "import os, errno, tempfile\ntry:\n    os.open('{m}', os.O_TMPFILE | os.O_RDWR, 0o600)\n    print('opened')\n\
+         except OSError as e:\n    print(e.errno == errno.EOPNOTSUPP)\n\
+         with tempfile.TemporaryFile(dir='{m}') as f:\n    f.write(b'temp'); f.seek(0); print(f.read().decode())\n\
+         print(len(os.listdir('{m}')))",
+        m = s.mnt.display()
+    ));
+    assert_eq!(out, "True\ntemp\n0\n", "EOPNOTSUPP, then a working fallback");
+}
