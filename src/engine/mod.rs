@@ -7,11 +7,13 @@
 //!
 //! Invariants:
 //! - A directory's `nlink` is 2 plus its number of subdirectories; the root has no dentry.
-//! - A volume's `used` is the sum of the sizes of its regular files (including files unlinked
-//!   while still open), of its symlink targets and of its xattr names and values; it never
-//!   exceeds `cap` (a write, truncate, symlink or setxattr that would pass it fails with
-//!   `EDQUOT` and changes nothing). Inodes are bounded by [`max_inodes`]. Sparse files count at their apparent size, which keeps the
-//!   number exact and predictable whatever the host filesystem does with holes.
+//! - A volume's `used` is the sum of the bytes its regular files store (including files
+//!   unlinked while still open), of its symlink targets and of its xattr names and values; it
+//!   never exceeds `cap` (a write, fallocate, copy, symlink or setxattr that would pass it fails
+//!   with `EDQUOT` and changes nothing). A file stores the byte ranges its writes and
+//!   preallocations cover (kept in the metadata store, merged, so `Attr::alloc` and `used` are
+//!   exact whatever the host filesystem does with holes); holes are free. Inodes are bounded by
+//!   [`max_inodes`].
 //! - An inode whose last name is removed while it is open stays (with `nlink == 0`) until the last
 //!   handle is released; orphans left by a server stop can be reopened after the restart and are
 //!   reclaimed when [`Engine::reclaim_orphans`] finds them unheld (the server calls it once the
