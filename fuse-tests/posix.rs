@@ -299,3 +299,29 @@ fn o_tmpfile_is_refused_cleanly_and_tempfile_falls_back() {
     ));
     assert_eq!(out, "True\ntemp\n0\n", "EOPNOTSUPP, then a working fallback");
 }
+
+/// A guest answers "no such xattr" itself for inodes the host said have none (every `ls -l`
+/// asks for `security.selinux`), and an xattr set or removed in another sandbox is seen at
+/// once all the same: the host's push drops what the guest remembered.
+#[test]
+fn absent_xattrs_are_answered_in_the_guest_and_stay_coherent() {
+    require_fuse!();
+    let p = Pair::new("64MiB");
+    write(&p.ma.join("f"), b"x");
+    let (a, b) = (p.ma.join("f"), p.mb.join("f"));
+    for _ in 0..3 {
+        assert_errno("absent, asked again and again", getxattr(&a, "security.selinux"), libc::ENODATA);
+    }
+    assert_eq!(listxattr(&a).unwrap(), Vec::<String>::new());
+    setxattr(&b, "user.k", b"from b", 0).unwrap();
+    let seen = eventually(Duration::from_millis(900), || getxattr(&a, "user.k").ok().as_deref() == Some(&b"from b"[..]));
+    assert!(seen.is_some(), "sandbox a sees b's xattr within the attribute TTL");
+    assert_eq!(listxattr(&a).unwrap(), ["user.k"]);
+    removexattr(&b, "user.k").unwrap();
+    let gone =
+        eventually(Duration::from_millis(900), || getxattr(&a, "user.k").err().and_then(|e| e.raw_os_error()) == Some(libc::ENODATA));
+    assert!(gone.is_some(), "and its removal");
+    // Its own changes, at once.
+    setxattr(&a, "user.own", b"1", 0).unwrap();
+    assert_eq!(getxattr(&a, "user.own").unwrap(), b"1");
+}

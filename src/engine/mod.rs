@@ -293,6 +293,7 @@ impl Engine {
                     gid: 0,
                     size: 0,
                     alloc: 0,
+                    xattrs: false,
                     atime: now,
                     mtime: now,
                     ctime: now,
@@ -643,6 +644,7 @@ impl Engine {
                 gid,
                 size: target.map_or(0, |t| t.len() as u64),
                 alloc: 0,
+                xattrs: false,
                 atime: now,
                 mtime: now,
                 ctime: now,
@@ -941,6 +943,7 @@ impl Engine {
                     gid: c.gid,
                     size: 0,
                     alloc: 0,
+                    xattrs: false,
                     atime: now,
                     mtime: now,
                     ctime: now,
@@ -1388,6 +1391,7 @@ impl Engine {
             let before = old.map_or(0, |(n, l)| n.len() + l);
             Self::charge(t, vol, before as u64, (name.len() + value.len()) as u64)?;
             t.set_xattr(vol, ino, name, value)?;
+            a.xattrs = true;
             a.ctime = Timespec::now();
             log.push(Event::Modify { node: a.kind, ino });
             t.put_inode(vol, &a)
@@ -1422,9 +1426,11 @@ impl Engine {
         self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             Self::xattr_access(&a, name, c, true)?;
-            if let Some((n, l)) = t.list_xattrs(vol, ino)?.iter().find(|(n, _)| n == name) {
+            let all = t.list_xattrs(vol, ino)?;
+            if let Some((n, l)) = all.iter().find(|(n, _)| n == name) {
                 Self::charge(t, vol, (n.len() + l) as u64, 0)?;
             }
+            a.xattrs = all.iter().any(|(n, _)| n != name);
             if !t.remove_xattr(vol, ino, name)? {
                 return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
             }
