@@ -107,6 +107,8 @@ pub struct MountClient {
     pending: Mutex<BTreeMap<u64, Pending>>,
     handles: Mutex<std::collections::HashMap<u64, OpenHandle>>,
     next_id: AtomicU64,
+    /// Connections made after the first (a push sent while none was up is lost).
+    links: AtomicU64,
     next_seq: AtomicU64,
     closing: AtomicBool,
     /// Set while the mount is paused (hibernation): requests queue and wait.
@@ -170,6 +172,7 @@ impl MountClient {
             pending: Mutex::new(BTreeMap::new()),
             handles: Mutex::new(std::collections::HashMap::new()),
             next_id: AtomicU64::new(1),
+            links: AtomicU64::new(0),
             next_seq: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             paused: Mutex::new(false),
@@ -247,6 +250,12 @@ impl MountClient {
         }
         self.resume();
         Ok(())
+    }
+
+    /// Counts reconnections: cache knowledge gathered before the current connection may have
+    /// missed a push (see the guest's page-cache rule in `fuse.rs`).
+    pub fn link_generation(&self) -> u64 {
+        self.links.load(Ordering::SeqCst)
     }
 
     pub fn granted(&self) -> Granted {
@@ -510,6 +519,7 @@ impl MountClient {
                         continue;
                     }
                     link.writer = Some(stream);
+                    self.links.fetch_add(1, Ordering::SeqCst);
                     // Resend under the link lock so that no new request overtakes an old one.
                     let frames: Vec<Vec<u8>> = self.pending.lock().unwrap().values().filter_map(|p| self.encode(&p.req).ok()).collect();
                     if let Some(w) = link.writer.as_mut() {
