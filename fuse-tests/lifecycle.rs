@@ -512,6 +512,72 @@ fn runtime_attach_and_detach() {
     drop(app);
 }
 
+/// Issue #13: a plain `umount` inside the guest. The agent notices the FUSE session end,
+/// reports the attachment `released` ("unmounted in the guest"), and the path can be attached
+/// again (same record) or detached, with or without `--force`.
+#[test]
+fn umount_in_the_guest_releases_the_attachment_and_it_can_be_attached_again() {
+    require_fuse!();
+    let c = Cluster::new();
+    c.create_volume("vol", Some("64MiB"));
+    let sock = c.sandbox("sb");
+    let mnt = c.path("mnt");
+    let other = c.path("other");
+    c.attach("sb", "vol", &mnt, &[]);
+    c.attach("sb", "vol", &other, &[]);
+    let agent = c.start_agent(&sock, &[&mnt, &other]);
+    expect_state(&c, "agent start", "sb", &mnt, "mounted");
+    write(&mnt.join("kept.txt"), b"written before the umount\n");
+    let id = record(&c, "sb", &mnt).unwrap()["id"].clone();
+
+    sh(&format!("umount {}", mnt.display()));
+    assert!(!is_mounted(&mnt), "{} still mounted after umount", mnt.display());
+    let ((_, reason), took) = wait_state(&c, "umount in the guest", "sb", &mnt, "released", Duration::from_secs(20));
+    assert!(reason.contains("unmounted in the guest"), "reason after a guest umount: {reason:?}");
+    eprintln!("guest umount reported after {took:?}");
+    // The other mount of the same volume is untouched.
+    expect_state(&c, "umount of the other path", "sb", &other, "mounted");
+    assert_eq!(read(&other.join("kept.txt")), b"written before the umount\n");
+
+    // Attach again at the same path: mounted now, under the same record, data intact.
+    let out = cli_ok(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap(), "--json"], T);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["state"], "mounted", "attach again --json: {out}\nagent log:\n{}", agent.log());
+    assert_eq!(v["id"], id, "attach again should reuse the record: {out}");
+    assert!(is_mounted(&mnt), "attach again returned but {} is not mounted", mnt.display());
+    assert_eq!(attachments(&c, "sb").len(), 2, "{:?}", attachments(&c, "sb"));
+    assert_eq!(read(&mnt.join("kept.txt")), b"written before the umount\n");
+    write(&mnt.join("again.txt"), b"after the second attach");
+    assert_eq!(read(&other.join("again.txt")), b"after the second attach");
+    // Attaching again while it is mounted is still refused.
+    cli_err(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap()], T);
+    // A different volume at the released path is refused too (detach first).
+    sh(&format!("umount {}", mnt.display()));
+    wait_state(&c, "second umount in the guest", "sb", &mnt, "released", Duration::from_secs(20));
+    c.create_volume("vol2", Some("16MiB"));
+    let (_, err) = cli_err(&c, &["attach", "sb", "vol2", "--at", mnt.to_str().unwrap()], T);
+    assert!(err.contains("already has a volume"), "attach of another volume at a released path: {err}");
+
+    // detach --force of an attachment unmounted in the guest: works, record gone.
+    cli_ok(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap()], T);
+    expect_state(&c, "third attach", "sb", &mnt, "mounted");
+    // Detach right after the umount, before the agent may have noticed: must work either way.
+    sh(&format!("umount {}", mnt.display()));
+    cli_ok(&c, &["detach", "sb", "--at", mnt.to_str().unwrap(), "--force"], T);
+    assert!(record(&c, "sb", &mnt).is_none(), "record still listed after detach --force");
+    assert!(!is_mounted(&mnt));
+    // And a fresh attach there mounts, then a detach --force of a live mount unmounts it.
+    cli_ok(&c, &["attach", "sb", "vol2", "--at", mnt.to_str().unwrap()], T);
+    expect_state(&c, "fresh attach after detach", "sb", &mnt, "mounted");
+    assert!(is_mounted(&mnt));
+    write(&mnt.join("v2.txt"), b"vol2");
+    cli_ok(&c, &["detach", "sb", "--at", mnt.to_str().unwrap(), "--force"], T);
+    assert!(!is_mounted(&mnt), "{} still mounted after detach --force", mnt.display());
+    assert!(record(&c, "sb", &mnt).is_none());
+    expect_state(&c, "after everything", "sb", &other, "mounted");
+    agent.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Hibernate, resume and a storm of connection resets under a streaming writer
 // ---------------------------------------------------------------------------------------------

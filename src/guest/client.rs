@@ -359,6 +359,48 @@ impl MountClient {
             *self.hibernated.lock().unwrap() = true;
             let _ = self.release_lease(Duration::from_secs(2));
         }
+        self.shut_down();
+    }
+
+    /// The mount is gone from the guest's kernel (a plain `umount` inside the guest): tells the
+    /// host, which ends the session and records the attachment as released "unmounted in the
+    /// guest", then stops for good. A hibernated mount reconnects first (the host must hear it
+    /// on this session); a host not reachable within `timeout` is not told (its lease then
+    /// expires). Returns whether the host acknowledged.
+    pub fn unmounted(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        *self.hibernated.lock().unwrap() = false;
+        self.woken.notify_all();
+        while !self.connected() && self.dead.lock().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut told = false;
+        if self.connected() {
+            // Hold the reader back from reconnecting when the server closes after answering.
+            *self.hibernated.lock().unwrap() = true;
+            let (tx, rx) = mpsc::channel();
+            self.send_now(
+                Caller::root(),
+                Op::Unmounted,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            match rx.recv_timeout(left) {
+                Ok(Ok(_)) => told = true,
+                Ok(Err(e)) => tracing::warn!("mount at {}: the host did not take the unmount: {e}", self.path),
+                Err(_) => tracing::warn!("mount at {}: no answer from the host to the unmount within {left:?}", self.path),
+            }
+        } else {
+            tracing::warn!("mount at {}: host unreachable for {timeout:?}; the unmount is not reported", self.path);
+        }
+        self.shut_down();
+        told
+    }
+
+    /// No reconnect from now on; pending and later requests fail.
+    fn shut_down(&self) {
         self.closing.store(true, Ordering::SeqCst);
         // A lazily detached mount keeps serving open files: they now fail at once, as on a
         // dead FUSE mount, instead of waiting for a connection that will not come back.
