@@ -1366,3 +1366,63 @@ fn open_files_survive_a_server_restart() {
     write(&s.p("after"), b"after the restart");
     assert_eq!(read(&s.p("after")), b"after the restart");
 }
+
+/// SIGCONTs a process on drop: a frozen agent must run again before the cluster cleans up, or
+/// the cleanup waits on its mount.
+struct Frozen(libc::pid_t);
+
+impl Frozen {
+    fn stop(pid: libc::pid_t) -> Frozen {
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "kill -STOP {pid}");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+#[test]
+fn server_restarts_promptly_while_an_agent_is_frozen() {
+    // A host-side agent stopped with SIGSTOP (a paused VM does the same to its mounts) must not
+    // hold up a server restart: the new server answers at once, and the agent reconnects with
+    // its files intact when it runs again. (The server never touches a mount. What once made a
+    // restart wait for the agent was a descriptor on the mount held by the test process itself:
+    // the spawned server closes its inherited copy at exec, and that close is a FUSE FLUSH
+    // the frozen agent cannot answer. Hence the holder process here.)
+    require_fuse!();
+    let mut c = Cluster::new();
+    c.create_volume("vol", Some("64MiB"));
+    let sock = c.sandbox("sb");
+    let mnt = c.path("mnt");
+    c.attach("sb", "vol", &mnt, &[]);
+    let agent = c.start_agent(&sock, &[&mnt]);
+    let data = pattern(MIB as usize + 17, 9);
+    write(&mnt.join("before.bin"), &data);
+    File::open(mnt.join("before.bin")).unwrap().sync_all().unwrap();
+    // Another process holds a file open on the mount across the restart (a descriptor held
+    // by this test process would be closed in every child it spawns, with a FLUSH that waits
+    // for the frozen agent: see [`App`]).
+    let mut holder = Command::new("sleep").arg("300").stdin(File::open(mnt.join("before.bin")).unwrap()).spawn().unwrap();
+    let frozen = Frozen::stop(agent_pid(&sock));
+    let start = Instant::now();
+    c.restart_server();
+
+    let up = start.elapsed();
+    let out = run_cli(&c, &["volume", "list", "--json"], Duration::from_secs(10));
+    let answered = start.elapsed();
+    assert!(out.as_ref().is_some_and(|o| o.status.success()), "the new server did not answer `volume list` within 10 s: {out:?}");
+    eprintln!("restart with a frozen agent: server up after {up:?}, answered after {answered:?}");
+    assert!(up < Duration::from_secs(10), "the server took {up:?} to start while an agent was frozen\n{}", c.server_log());
+    drop(frozen);
+    let ((_, _), took) = wait_state(&c, "agent thawed after the restart", "sb", &mnt, "mounted", Duration::from_secs(30));
+    eprintln!("thawed agent mounted again after {took:?}");
+    assert_bytes_eq("before.bin after the restart", &read(&mnt.join("before.bin")), &data);
+    write(&mnt.join("after.txt"), b"after the thaw");
+    assert_eq!(read(&mnt.join("after.txt")), b"after the thaw");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    agent.stop();
+}
