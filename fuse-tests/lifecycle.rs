@@ -1426,3 +1426,46 @@ fn server_restarts_promptly_while_an_agent_is_frozen() {
     let _ = holder.wait();
     agent.stop();
 }
+
+#[test]
+fn a_busy_host_is_asked_again_with_backoff() {
+    // The server answers a mount hello with EAGAIN while the sandbox is at its limit of mount
+    // sessions (256). The agent must keep asking (bounded backoff with jitter) and mount once
+    // sessions free up, instead of failing the mount.
+    require_fuse!();
+    let c = Cluster::with_server_args(&["--lease-ttl", "3"]);
+    c.create_volume("vol", Some("64MiB"));
+    let sock = c.sandbox("sb");
+    let mnt = c.path("mnt");
+    c.attach("sb", "vol", &mnt, &[]);
+    write_through_api(&c);
+    // Fill the sandbox's session table with sessions whose guests vanish: they lapse after the
+    // lease TTL.
+    let path = mnt.to_str().unwrap().to_string();
+    let mut n = 0;
+    loop {
+        let mut raw = Raw::connect(&sock);
+        match raw.hello(Role::Mount { path: path.clone(), resume: None }) {
+            Welcome::Mount { .. } => n += 1,
+            Welcome::Refused(e) if e.errno == libc::EAGAIN => break,
+            other => panic!("mount hello {n}: {other:?}"),
+        }
+        assert!(n <= 4096, "no session limit was hit");
+    }
+    let full = Instant::now();
+    eprintln!("sandbox at its session limit after {n} sessions");
+    let agent = c.start_agent(&sock, &[&mnt]);
+    let took = full.elapsed();
+    eprintln!("agent mounted {took:?} after the limit was hit");
+    expect_state(&c, "agent start on a busy host", "sb", &mnt, "mounted");
+    assert_eq!(read(&mnt.join("hello.txt")), b"through the API\n");
+    write(&mnt.join("after.txt"), b"mounted after backoff");
+    assert_eq!(read(&mnt.join("after.txt")), b"mounted after backoff");
+    agent.stop();
+}
+
+fn write_through_api(c: &Cluster) {
+    let src = c.path("hello-src.txt");
+    fs::write(&src, b"through the API\n").unwrap();
+    cli_ok(c, &["volume", "write", "vol", "/hello.txt", "--from", src.to_str().unwrap()], T);
+}

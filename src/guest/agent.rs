@@ -10,7 +10,7 @@
 //! vsock port 1025 (the host reaches it through its hybrid-vsock socket); on an ordinary host it
 //! is the unix socket `agent.sock` next to the sandbox's guest socket.
 
-use super::client::{control_hello, MountClient};
+use super::client::{control_hello, Backoff, MountClient, BUSY_FIRST, BUSY_MAX};
 use super::fuse::{Invalidator, VolumeFs};
 use crate::fs::FsError;
 use crate::proto::{self, AgentCommand, AgentReply, AttachmentSpec, MountStatus};
@@ -495,9 +495,10 @@ pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration) 
     }
 }
 
-/// The host may not be listening yet when a VM boots: retry for a while.
+/// The host may not be listening yet when a VM boots, or be busy: retry for a while.
 fn connect_with_retry(server: &Endpoint) -> Result<(String, Vec<AttachmentSpec>), String> {
     let mut delay = Duration::from_millis(20);
+    let mut busy = Backoff::new(BUSY_FIRST, BUSY_MAX);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         match control_hello(server) {
@@ -505,6 +506,12 @@ fn connect_with_retry(server: &Endpoint) -> Result<(String, Vec<AttachmentSpec>)
             Err(e) if e.errno == libc::ENOTCONN && std::time::Instant::now() < deadline && !STOP.load(Ordering::SeqCst) => {
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            // A busy host said "not now": ask again, with jitter, within the same deadline.
+            Err(e) if e.errno == libc::EAGAIN && std::time::Instant::now() < deadline && !STOP.load(Ordering::SeqCst) => {
+                let d = busy.next_delay();
+                tracing::info!("host busy ({}); asking again in {d:?}", e.msg);
+                std::thread::sleep(d);
             }
             Err(e) => return Err(format!("cannot reach the host at {server}: {e}")),
         }
