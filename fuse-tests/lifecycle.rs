@@ -1469,3 +1469,50 @@ fn write_through_api(c: &Cluster) {
     fs::write(&src, b"through the API\n").unwrap();
     cli_ok(c, &["volume", "write", "vol", "/hello.txt", "--from", src.to_str().unwrap()], T);
 }
+
+#[test]
+fn fork_with_the_child_agent_on_the_same_host_under_a_mount_root() {
+    // A forked sandbox's agent on the parent's host (not in a VM, not in its own namespace):
+    // the attachments keep their paths, `--mount-root` puts the child's mounts under a
+    // directory of its own so they do not collide with the parent's.
+    require_fuse!();
+    let c = Cluster::new();
+    c.create_volume("vol", Some("64MiB"));
+    let s1 = c.sandbox("sb1");
+    let mnt = c.path("work");
+    c.attach("sb1", "vol", &mnt, &[]);
+    let parent = c.start_agent(&s1, &[&mnt]);
+    write(&mnt.join("from-parent.txt"), b"parent data");
+
+    let out = cli_ok(&c, &["sandbox", "fork", "sb1", "sb2", "--json"], T);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let s2 = PathBuf::from(v["guest_socket"].as_str().unwrap_or_else(|| panic!("no guest_socket: {out}")));
+    expect_state(&c, "fork sb1 -> sb2 (child)", "sb2", &mnt, "released");
+
+    let root = c.path("child-root");
+    let cm = root.join(mnt.strip_prefix("/").unwrap());
+    let child = c.start_agent_with(&s2, &[&cm], &["--mount-root", root.to_str().unwrap()]);
+    expect_state(&c, "same-host child agent start", "sb2", &mnt, "mounted");
+    expect_state(&c, "same-host child agent start (parent)", "sb1", &mnt, "mounted");
+    assert!(is_mounted(&mnt) && is_mounted(&cm), "both mounts should be live");
+    assert_eq!(read(&cm.join("from-parent.txt")), b"parent data");
+    write(&cm.join("from-child.txt"), b"child data");
+    assert_eq!(read(&mnt.join("from-child.txt")), b"child data");
+
+    // Runtime commands name the attachment's path; the child acts on its own mount only.
+    let extra = c.path("extra");
+    cli_ok(&c, &["attach", "sb2", "vol", "--at", extra.to_str().unwrap()], T);
+    let cextra = root.join(extra.strip_prefix("/").unwrap());
+    expect_state(&c, "runtime attach in the child", "sb2", &extra, "mounted");
+    assert!(is_mounted(&cextra) && !is_mounted(&extra), "the child's runtime attach belongs under its mount root");
+    assert_eq!(read(&cextra.join("from-child.txt")), b"child data");
+    cli_ok(&c, &["detach", "sb2", "--at", extra.to_str().unwrap()], T);
+    assert!(!is_mounted(&cextra));
+    // A guest umount in the child is reported for the child only.
+    sh(&format!("umount {}", cm.display()));
+    wait_state(&c, "umount in the child", "sb2", &mnt, "released", Duration::from_secs(20));
+    expect_state(&c, "umount in the child (parent)", "sb1", &mnt, "mounted");
+    assert_eq!(read(&mnt.join("from-child.txt")), b"child data");
+    child.stop();
+    parent.stop();
+}

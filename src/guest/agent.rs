@@ -37,22 +37,34 @@ pub struct Mount {
     session: Option<fuser::BackgroundSession>,
     /// Tells this mount from a later one at the same path.
     pub id: u64,
+    /// Where it is mounted here: the attachment's path, under the agent's `--mount-root`.
+    pub local: PathBuf,
+}
+
+/// Where the attachment at `path` is mounted: `path` itself, or `path` under `root` (an agent
+/// run next to another on one host, such as a forked sandbox's beside its parent's).
+pub fn local_path(root: Option<&Path>, path: &str) -> PathBuf {
+    match root {
+        Some(r) => r.join(path.trim_start_matches('/')),
+        None => PathBuf::from(path),
+    }
 }
 
 /// Numbers mounts, so that the end of an old session is never taken for a newer mount's.
 static NEXT_MOUNT: AtomicU64 = AtomicU64::new(1);
 
 impl Mount {
-    /// Connects to the host for `spec` and mounts it at `spec.path`. `on_end` runs with the
-    /// mount's id when its FUSE session ends, whoever ends it.
+    /// Connects to the host for `spec` and mounts it at `spec.path` (under `root`, if given).
+    /// `on_end` runs with the mount's id when its FUSE session ends, whoever ends it.
     pub fn start(
         endpoint: &Endpoint,
         spec: &AttachmentSpec,
+        root: Option<&Path>,
         host_timeout: Duration,
         on_end: impl FnOnce(u64) + Send + 'static,
     ) -> Result<Mount, String> {
         let id = NEXT_MOUNT.fetch_add(1, Ordering::Relaxed);
-        let path = PathBuf::from(&spec.path);
+        let path = local_path(root, &spec.path);
         std::fs::create_dir_all(&path).map_err(|e| format!("cannot create mount point {}: {e}", path.display()))?;
         if is_mountpoint(&path) {
             return Err(format!("{} is already a mount point", path.display()));
@@ -80,7 +92,7 @@ impl Mount {
         invalidator.start(session.notifier(), &client);
         let session = session.spawn().map_err(|e| format!("cannot start FUSE session for {}: {e}", path.display()))?;
         raise_readahead(&path);
-        Ok(Mount { spec: spec.clone(), client, session: Some(session), id })
+        Ok(Mount { spec: spec.clone(), client, session: Some(session), id, local: path })
     }
 
     /// Whether the FUSE session has ended (the kernel unmounted it: `umount` in the guest).
@@ -107,7 +119,7 @@ impl Mount {
     /// host that stays unreachable for [`STOP_GRACE`] is given up on (requests fail with EIO).
     pub fn stop(mut self) {
         self.client.stopping(STOP_GRACE);
-        let path = PathBuf::from(&self.spec.path);
+        let path = self.local.clone();
         if !self.ended() {
             syncfs(&path);
         }
@@ -170,6 +182,8 @@ pub struct Agent {
     server: Endpoint,
     /// See [`MountClient`]: how long a request waits for an unreachable host.
     host_timeout: Duration,
+    /// `--mount-root`: attachments are mounted at their path under it.
+    mount_root: Option<PathBuf>,
     mounts: Mutex<BTreeMap<String, Mount>>,
     hibernated: Mutex<bool>,
     /// Where FUSE sessions report their end: (path, mount id).
@@ -208,8 +222,9 @@ impl Agent {
         let on_end = move |id| {
             let _ = ended.send((path, id));
         };
-        let m = Mount::start(&self.server, spec, self.host_timeout, on_end).map_err(|e| FsError::new(libc::EIO, e))?;
-        tracing::info!(path = %spec.path, volume = %spec.volume, read_only = spec.read_only, "mounted");
+        let m = Mount::start(&self.server, spec, self.mount_root.as_deref(), self.host_timeout, on_end)
+            .map_err(|e| FsError::new(libc::EIO, e))?;
+        tracing::info!(path = %spec.path, at = %m.local.display(), volume = %spec.volume, read_only = spec.read_only, "mounted");
         mounts.insert(spec.path.clone(), m);
         Ok(())
     }
@@ -239,7 +254,7 @@ impl Agent {
             tracing::info!(path, "detached (it had been unmounted in the guest)");
             return Ok(());
         }
-        let p = PathBuf::from(path);
+        let p = m.local.clone();
         syncfs(&p);
         let c = cpath(&p);
         // SAFETY: umount2 with a NUL-terminated path.
@@ -286,9 +301,9 @@ impl Agent {
             return Ok(());
         }
         let mounts = self.mounts.lock().unwrap();
-        for (path, m) in mounts.iter() {
+        for m in mounts.values() {
             if !m.spec.read_only {
-                syncfs(Path::new(path));
+                syncfs(&m.local);
             }
             m.client.hibernate(LIFECYCLE_TIMEOUT)?;
         }
@@ -411,7 +426,7 @@ fn serve_control(agent: Arc<Agent>, listener: Listener) {
 
 /// `volumefs-guest agent`: mounts the sandbox's attachments, takes commands, serves until
 /// SIGTERM or a shutdown command.
-pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration) -> Result<(), String> {
+pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration, mount_root: Option<PathBuf>) -> Result<(), String> {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
@@ -422,6 +437,7 @@ pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration) 
     let agent = Arc::new(Agent {
         server: server.clone(),
         host_timeout,
+        mount_root,
         mounts: Mutex::new(BTreeMap::new()),
         hibernated: Mutex::new(false),
         ended: Mutex::new(ended),
