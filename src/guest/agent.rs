@@ -259,14 +259,15 @@ impl Agent {
         let c = cpath(&p);
         // SAFETY: umount2 with a NUL-terminated path.
         let rc = unsafe { libc::umount2(c.as_ptr(), if force { libc::MNT_DETACH } else { 0 }) };
-        if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) && m.ended() {
-            // Unmounted in the guest between the check above and now.
+        let e = std::io::Error::last_os_error();
+        if rc != 0 && e.raw_os_error() == Some(libc::EINVAL) && !is_mountpoint(&p) {
+            // Unmounted in the guest between the check above and now (the session thread may
+            // not have seen it yet).
             m.stop();
             tracing::info!(path, "detached (it had been unmounted in the guest)");
             return Ok(());
         }
         if rc != 0 {
-            let e = std::io::Error::last_os_error();
             self.mounts.lock().unwrap().insert(path.to_string(), m);
             return Err(FsError::new(
                 e.raw_os_error().unwrap_or(libc::EBUSY),
