@@ -575,6 +575,42 @@ fn umount_in_the_guest_releases_the_attachment_and_it_can_be_attached_again() {
     assert!(!is_mounted(&mnt), "{} still mounted after detach --force", mnt.display());
     assert!(record(&c, "sb", &mnt).is_none());
     expect_state(&c, "after everything", "sb", &other, "mounted");
+
+    // An umount while the sandbox is hibernated: like every access it waits (the kernel's
+    // forgets at unmount are held with the rest), and is reported once the sandbox resumes.
+    cli_ok(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap()], T);
+    expect_state(&c, "attach before hibernation", "sb", &mnt, "mounted");
+    cli_ok(&c, &["sandbox", "hibernate", "sb"], T);
+    expect_state(&c, "hibernate", "sb", &mnt, "released");
+    // umount(2) itself, not umount(8), which stats the path first (and would wait too).
+    let out = Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "20",
+            "python3",
+            "-c",
+            "import ctypes,os,sys; l=ctypes.CDLL(None, use_errno=True); r=l.umount2(sys.argv[1].encode(), 0); \
+             sys.exit(0 if r == 0 else os.strerror(ctypes.get_errno()))",
+            mnt.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "umount while hibernated: {out:?}");
+    assert!(!is_mounted(&mnt));
+    cli_ok(&c, &["sandbox", "resume", "sb"], T);
+    expect_state(&c, "resume", "sb", &other, "mounted");
+    let mut last = (String::new(), String::new());
+    let took = eventually(Duration::from_secs(20), || {
+        last = state(&c, "sb", &mnt);
+        last.0 == "released" && last.1.contains("unmounted in the guest")
+    });
+    assert!(took.is_some(), "umount while hibernated not reported after the resume: {last:?}\nserver log:\n{}", c.server_log());
+    transition("resume after an umount while hibernated", "sb", &mnt, &last);
+    assert_eq!(read(&other.join("again.txt")), b"after the second attach");
+    cli_ok(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap()], T);
+    expect_state(&c, "attach after resume", "sb", &mnt, "mounted");
+    assert_eq!(read(&mnt.join("again.txt")), b"after the second attach");
     agent.stop();
 }
 
