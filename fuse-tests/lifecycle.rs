@@ -1552,3 +1552,41 @@ fn fork_with_the_child_agent_on_the_same_host_under_a_mount_root() {
     child.stop();
     parent.stop();
 }
+
+#[test]
+fn an_unmounted_report_ends_only_its_own_session() {
+    // `Op::Unmounted` from a raw guest: the host answers, closes that connection, records the
+    // attachment released, and drops the session (a resume naming it gets a fresh one). Another
+    // attachment's session of the same sandbox keeps working.
+    require_fuse!();
+    let c = Cluster::new();
+    c.create_volume("vol", Some("16MiB"));
+    let sock = c.sandbox("sb");
+    let (pa, pb) = (c.path("a"), c.path("b"));
+    c.attach("sb", "vol", &pa, &[]);
+    c.attach("sb", "vol", &pb, &[]);
+    let (sa, sb) = (pa.to_str().unwrap(), pb.to_str().unwrap());
+    let mut a = Wire::open(&sock, sa, None);
+    let mut b = Wire::open(&sock, sb, None);
+    a.call(1, Op::MkDir { parent: 1, name: name("made-by-a"), mode: 0o755, umask: 0 }).expect("mkdir through a");
+    expect_state(&c, "two raw sessions", "sb", &pa, "mounted");
+    assert_eq!(a.call(2, Op::Unmounted), Ok(Reply::Empty));
+    // The host closes the connection after answering.
+    a.raw.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    match proto::read_frame::<ServerMsg>(&mut a.raw.s) {
+        Ok(None) => {}
+        Err(e) if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::TimedOut => {}
+        other => panic!("the connection should be closed after Unmounted: {other:?}"),
+    }
+    let (st, reason) = expect_state(&c, "Unmounted from a raw guest", "sb", &pa, "released");
+    assert!(reason.contains("unmounted in the guest"), "{st} {reason:?}");
+    expect_state(&c, "Unmounted from a raw guest (other attachment)", "sb", &pb, "mounted");
+    assert!(root_names(&mut b).contains(&"made-by-a".to_string()), "the other session still serves");
+    // The ended session is gone: naming it again gives a fresh session.
+    let old = a.session;
+    let again = Wire::open(&sock, sa, Some(old));
+    assert_ne!(again.session, old, "a resume of an ended session must not get it back");
+    expect_state(&c, "new session after Unmounted", "sb", &pa, "mounted");
+    again.close();
+    b.close();
+}
