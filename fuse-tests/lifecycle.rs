@@ -1420,6 +1420,16 @@ impl Drop for Frozen {
     }
 }
 
+/// A process holding a descriptor; killed (by its pid) and reaped on drop, panics included.
+struct Holder(Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn server_restarts_promptly_while_an_agent_is_frozen() {
     // A host-side agent stopped with SIGSTOP (a paused VM does the same to its mounts) must not
@@ -1441,7 +1451,7 @@ fn server_restarts_promptly_while_an_agent_is_frozen() {
     // Another process holds a file open on the mount across the restart (a descriptor held
     // by this test process would be closed in every child it spawns, with a FLUSH that waits
     // for the frozen agent: see [`App`]).
-    let mut holder = Command::new("sleep").arg("300").stdin(File::open(mnt.join("before.bin")).unwrap()).spawn().unwrap();
+    let holder = Holder(Command::new("sleep").arg("300").stdin(File::open(mnt.join("before.bin")).unwrap()).spawn().unwrap());
     let frozen = Frozen::stop(agent_pid(&sock));
     let start = Instant::now();
     c.restart_server();
@@ -1458,8 +1468,7 @@ fn server_restarts_promptly_while_an_agent_is_frozen() {
     assert_bytes_eq("before.bin after the restart", &read(&mnt.join("before.bin")), &data);
     write(&mnt.join("after.txt"), b"after the thaw");
     assert_eq!(read(&mnt.join("after.txt")), b"after the thaw");
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     agent.stop();
 }
 
