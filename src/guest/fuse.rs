@@ -31,11 +31,33 @@ pub struct VolumeFs {
     /// Inodes on which a lock was ever taken through this mount: only their closes need to
     /// reach the host (to drop POSIX locks); every other close is answered here.
     locked: Arc<Mutex<std::collections::HashSet<u64>>>,
+    /// Runs when the FUSE session ends, whoever ended it (see [`VolumeFs::on_end`]).
+    on_end: OnEnd,
+}
+
+/// Runs its callback once, when dropped: the session's filesystem is dropped when the session
+/// loop ends, be it an unmount by the agent, an `umount` inside the guest, or a failure.
+#[derive(Default)]
+struct OnEnd(Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            f();
+        }
+    }
 }
 
 impl VolumeFs {
     pub fn new(client: Arc<MountClient>, invalidator: Arc<Invalidator>) -> VolumeFs {
-        VolumeFs { client, invalidator, locked: Arc::default() }
+        VolumeFs { client, invalidator, locked: Arc::default(), on_end: OnEnd::default() }
+    }
+
+    /// `f` runs (on the session's thread) when the FUSE session has ended: the kernel no longer
+    /// sends this mount anything.
+    pub fn on_end(mut self, f: impl FnOnce() + Send + 'static) -> VolumeFs {
+        self.on_end = OnEnd(Mutex::new(Some(Box::new(f))));
+        self
     }
 
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
