@@ -386,6 +386,9 @@ impl Op {
             | Op::Create { .. }
             | Op::Read { .. }
             | Op::Write { .. }
+            | Op::Fallocate { .. }
+            | Op::Lseek { .. }
+            | Op::CopyFileRange { .. }
             | Op::Fsync { .. }
             | Op::Release { .. }
             | Op::OpenDir { .. }

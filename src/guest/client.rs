@@ -79,6 +79,7 @@ fn fhs_of(op: &mut Op) -> Vec<&mut u64> {
         | Op::RemoveXattr { .. }
         | Op::Renew
         | Op::ReleaseLease
+        | Op::Unmounted
         | Op::GetLk { .. }
         | Op::SetLk { .. } => Vec::new(),
     }
