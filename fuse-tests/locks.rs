@@ -129,3 +129,161 @@ fn flock_conflicts_across_mounts() {
     let freed = eventually(Duration::from_secs(2), || flock(&fa, libc::LOCK_EX | libc::LOCK_NB).is_ok());
     assert!(freed.is_some(), "B's flock lock still held 2 s after B closed its descriptor");
 }
+
+/// A python3 process running `locker.py` (next to this file): one whole-file write lock, taken
+/// when it starts and held until told otherwise. Killed (by its PID) when dropped.
+struct Locker {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Locker {
+    fn start(path: &std::path::Path, kind: &str, wait: bool, extra: &[&str]) -> Locker {
+        use std::io::BufRead;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fuse-tests/locker.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .arg(path)
+            .arg(kind)
+            .arg(if wait { "1" } else { "0" })
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run python3 locker.py");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let l = Locker { child, lines, stdin };
+        l.expect("ready", Duration::from_secs(20));
+        l
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next line it prints, if one comes within `within`.
+    fn line(&self, within: Duration) -> Option<String> {
+        self.lines.recv_timeout(within).ok()
+    }
+
+    #[track_caller]
+    fn expect(&self, want: &str, within: Duration) {
+        match self.line(within) {
+            Some(l) => assert_eq!(l, want, "locker {} printed {l:?}, expected {want:?}", self.pid()),
+            None => panic!("locker {} did not print {want:?} within {within:?}", self.pid()),
+        }
+    }
+
+    fn tell(&mut self, cmd: &str) {
+        use std::io::Write;
+        writeln!(self.stdin.as_mut().unwrap(), "{cmd}").expect("write to locker");
+    }
+
+    /// The process's state letter from /proc (R, S, D, Z…), None once it is reaped.
+    fn state(&self) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
+    }
+
+    /// Whether the process is inside a FUSE request (waiting for the daemon's answer).
+    fn in_fuse_request(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/wchan", self.pid())).is_ok_and(|w| w.contains("request_wait_answer"))
+    }
+}
+
+impl Drop for Locker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        // A process stuck in a FUSE request cannot be reaped until the mount answers or goes:
+        // do not hang the test on it (the cluster's teardown kills the agents).
+        let _ = eventually(Duration::from_secs(5), || matches!(self.child.try_wait(), Ok(Some(_))));
+    }
+}
+
+const KINDS: [&str; 3] = ["ofd", "posix", "flock"];
+
+/// Issue #13: a waiting lock (OFD, POSIX fcntl, flock) completes soon after the holder lets go,
+/// by unlocking or by closing its file, whether the holder is in the same sandbox or another.
+/// Before, an OFD lock outlived the file it was taken on (the kernel never tells FUSE), so a
+/// waiter on it was never answered.
+#[test]
+fn waits_end_when_the_holder_unlocks_or_closes() {
+    require_fuse!();
+    let p = Pair::new("64MiB");
+    for kind in KINDS {
+        for (side, waiter_mnt) in [("same sandbox", &p.ma), ("other sandbox", &p.mb)] {
+            for how in ["unlock", "close"] {
+                let name = format!("{kind}-{}-{how}", side.replace(' ', "-"));
+                write(&p.ma.join(&name), b"x");
+                let mut holder = Locker::start(&p.ma.join(&name), kind, false, &[]);
+                holder.expect("locked", Duration::from_secs(10));
+                let waiter = Locker::start(&waiter_mnt.join(&name), kind, true, &[]);
+                let what = format!("{kind} lock, waiter in the {side}, holder does {how}");
+                assert!(eventually(Duration::from_secs(10), || waiter.in_fuse_request()).is_some(), "{what}: the waiter never waited");
+                assert_eq!(waiter.line(Duration::from_millis(300)), None, "{what}: the waiter got an answer while the lock was held");
+                holder.tell(how);
+                holder.expect(if how == "unlock" { "unlocked" } else { "closed" }, Duration::from_secs(10));
+                waiter.expect("locked", Duration::from_secs(5));
+                // The waiter holds it now: the former holder cannot take it back.
+                let again = Locker::start(&p.ma.join(&name), kind, false, &[]);
+                let got = again.line(Duration::from_secs(10)).unwrap_or_default();
+                assert!(got == "errno 11" || got == "errno 13", "{what}: a third process got {got:?} while the waiter held the lock");
+            }
+        }
+    }
+}
+
+/// Issue #13: a waiter killed with SIGKILL dies at once (it is not left in D state inside the
+/// FUSE request), and the mount then stops cleanly.
+#[test]
+fn killed_waiter_dies_and_the_mount_unmounts() {
+    require_fuse!();
+    let mut s = Single::new();
+    for kind in KINDS {
+        let name = format!("killed-{kind}");
+        write(&s.p(&name), b"x");
+        let holder = Locker::start(&s.p(&name), kind, false, &[]);
+        holder.expect("locked", Duration::from_secs(10));
+        let waiter = Locker::start(&s.p(&name), kind, true, &[]);
+        assert!(eventually(Duration::from_secs(10), || waiter.in_fuse_request()).is_some(), "{kind}: the waiter never waited");
+        unsafe { libc::kill(waiter.pid() as libc::pid_t, libc::SIGKILL) };
+        let mut waiter = waiter;
+        let died = eventually(Duration::from_secs(3), || matches!(waiter.child.try_wait(), Ok(Some(_))));
+        assert!(died.is_some(), "{kind}: a waiter killed with SIGKILL is still there 3 s later (state {:?})", waiter.state());
+        drop(holder);
+    }
+    // Nothing is left busy: the agent stops with exit 0 and the mount is gone.
+    s.agent.take().unwrap().stop();
+    assert!(!is_mounted(&s.mnt), "mount still there after the agent stopped");
+}
+
+/// Issue #13: a waiter interrupted by a signal it catches gets EINTR (its handler runs), and
+/// the lock it waited for is not taken behind its back.
+#[test]
+fn signalled_waiter_gets_eintr() {
+    require_fuse!();
+    let p = Pair::new("64MiB");
+    for kind in KINDS {
+        let name = format!("alarm-{kind}");
+        write(&p.ma.join(&name), b"x");
+        let mut holder = Locker::start(&p.ma.join(&name), kind, false, &[]);
+        holder.expect("locked", Duration::from_secs(10));
+        let waiter = Locker::start(&p.mb.join(&name), kind, true, &["alarm"]);
+        waiter.expect("eintr", Duration::from_secs(10));
+        // The holder still holds it, and gives it to the next process once freed.
+        holder.tell("unlock");
+        holder.expect("unlocked", Duration::from_secs(10));
+        let next = Locker::start(&p.mb.join(&name), kind, true, &[]);
+        next.expect("locked", Duration::from_secs(10));
+    }
+}

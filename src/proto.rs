@@ -231,6 +231,14 @@ pub enum Op {
         ino: Ino,
         lock: Lock,
     },
+    /// [`Op::SetLk`] for a guest that will wait (F_SETLKW, flock without LOCK_NB): it never
+    /// blocks either, but on `EAGAIN` the host remembers that this session waits on `ino` and
+    /// pushes [`Notice::LockFreed`] when a lock there is released or downgraded, so the guest
+    /// retries at once instead of polling.
+    SetLkW {
+        ino: Ino,
+        lock: Lock,
+    },
 }
 
 /// A byte-range advisory lock as fcntl(2) describes it; `end` is inclusive.
@@ -311,7 +319,7 @@ impl Op {
             | Op::Write { .. }
             | Op::SetXattr { .. }
             | Op::RemoveXattr { .. } => OpClass::Mutation,
-            Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease => OpClass::SessionState,
+            Op::SetLk { .. } | Op::SetLkW { .. } | Op::Flush { .. } | Op::ReleaseLease => OpClass::SessionState,
             Op::Lookup { .. }
             | Op::Forget { .. }
             | Op::GetAttr { .. }
@@ -379,6 +387,9 @@ pub enum Notice {
     InvalInode { ino: Ino },
     /// A name in a directory was added, removed or now points elsewhere.
     InvalEntry { parent: Ino, name: Vec<u8> },
+    /// A lock on `ino` was released or downgraded: a request that waits for it (sent with
+    /// [`Op::SetLkW`] and answered `EAGAIN`) should try again.
+    LockFreed { ino: Ino },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

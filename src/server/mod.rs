@@ -20,7 +20,7 @@ pub mod watch;
 
 use crate::engine::meta::{AttachState, AttachmentRow, VolId};
 use crate::engine::{check_object_name, Engine};
-use crate::fs::{Caller, FsError, FsResult, Kind};
+use crate::fs::{Caller, FsError, FsResult, Ino, Kind};
 use crate::proto::{AgentCommand, AgentReply, AttachmentSpec};
 use crate::transport::{Endpoint, Listener, AGENT_CONTROL_PORT, GUEST_SERVER_PORT};
 use session::Session;
@@ -672,7 +672,23 @@ impl Server {
     /// Drops a released session from the registry without touching its attachment record.
     pub fn forget_session(&self, s: &Arc<Session>) {
         self.sessions.lock().unwrap().remove(&s.id);
-        self.locks.release_session(s.id);
+        self.lock_freed_all(self.locks.release_session(s.id));
+    }
+
+    /// Tells the sessions waiting for a lock on `ino` that bytes there were freed.
+    pub fn lock_freed(&self, ino: Ino, waiting: &[u64]) {
+        if waiting.is_empty() {
+            return;
+        }
+        for s in self.sessions_where(|s| waiting.contains(&s.id)) {
+            s.lock_freed(ino);
+        }
+    }
+
+    pub fn lock_freed_all(&self, freed: locks::Freed) {
+        for ((_, ino), waiting) in freed {
+            self.lock_freed(ino, &waiting);
+        }
     }
 
     /// Ends a session: drops its handles (freeing unlinked files), closes its connection and
@@ -680,7 +696,7 @@ impl Server {
     pub fn end_session(&self, s: &Arc<Session>, state: AttachState, reason: &str) {
         tracing::info!(sandbox = %s.sandbox, session = s.id, state = state.name(), reason, "session ended");
         self.sessions.lock().unwrap().remove(&s.id);
-        self.locks.release_session(s.id);
+        self.lock_freed_all(self.locks.release_session(s.id));
         s.close(&self.engine);
         let _ = self.engine.set_attachment_state(s.attachment, state, reason);
     }

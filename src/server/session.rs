@@ -395,6 +395,11 @@ impl Session {
         }
     }
 
+    /// Tells this session's guest that a lock it waits for on `real` may be free now.
+    pub fn lock_freed(&self, real: Ino) {
+        self.push(Notice::LockFreed { ino: self.to_wire(real) });
+    }
+
     pub fn invalidate_entry(&self, parent: Ino, name: &[u8]) {
         if self.known.lock().unwrap().contains_key(&parent) {
             let wire = self.to_wire(parent);
@@ -490,7 +495,7 @@ fn check_read_only(s: &Session, op: &Op) -> FsResult<()> {
     let writes = op.is_mutation()
         || match op {
             Op::Open { flags, .. } => flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0,
-            Op::SetLk { lock, .. } => lock.typ == libc::F_WRLCK,
+            Op::SetLk { lock, .. } | Op::SetLkW { lock, .. } => lock.typ == libc::F_WRLCK,
             _ => false,
         };
     if writes {
@@ -592,7 +597,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             let real = s.to_real(e, *ino)?;
             s.take_handle(*fh, real)?;
             if let Some(owner) = lock_owner {
-                server.locks.release_owner(v, real, s.id, *owner);
+                server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *owner));
             }
             e.release(v, real)?;
             (Reply::Empty, Changed::Nothing)
@@ -604,18 +609,21 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             (Reply::Empty, Changed::Nothing)
         }
         Op::Flush { ino, fh: _, lock_owner } => {
-            server.locks.release_owner(v, s.to_real(e, *ino)?, s.id, *lock_owner);
+            let real = s.to_real(e, *ino)?;
+            server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *lock_owner));
             (Reply::Empty, Changed::Nothing)
         }
         Op::GetLk { ino, lock } => (Reply::Lock(server.locks.test(v, s.to_real(e, *ino)?, s.id, lock)), Changed::Nothing),
-        Op::SetLk { ino, lock } => {
-            server.locks.set(v, s.to_real(e, *ino)?, s.id, lock)?;
+        Op::SetLk { ino, lock } | Op::SetLkW { ino, lock } => {
+            let real = s.to_real(e, *ino)?;
+            let wait = matches!(req.op, Op::SetLkW { .. });
+            server.lock_freed(real, &server.locks.set_or_wait(v, real, s.id, lock, wait)?);
             (Reply::Empty, Changed::Nothing)
         }
         Op::ReleaseLease => {
             tracing::info!(sandbox = %s.sandbox, session = s.id, "lease released by the guest");
             s.set_lease(LeaseState::Released);
-            server.locks.release_session(s.id);
+            server.lock_freed_all(server.locks.release_session(s.id));
             let _ = e.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)");
             (Reply::Empty, Changed::Nothing)
         }
