@@ -287,3 +287,43 @@ fn signalled_waiter_gets_eintr() {
         next.expect("locked", Duration::from_secs(10));
     }
 }
+
+/// Issue #8: locks survive a server restart (SIGKILL, then SIGTERM). The holder's guest takes
+/// them back when it reconnects, and during the grace period nobody else is granted them first:
+/// another sandbox's F_SETLK / LOCK_NB fails while the holder holds, and succeeds once it lets go.
+#[test]
+fn locks_survive_a_server_restart() {
+    require_fuse!();
+    let mut p = Pair::new("64MiB");
+    write(&p.ma.join("posix"), &[0u8; 100]);
+    write(&p.ma.join("flock"), b"x");
+    let (fa, fb) = (rw(&p.ma.join("posix")), rw(&p.mb.join("posix")));
+    let (ga, gb) = (rw(&p.ma.join("flock")), rw(&p.mb.join("flock")));
+    let flock = |f: &File, op: i32| cvt(unsafe { libc::flock(f.as_raw_fd(), op) }).map(|_| ());
+    setlk(&fa, libc::F_SETLK, libc::F_WRLCK, 10, 20).expect("fcntl lock in A");
+    flock(&ga, libc::LOCK_EX | libc::LOCK_NB).expect("flock in A");
+    for (round, kill) in [("SIGKILL", true), ("SIGTERM", false)] {
+        if kill {
+            p.c.kill_server();
+            p.c.start_server();
+        } else {
+            p.c.restart_server();
+        }
+        // Any request makes each guest reconnect; it reclaims before anything else is sent.
+        std::fs::metadata(p.ma.join("posix")).expect("stat in A after the restart");
+        std::fs::metadata(p.mb.join("posix")).expect("stat in B after the restart");
+        assert_eq!(getlk(&fb, libc::F_WRLCK, 0, 0), (libc::F_WRLCK, 10, 20), "after {round}: F_GETLK in B sees A's reclaimed lock");
+        assert_would_block(&format!("after {round}: F_SETLK in B on A's range"), setlk(&fb, libc::F_SETLK, libc::F_WRLCK, 15, 1));
+        assert_errno(&format!("after {round}: flock in B"), flock(&gb, libc::LOCK_EX | libc::LOCK_NB), libc::EWOULDBLOCK);
+        // B's own unrelated range is not held up once every guest has reclaimed.
+        let free = eventually(Duration::from_secs(10), || setlk(&fb, libc::F_SETLK, libc::F_WRLCK, 50, 1).is_ok());
+        assert!(free.is_some(), "after {round}: B cannot lock a range nobody holds");
+        setlk(&fb, libc::F_SETLK, libc::F_UNLCK, 50, 1).unwrap();
+    }
+    // A still holds both, and letting go hands them to B.
+    setlk(&fa, libc::F_SETLK, libc::F_UNLCK, 10, 20).expect("unlock in A");
+    flock(&ga, libc::LOCK_UN).expect("flock unlock in A");
+    setlk(&fb, libc::F_SETLK, libc::F_WRLCK, 15, 1).expect("F_SETLK in B after A unlocked");
+    flock(&gb, libc::LOCK_EX | libc::LOCK_NB).expect("flock in B after A unlocked");
+    assert_would_block("A after B took the range", setlk(&fa, libc::F_SETLK, libc::F_WRLCK, 10, 20));
+}

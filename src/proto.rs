@@ -239,6 +239,12 @@ pub enum Op {
         ino: Ino,
         lock: Lock,
     },
+    /// Sent once, first thing, by a guest that reconnected to a restarted server (its session
+    /// was gone): the locks the old server had granted it. Each is taken again unless it now
+    /// conflicts; during the server's grace period ordinary lock requests wait for these.
+    ReclaimLocks {
+        locks: Vec<(Ino, Lock)>,
+    },
 }
 
 /// A byte-range advisory lock as fcntl(2) describes it; `end` is inclusive.
@@ -319,7 +325,7 @@ impl Op {
             | Op::Write { .. }
             | Op::SetXattr { .. }
             | Op::RemoveXattr { .. } => OpClass::Mutation,
-            Op::SetLk { .. } | Op::SetLkW { .. } | Op::Flush { .. } | Op::ReleaseLease => OpClass::SessionState,
+            Op::SetLk { .. } | Op::SetLkW { .. } | Op::ReclaimLocks { .. } | Op::Flush { .. } | Op::ReleaseLease => OpClass::SessionState,
             Op::Lookup { .. }
             | Op::Forget { .. }
             | Op::GetAttr { .. }
@@ -378,6 +384,10 @@ pub enum Reply {
     Xattr(Vec<u8>),
     /// Answer to `GetLk`: the conflicting lock, or one with `typ == F_UNLCK`.
     Lock(Lock),
+    /// Answer to `ReclaimLocks`: the positions of the locks that could not be taken again.
+    Reclaimed {
+        failed: Vec<u32>,
+    },
 }
 
 /// Pushed by the server: something this session has cached changed elsewhere.

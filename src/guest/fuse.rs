@@ -28,9 +28,11 @@ const DIR_BATCH: u32 = 256;
 pub struct VolumeFs {
     client: Arc<MountClient>,
     invalidator: Arc<Invalidator>,
-    /// Inodes on which a lock was ever taken through this mount: only their closes need to
-    /// reach the host (to drop POSIX locks); every other close is answered here.
-    locked: Arc<Mutex<HashSet<u64>>>,
+    /// (inode, owner) that asked for a lock through this mount since the owner last closed the
+    /// file: only their closes need to reach the host (to drop POSIX locks); every other close
+    /// is answered here. So a process that never locked (e.g. a child closing inherited
+    /// descriptors at exec) never waits on the host, even while the host is down.
+    locked: Arc<Mutex<HashSet<(u64, u64)>>>,
     /// Per open file (kernel handle), the lock owners that took locks through it and have not
     /// flushed it since. A POSIX owner flushes on every close; what is left at release is the
     /// open file description's own owner (OFD locks, flock), whose locks die with it. The
@@ -580,7 +582,7 @@ impl Filesystem for VolumeFs {
         if let Some(owners) = self.owners.lock().unwrap().get_mut(&fh.0) {
             owners.remove(&lock_owner.0);
         }
-        if !self.locked.lock().unwrap().contains(&ino.0) {
+        if !self.locked.lock().unwrap().remove(&(ino.0, lock_owner.0)) {
             return reply.ok();
         }
         self.send(req, Op::Flush { ino: ino.0, fh: fh.0, lock_owner: lock_owner.0 }, empty_reply(reply));
@@ -640,7 +642,7 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         let lock = Lock { owner: lock_owner.0, start, end, typ, pid };
-        self.locked.lock().unwrap().insert(ino.0);
+        self.locked.lock().unwrap().insert((ino.0, lock_owner.0));
         self.owners.lock().unwrap().entry(fh.0).or_default().insert(lock_owner.0);
         let inval = self.invalidator.clone();
         if sleep && typ != libc::F_UNLCK {

@@ -45,6 +45,14 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> FsResult<T> + Send 
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(FsError::new(libc::EIO, format!("internal error: {e}"))))
 }
 
+/// The lock grace period after a restart: until `until`, or until every attachment in
+/// `expected` (mounted when the server went down) has reclaimed, new locks are not granted.
+#[derive(Default)]
+pub struct Grace {
+    until: Option<std::time::Instant>,
+    expected: std::collections::HashSet<u64>,
+}
+
 pub struct Config {
     pub data: PathBuf,
     /// How long a session may go without its guest before its lease lapses.
@@ -111,6 +119,8 @@ pub struct Server {
     /// Resumable (tus) uploads in progress.
     pub uploads: tus::Uploads,
     pub locks: locks::LockTable,
+    /// The lock grace period after a restart (see [`Grace`]).
+    grace: Mutex<Grace>,
     sandboxes: Mutex<HashMap<String, Arc<SandboxRt>>>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     by_volume: Mutex<HashMap<VolId, Vec<Weak<Session>>>>,
@@ -230,6 +240,7 @@ impl Server {
             url_key,
             uploads,
             locks: locks::LockTable::default(),
+            grace: Mutex::default(),
             sandboxes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             by_volume: Mutex::new(HashMap::new()),
@@ -238,7 +249,16 @@ impl Server {
             next_session: AtomicU64::new(u64::from_str_radix(&random_token()?[..12], 16).unwrap_or(1) | 1),
         });
         // Nothing is mounted until a guest says so again: leases do not outlive the server.
-        server.engine.release_all_mounted("server restarted")?;
+        let mounted = server.engine.release_all_mounted("server restarted")?;
+        if !mounted.is_empty() {
+            tracing::info!(
+                attachments = mounted.len(),
+                grace_s = server.config.lease_ttl.as_secs(),
+                "lock grace period: new locks wait until these mounts have reclaimed theirs (or the grace ends)"
+            );
+            *server.grace.lock().unwrap() =
+                Grace { until: Some(std::time::Instant::now() + server.config.lease_ttl), expected: mounted.into_iter().collect() };
+        }
         for sb in server.engine.list_sandboxes()? {
             server.start_listener(&sb.name)?;
         }
@@ -646,6 +666,21 @@ impl Server {
             self.engine.delete_attachment(a.id)?;
         }
         self.engine.delete_volume(vol.id)
+    }
+
+    /// Whether the lock grace period after a restart still runs: some attachment mounted before
+    /// the restart has not reclaimed its locks yet, and the grace (a lease TTL) has not ended.
+    pub fn in_lock_grace(&self) -> bool {
+        let g = self.grace.lock().unwrap();
+        !g.expected.is_empty() && g.until.is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    /// An attachment's guest reclaimed its locks: the grace need not wait for it any more.
+    pub fn reclaimed(&self, attachment: u64) {
+        let mut g = self.grace.lock().unwrap();
+        if g.expected.remove(&attachment) && g.expected.is_empty() {
+            tracing::info!("lock grace period over: every mount from before the restart has reclaimed its locks");
+        }
     }
 
     fn sessions_where(&self, f: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
