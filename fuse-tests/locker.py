@@ -6,7 +6,8 @@ usage: locker.py PATH KIND WAIT [alarm]
   alarm: SIGALRM (with a handler that raises) arrives after 1 s.
 Prints "ready" once the file is open, then "locked", "errno N" or "eintr" (the lock call
 failed with EINTR: Python only runs the handler, which raises, if the call returned EINTR).
-Then reads commands from stdin: "unlock" (prints "unlocked"), "close" (prints "closed").
+Then reads commands from stdin: "unlock" (prints "unlocked"), "close" (prints "closed"),
+"trylock" (takes the lock again without waiting: prints "locked" or "errno N").
 """
 import fcntl, os, struct, sys, signal
 path, kind, wait = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
@@ -43,6 +44,12 @@ for line in sys.stdin:
     if cmd == "unlock":
         lock(fcntl.F_UNLCK, False)
         print("unlocked", flush=True)
+    elif cmd == "trylock":
+        try:
+            lock(fcntl.F_WRLCK, False)
+            print("locked", flush=True)
+        except OSError as e:
+            print("errno %d" % e.errno, flush=True)
     elif cmd == "close":
         os.close(fd)
         print("closed", flush=True)

@@ -327,3 +327,52 @@ fn locks_survive_a_server_restart() {
     flock(&gb, libc::LOCK_EX | libc::LOCK_NB).expect("flock in B after A unlocked");
     assert_would_block("A after B took the range", setlk(&fa, libc::F_SETLK, libc::F_WRLCK, 10, 20));
 }
+
+/// Issue #8: a guest that comes back after the grace period and finds its range taken is not
+/// told it still holds it: the reclaim fails, and the owner's next lock call on that file fails
+/// with EIO (once); its other locks are reclaimed.
+#[test]
+fn a_lock_taken_during_the_holders_absence_is_reported_lost() {
+    require_fuse!();
+    let mut c = Cluster::with_server_args(&["--lease-ttl", "2"]);
+    c.create_volume("vol", None);
+    let (sa, sb) = (c.sandbox("sb-a"), c.sandbox("sb-b"));
+    let (ma, mb) = (c.path("mnt-a"), c.path("mnt-b"));
+    c.attach("sb-a", "vol", &ma, &[]);
+    c.attach("sb-b", "vol", &mb, &[]);
+    let agent_a = c.start_agent(&sa, &[&ma]);
+    let agent_b = c.start_agent(&sb, &[&mb]);
+    write(&ma.join("taken"), b"x");
+    write(&ma.join("kept"), b"x");
+    // A's locks are held by processes of their own: nothing in this process may have a file of
+    // A's mount open while A's agent is stopped (spawning the server would close it, and wait).
+    let mut taken = Locker::start(&ma.join("taken"), "posix", false, &[]);
+    taken.expect("locked", Duration::from_secs(10));
+    let mut kept = Locker::start(&ma.join("kept"), "posix", false, &[]);
+    kept.expect("locked", Duration::from_secs(10));
+    let (fb, kb) = (rw(&mb.join("taken")), rw(&mb.join("kept")));
+
+    // A's VM is paused across the restart and past the grace period (one lease TTL).
+    let signal_a = |sig| unsafe { libc::kill(agent_a.pid() as libc::pid_t, sig) };
+    signal_a(libc::SIGSTOP);
+    c.kill_server();
+    c.start_server();
+    let got = eventually(Duration::from_secs(20), || setlk(&fb, libc::F_SETLK, libc::F_WRLCK, 0, 0).is_ok());
+    signal_a(libc::SIGCONT);
+    assert!(got.is_some(), "B never got the range A could not reclaim in time");
+
+    // A comes back (any request reconnects it; it reclaims first).
+    std::fs::metadata(ma.join("taken")).expect("stat in A after it came back");
+    taken.tell("trylock");
+    taken.expect(&format!("errno {}", libc::EIO), Duration::from_secs(10));
+    taken.tell("trylock");
+    let again = taken.line(Duration::from_secs(10)).unwrap_or_default();
+    assert!(again == "errno 11" || again == "errno 13", "A's lock call after the loss was reported: {again:?}");
+    assert_would_block("B on A's other, reclaimed lock", setlk(&kb, libc::F_SETLK, libc::F_WRLCK, 0, 0));
+    kept.tell("unlock");
+    kept.expect("unlocked", Duration::from_secs(10));
+    setlk(&kb, libc::F_SETLK, libc::F_WRLCK, 0, 0).expect("B locks after A unlocked");
+    drop((taken, kept, fb, kb));
+    agent_b.stop();
+    agent_a.stop();
+}
