@@ -499,9 +499,9 @@ impl MountClient {
     }
 
     /// One request and its reply on a connection nothing else uses yet (pushes are passed on).
-    fn exchange(&self, w: &mut Stream, r: &mut Stream, op: Op) -> std::io::Result<FsResult<Reply>> {
+    fn exchange(&self, w: &mut Stream, r: &mut Stream, op: Op, seq: u64) -> std::io::Result<FsResult<Reply>> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        proto::write_frame(w, &Request { id, seq: 0, caller: Caller::root(), op })?;
+        proto::write_frame(w, &Request { id, seq, caller: Caller::root(), op })?;
         loop {
             match proto::read_frame::<ServerMsg>(r)? {
                 Some(ServerMsg::Reply { id: got, result }) if got == id => return Ok(result),
@@ -520,9 +520,11 @@ impl MountClient {
     /// mount. One it will not give back (someone else holds the range now) is forgotten here
     /// and marked lost, so its owner's next lock call on that file fails instead of the owner
     /// going on believing it holds it.
-    fn reclaim_locks(&self, w: &mut Stream, r: &mut Stream) -> std::io::Result<()> {
+    /// `seq` is the same on every try: a reclaim whose reply was lost with the connection is
+    /// answered from the session's replay record, not refused as a second reclaim.
+    fn reclaim_locks(&self, w: &mut Stream, r: &mut Stream, seq: u64) -> std::io::Result<()> {
         let locks: Vec<(u64, Lock)> = self.held.lock().unwrap().iter().flat_map(|(ino, v)| v.iter().map(|l| (*ino, l.clone()))).collect();
-        let failed: Vec<usize> = match self.exchange(w, r, Op::ReclaimLocks { locks: locks.clone() })? {
+        let failed: Vec<usize> = match self.exchange(w, r, Op::ReclaimLocks { locks: locks.clone() }, seq)? {
             Ok(Reply::Reclaimed { failed }) => failed.into_iter().map(|i| i as usize).filter(|i| *i < locks.len()).collect(),
             other => {
                 tracing::error!("mount at {}: the host did not take back any of {} lock(s): {other:?}", self.path, locks.len());
@@ -550,7 +552,7 @@ impl MountClient {
         let handles: Vec<(u64, OpenHandle)> = self.handles.lock().unwrap().iter().map(|(k, h)| (*k, h.clone())).collect();
         for (kfh, h) in handles {
             let op = if h.dir { Op::OpenDir { ino: h.ino } } else { Op::Open { ino: h.ino, flags: h.flags } };
-            match self.exchange(w, r, op)? {
+            match self.exchange(w, r, op, 0)? {
                 Ok(Reply::Opened { fh }) => {
                     if let Some(h) = self.handles.lock().unwrap().get_mut(&kfh) {
                         h.current = fh;
@@ -570,6 +572,7 @@ impl MountClient {
         // Set once a fresh session was granted and until its handles and locks are back: a
         // connection that breaks in between resumes the new session, which still needs them.
         let mut restore = false;
+        let mut reclaim_seq = 0;
         loop {
             {
                 let mut h = self.hibernated.lock().unwrap();
@@ -588,8 +591,12 @@ impl MountClient {
                     *self.granted.lock().unwrap() = granted;
                     let mut link = self.link.lock().unwrap();
                     restore |= fresh;
+                    if fresh {
+                        reclaim_seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                    }
                     if restore
-                        && (self.reopen_handles(&mut stream, &mut reader).is_err() || self.reclaim_locks(&mut stream, &mut reader).is_err())
+                        && (self.reopen_handles(&mut stream, &mut reader).is_err()
+                            || self.reclaim_locks(&mut stream, &mut reader, reclaim_seq).is_err())
                     {
                         // The new connection broke already: start over.
                         continue;
