@@ -537,6 +537,11 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent's process id (to stop and continue it, as a paused VM would be).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         tail(&self.log, 4000)
     }

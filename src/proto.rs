@@ -262,6 +262,20 @@ pub enum Op {
     /// host ends the session (locks and handles go), records the attachment as `released`, and
     /// closes the connection after answering. Ends only the session it is sent on.
     Unmounted,
+    /// [`Op::SetLk`] for a guest that will wait (F_SETLKW, flock without LOCK_NB): it never
+    /// blocks either, but on `EAGAIN` the host remembers that this session waits on `ino` and
+    /// pushes [`Notice::LockFreed`] when a lock there is released or downgraded, so the guest
+    /// retries at once instead of polling.
+    SetLkW {
+        ino: Ino,
+        lock: Lock,
+    },
+    /// Sent once, first thing, by a guest that reconnected to a restarted server (its session
+    /// was gone): the locks the old server had granted it. Each is taken again unless it now
+    /// conflicts; during the server's grace period ordinary lock requests wait for these.
+    ReclaimLocks {
+        locks: Vec<(Ino, Lock)>,
+    },
 }
 
 /// A byte-range advisory lock as fcntl(2) describes it; `end` is inclusive.
@@ -344,7 +358,9 @@ impl Op {
             | Op::CopyFileRange { .. }
             | Op::SetXattr { .. }
             | Op::RemoveXattr { .. } => OpClass::Mutation,
-            Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease | Op::Unmounted => OpClass::SessionState,
+            Op::SetLk { .. } | Op::SetLkW { .. } | Op::ReclaimLocks { .. } | Op::Flush { .. } | Op::ReleaseLease | Op::Unmounted => {
+                OpClass::SessionState
+            }
             Op::Lookup { .. }
             | Op::Forget { .. }
             | Op::GetAttr { .. }
@@ -402,7 +418,9 @@ impl Op {
             | Op::Renew
             | Op::Flush { .. }
             | Op::GetLk { .. }
-            | Op::SetLk { .. } => false,
+            | Op::SetLk { .. }
+            | Op::SetLkW { .. }
+            | Op::ReclaimLocks { .. } => false,
         }
     }
 
@@ -447,6 +465,10 @@ pub enum Reply {
     Lock(Lock),
     /// Answer to `Lseek`: the offset found.
     Offset(u64),
+    /// Answer to `ReclaimLocks`: the positions of the locks that could not be taken again.
+    Reclaimed {
+        failed: Vec<u32>,
+    },
 }
 
 /// Pushed by the server: something this session has cached changed elsewhere.
@@ -456,6 +478,9 @@ pub enum Notice {
     InvalInode { ino: Ino },
     /// A name in a directory was added, removed or now points elsewhere.
     InvalEntry { parent: Ino, name: Vec<u8> },
+    /// A lock on `ino` was released or downgraded: a request that waits for it (sent with
+    /// [`Op::SetLkW`] and answered `EAGAIN`) should try again.
+    LockFreed { ino: Ino },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

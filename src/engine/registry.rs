@@ -97,14 +97,15 @@ impl Engine {
     }
 
     /// At startup: no lease outlives the server, so nothing is mounted until a guest says so.
-    pub fn release_all_mounted(&self, reason: &str) -> FsResult<usize> {
+    /// Returns the attachments that were mounted.
+    pub fn release_all_mounted(&self, reason: &str) -> FsResult<Vec<u64>> {
         self.tx(|t| {
             let mounted: Vec<u64> =
                 t.list_attachments(None, None)?.into_iter().filter(|a| a.state == AttachState::Mounted).map(|a| a.id).collect();
             for id in &mounted {
                 t.set_attachment_state(*id, AttachState::Released, reason)?;
             }
-            Ok(mounted.len())
+            Ok(mounted)
         })
     }
 }

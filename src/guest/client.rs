@@ -15,9 +15,10 @@
 //! kernel knows, translated to the current session's number as they are sent.
 
 use crate::fs::{Caller, FsError, FsResult};
+use crate::proto::Lock;
 use crate::proto::{self, Hello, Notice, Op, Reply, Request, Role, ServerMsg, Welcome, PROTOCOL_VERSION};
 use crate::transport::{Endpoint, Stream};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -81,7 +82,9 @@ fn fhs_of(op: &mut Op) -> Vec<&mut u64> {
         | Op::ReleaseLease
         | Op::Unmounted
         | Op::GetLk { .. }
-        | Op::SetLk { .. } => Vec::new(),
+        | Op::SetLk { .. }
+        | Op::SetLkW { .. }
+        | Op::ReclaimLocks { .. } => Vec::new(),
     }
 }
 
@@ -130,6 +133,45 @@ pub struct MountClient {
     host_timeout: Duration,
     /// Itself, for callbacks that outlive a call.
     me: Mutex<std::sync::Weak<MountClient>>,
+    /// The locks the host has granted this mount, by inode (the owner is in each lock), kept
+    /// as the host keeps them (POSIX replace and split): reclaimed from a restarted server.
+    held: Mutex<HashMap<u64, Vec<Lock>>>,
+    /// (inode, owner) whose locks a restarted server would not give back: the owner's next lock
+    /// call on the inode fails with EIO, so that a holder learns it lost its lock.
+    lost: Mutex<HashSet<(u64, u64)>>,
+}
+
+/// Applies a granted lock or unlock to `held` as the host does: the owner's ranges are cut
+/// out of the range, then the new lock (if not an unlock) is added.
+fn apply_lock(held: &mut HashMap<u64, Vec<Lock>>, ino: u64, l: &Lock) {
+    let mut kept = Vec::new();
+    for h in held.remove(&ino).unwrap_or_default() {
+        if h.owner != l.owner || h.end < l.start || h.start > l.end {
+            kept.push(h);
+            continue;
+        }
+        if h.start < l.start {
+            kept.push(Lock { end: l.start - 1, ..h.clone() });
+        }
+        if h.end > l.end {
+            kept.push(Lock { start: l.end + 1, ..h.clone() });
+        }
+    }
+    if l.typ != libc::F_UNLCK {
+        kept.push(l.clone());
+    }
+    if !kept.is_empty() {
+        held.insert(ino, kept);
+    }
+}
+
+fn forget_owner(held: &mut HashMap<u64, Vec<Lock>>, ino: u64, owner: u64) {
+    if let Some(v) = held.get_mut(&ino) {
+        v.retain(|l| l.owner != owner);
+        if v.is_empty() {
+            held.remove(&ino);
+        }
+    }
 }
 
 fn handshake(endpoint: &Endpoint, path: &str, resume: Option<u64>) -> Result<(Stream, Granted), FsError> {
@@ -236,6 +278,8 @@ impl MountClient {
             give_up_at: Mutex::new(None),
             host_timeout,
             me: Mutex::new(std::sync::Weak::new()),
+            held: Mutex::default(),
+            lost: Mutex::default(),
         });
         *client.me.lock().unwrap() = Arc::downgrade(&client);
         let c = client.clone();
@@ -267,6 +311,8 @@ impl MountClient {
         }
         *self.hibernated.lock().unwrap() = true;
         let released = self.release_lease(timeout);
+        // The host drops a released session's locks: there is nothing left to reclaim.
+        self.held.lock().unwrap().clear();
         self.drop_connection();
         released.map(|_| ())
     }
@@ -347,6 +393,11 @@ impl MountClient {
         if let Some(e) = self.dead.lock().unwrap().clone() {
             return cb(Err(e));
         }
+        if let Op::SetLk { ino, lock } | Op::SetLkW { ino, lock } | Op::GetLk { ino, lock } = &op {
+            if self.lost.lock().unwrap().remove(&(*ino, lock.owner)) {
+                return cb(Err(FsError::new(libc::EIO, "a lock this owner held on this file was lost when the host restarted")));
+            }
+        }
         let cb = self.remember_handles(&op, cb);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let seq = if op.is_sequenced() { self.next_seq.fetch_add(1, Ordering::Relaxed) } else { 0 };
@@ -367,14 +418,41 @@ impl MountClient {
         }
     }
 
-    /// Wraps `cb` so that the handle table follows opens and releases.
+    /// Wraps `cb` so that the handle table follows opens and releases, and the table of held
+    /// locks follows what the host granted and dropped.
     fn remember_handles(&self, op: &Op, cb: Callback) -> Callback {
         let Some(me) = self.me.lock().unwrap().upgrade() else { return cb };
         let (ino, flags, dir) = match op {
             Op::Open { ino, flags } => (*ino, *flags, false),
             Op::OpenDir { ino } => (*ino, libc::O_RDONLY, true),
             Op::Create { flags, .. } => (0, *flags, false),
-            Op::Release { fh, .. } | Op::ReleaseDir { fh, .. } => {
+            Op::SetLk { ino, lock } | Op::SetLkW { ino, lock } => {
+                let (ino, lock) = (*ino, lock.clone());
+                return Box::new(move |r: FsResult<Reply>| {
+                    if r.is_ok() {
+                        apply_lock(&mut me.held.lock().unwrap(), ino, &lock);
+                    }
+                    cb(r)
+                });
+            }
+            Op::Flush { ino, lock_owner, .. } => {
+                let (ino, owner) = (*ino, *lock_owner);
+                return Box::new(move |r: FsResult<Reply>| {
+                    forget_owner(&mut me.held.lock().unwrap(), ino, owner);
+                    cb(r)
+                });
+            }
+            Op::Release { fh, ino, lock_owner } => {
+                let (fh, ino, owner) = (*fh, *ino, *lock_owner);
+                return Box::new(move |r: FsResult<Reply>| {
+                    me.handles.lock().unwrap().remove(&fh);
+                    if let Some(owner) = owner {
+                        forget_owner(&mut me.held.lock().unwrap(), ino, owner);
+                    }
+                    cb(r)
+                });
+            }
+            Op::ReleaseDir { fh, .. } => {
                 // Forgotten once answered: a resend must still be translated.
                 let fh = *fh;
                 return Box::new(move |r: FsResult<Reply>| {
@@ -554,27 +632,61 @@ impl MountClient {
         }
     }
 
+    /// One request and its reply on a connection nothing else uses yet (pushes are passed on).
+    fn exchange(&self, w: &mut Stream, r: &mut Stream, op: Op, seq: u64) -> std::io::Result<FsResult<Reply>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        proto::write_frame(w, &Request { id, seq, caller: Caller::root(), op })?;
+        loop {
+            match proto::read_frame::<ServerMsg>(r)? {
+                Some(ServerMsg::Reply { id: got, result }) if got == id => return Ok(result),
+                Some(ServerMsg::Notify(n)) => {
+                    if let Some(f) = self.notices.lock().unwrap().as_ref() {
+                        f(n);
+                    }
+                }
+                Some(_) => {}
+                None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            }
+        }
+    }
+
+    /// On a fresh session, after the handles: asks the host for every lock it had granted this
+    /// mount. One it will not give back (someone else holds the range now) is forgotten here
+    /// and marked lost, so its owner's next lock call on that file fails instead of the owner
+    /// going on believing it holds it.
+    /// `seq` is the same on every try: a reclaim whose reply was lost with the connection is
+    /// answered from the session's replay record, not refused as a second reclaim.
+    fn reclaim_locks(&self, w: &mut Stream, r: &mut Stream, seq: u64) -> std::io::Result<()> {
+        let locks: Vec<(u64, Lock)> = self.held.lock().unwrap().iter().flat_map(|(ino, v)| v.iter().map(|l| (*ino, l.clone()))).collect();
+        let failed: Vec<usize> = match self.exchange(w, r, Op::ReclaimLocks { locks: locks.clone() }, seq)? {
+            Ok(Reply::Reclaimed { failed }) => failed.into_iter().map(|i| i as usize).filter(|i| *i < locks.len()).collect(),
+            other => {
+                tracing::error!("mount at {}: the host did not take back any of {} lock(s): {other:?}", self.path, locks.len());
+                (0..locks.len()).collect()
+            }
+        };
+        for i in failed {
+            let (ino, l) = &locks[i];
+            tracing::error!(
+                "mount at {}: lock on inode {ino} bytes {}-{} (pid {}) lost across the host restart",
+                self.path,
+                l.start,
+                l.end,
+                l.pid
+            );
+            forget_owner(&mut self.held.lock().unwrap(), *ino, l.owner);
+            self.lost.lock().unwrap().insert((*ino, l.owner));
+        }
+        Ok(())
+    }
+
     /// On a fresh session (the server lost the old one), opens every handle the kernel holds
     /// again, one request at a time on the new connection before anything else is sent on it.
     fn reopen_handles(&self, w: &mut Stream, r: &mut Stream) -> std::io::Result<()> {
         let handles: Vec<(u64, OpenHandle)> = self.handles.lock().unwrap().iter().map(|(k, h)| (*k, h.clone())).collect();
         for (kfh, h) in handles {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let op = if h.dir { Op::OpenDir { ino: h.ino } } else { Op::Open { ino: h.ino, flags: h.flags } };
-            proto::write_frame(w, &Request { id, seq: 0, caller: Caller::root(), op })?;
-            let result = loop {
-                match proto::read_frame::<ServerMsg>(r)? {
-                    Some(ServerMsg::Reply { id: got, result }) if got == id => break result,
-                    Some(ServerMsg::Notify(n)) => {
-                        if let Some(f) = self.notices.lock().unwrap().as_ref() {
-                            f(n);
-                        }
-                    }
-                    Some(_) => {}
-                    None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                }
-            };
-            match result {
+            match self.exchange(w, r, op, 0)? {
                 Ok(Reply::Opened { fh }) => {
                     if let Some(h) = self.handles.lock().unwrap().get_mut(&kfh) {
                         h.current = fh;
@@ -592,6 +704,10 @@ impl MountClient {
         let lost = Instant::now();
         let mut delay = Duration::from_millis(10);
         let mut busy = Backoff::new(BUSY_FIRST, BUSY_MAX);
+        // Set once a fresh session was granted and until its handles and locks are back: a
+        // connection that breaks in between resumes the new session, which still needs them.
+        let mut restore = false;
+        let mut reclaim_seq = 0;
         loop {
             {
                 let mut h = self.hibernated.lock().unwrap();
@@ -609,7 +725,14 @@ impl MountClient {
                     let fresh = granted.session != self.granted.lock().unwrap().session;
                     *self.granted.lock().unwrap() = granted;
                     let mut link = self.link.lock().unwrap();
-                    if fresh && self.reopen_handles(&mut stream, &mut reader).is_err() {
+                    restore |= fresh;
+                    if fresh {
+                        reclaim_seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if restore
+                        && (self.reopen_handles(&mut stream, &mut reader).is_err()
+                            || self.reclaim_locks(&mut stream, &mut reader, reclaim_seq).is_err())
+                    {
                         // The new connection broke already: start over.
                         continue;
                     }

@@ -12,11 +12,11 @@ use fuser::{
     LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// How long the kernel may trust names and attributes without asking. Other sandboxes' changes
@@ -28,9 +28,17 @@ const DIR_BATCH: u32 = 256;
 pub struct VolumeFs {
     client: Arc<MountClient>,
     invalidator: Arc<Invalidator>,
-    /// Inodes on which a lock was ever taken through this mount: only their closes need to
-    /// reach the host (to drop POSIX locks); every other close is answered here.
-    locked: Arc<Mutex<std::collections::HashSet<u64>>>,
+    /// (inode, owner) that asked for a lock through this mount since the owner last closed the
+    /// file: only their closes need to reach the host (to drop POSIX locks); every other close
+    /// is answered here. So a process that never locked (e.g. a child closing inherited
+    /// descriptors at exec) never waits on the host, even while the host is down.
+    locked: Arc<Mutex<HashSet<(u64, u64)>>>,
+    /// Per open file (kernel handle), the lock owners that took locks through it and have not
+    /// flushed it since. A POSIX owner flushes on every close; what is left at release is the
+    /// open file description's own owner (OFD locks, flock), whose locks die with it. The
+    /// kernel does not tell us (it releases OFD locks only in its own lock table, which FUSE
+    /// bypasses), so without this an OFD lock outlived its file and blocked everyone forever.
+    owners: Mutex<HashMap<u64, HashSet<u64>>>,
     /// Runs when the FUSE session ends, whoever ended it (see [`VolumeFs::on_end`]).
     on_end: OnEnd,
 }
@@ -50,7 +58,7 @@ impl Drop for OnEnd {
 
 impl VolumeFs {
     pub fn new(client: Arc<MountClient>, invalidator: Arc<Invalidator>) -> VolumeFs {
-        VolumeFs { client, invalidator, locked: Arc::default(), on_end: OnEnd::default() }
+        VolumeFs { client, invalidator, locked: Arc::default(), owners: Mutex::default(), on_end: OnEnd::default() }
     }
 
     /// `f` runs (on the session's thread) when the FUSE session has ended: the kernel no longer
@@ -217,6 +225,8 @@ pub struct Invalidator {
     /// any write that another sandbox finished before the open was pushed before the open's
     /// reply, so close-to-open holds without dropping the cache at every open.
     clean: Mutex<HashMap<u64, u64>>,
+    /// Lock requests waiting for a conflicting lock to go (they hear of `LockFreed` pushes).
+    waits: Arc<LockWaits>,
 }
 
 /// Most files remembered as cached-and-current (past it, the memory is cleared: the next
@@ -243,6 +253,7 @@ impl Invalidator {
                         Job::Notice(Notice::InvalEntry { parent, name }) => {
                             let _ = notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name));
                         }
+                        Job::Notice(Notice::LockFreed { .. }) => {}
                         Job::Then(ino, then) => {
                             let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
                             then();
@@ -253,12 +264,15 @@ impl Invalidator {
             .expect("spawn notifier thread");
         *self.tx.lock().unwrap() = Some(tx);
         let me = self.clone();
-        client.on_notice(move |n| {
-            if let Notice::InvalInode { ino } = &n {
-                me.forget(*ino);
-                let _ = inline.inval_inode(INodeNo(*ino), -1, 0);
+        client.on_notice(move |n| match n {
+            Notice::LockFreed { ino } => me.waits.freed(ino),
+            n => {
+                if let Notice::InvalInode { ino } = &n {
+                    me.forget(*ino);
+                    let _ = inline.inval_inode(INodeNo(*ino), -1, 0);
+                }
+                me.send(Job::Notice(n));
             }
-            me.send(Job::Notice(n));
         });
     }
 
@@ -329,34 +343,158 @@ impl Invalidator {
     }
 }
 
-/// Asks the host for a lock; a waiting request (F_SETLKW, flock without LOCK_NB) retries on
-/// `EAGAIN` from a timer thread with backoff, so no FUSE thread ever waits for a lock.
-fn try_lock(
-    client: Arc<MountClient>,
-    inval: Arc<Invalidator>,
-    who: Caller,
-    ino: u64,
-    lock: Lock,
-    sleep: bool,
-    delay: Duration,
-    reply: ReplyEmpty,
-) {
-    let c = client.clone();
+/// Asks the host for a lock that the caller does not wait for (F_SETLK, LOCK_NB, unlocks).
+fn set_lock(client: &MountClient, inval: Arc<Invalidator>, who: Caller, ino: u64, lock: Lock, reply: ReplyEmpty) {
     client.call_async(
-        who.clone(),
+        who,
         Op::SetLk { ino, lock: lock.clone() },
         Box::new(move |r| match r {
             Ok(_) if lock.typ == libc::F_UNLCK => reply.ok(),
             Ok(_) => inval.invalidate_then(ino, move || reply.ok()),
-            Err(e) if e.errno == libc::EAGAIN && sleep => {
-                let _ = std::thread::Builder::new().name("vfs-lockwait".into()).spawn(move || {
-                    std::thread::sleep(delay);
-                    try_lock(c, inval, who, ino, lock, sleep, (delay * 2).min(Duration::from_millis(50)), reply);
-                });
-            }
             Err(e) => reply.error(errno(&e)),
         }),
     );
+}
+
+/// Longest pause between two tries of a waiting lock request: the host pushes `LockFreed`
+/// when bytes are freed, so this only matters when a push was lost (a dropped connection) or
+/// the host did not take this session's interest (its limit).
+const WAIT_RETRY_MAX: Duration = Duration::from_millis(500);
+/// How often a waiting request's process is checked for a signal.
+const WAIT_CHECK: Duration = Duration::from_millis(40);
+
+/// One waiting lock request (F_SETLKW, flock without LOCK_NB) between two tries.
+struct Waiter {
+    ino: u64,
+    lock: Lock,
+    who: Caller,
+    /// The requesting thread, checked for pending signals.
+    pid: u32,
+    reply: ReplyEmpty,
+    delay: Duration,
+    due: std::time::Instant,
+}
+
+#[derive(Default)]
+struct WaitState {
+    parked: Vec<Waiter>,
+    /// `LockFreed` pushes heard so far: a try answered `EAGAIN` after a push that arrived while
+    /// it was in flight is tried again at once (the push may describe the very release it missed).
+    freed: u64,
+    /// Whether the waiting thread runs.
+    running: bool,
+}
+
+/// Waiting lock requests. No FUSE thread and no host thread ever waits for a lock: a request
+/// that conflicts is parked here and tried again when the host pushes `LockFreed` for its
+/// inode (or after a backoff, as a fallback). Meanwhile one thread per mount checks each
+/// waiting process for a signal, because fuser drops FUSE_INTERRUPT: a process that is
+/// signalled (or killed, or gone) is answered `EINTR` (the kernel restarts the call if the
+/// signal's handler asks for it), so a killed waiter dies and the mount can be unmounted.
+#[derive(Default)]
+pub struct LockWaits {
+    state: Mutex<WaitState>,
+    cv: Condvar,
+}
+
+impl LockWaits {
+    /// A push: locks on `ino` were freed.
+    fn freed(&self, ino: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.freed += 1;
+        let now = std::time::Instant::now();
+        for w in st.parked.iter_mut().filter(|w| w.ino == ino) {
+            w.due = now;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Sends one try of a waiting request.
+    fn attempt(self: &Arc<Self>, client: &Arc<MountClient>, inval: Arc<Invalidator>, mut w: Waiter) {
+        let heard = self.state.lock().unwrap().freed;
+        let (me, c) = (self.clone(), client.clone());
+        let (who, ino, lock) = (w.who.clone(), w.ino, w.lock.clone());
+        client.call_async(
+            who,
+            Op::SetLkW { ino, lock },
+            Box::new(move |r| match r {
+                Ok(_) => {
+                    let reply = w.reply;
+                    inval.invalidate_then(ino, move || reply.ok())
+                }
+                Err(e) if e.errno == libc::EAGAIN => {
+                    let mut st = me.state.lock().unwrap();
+                    let now = std::time::Instant::now();
+                    w.due = if st.freed != heard { now } else { now + w.delay };
+                    w.delay = (w.delay * 2).min(WAIT_RETRY_MAX);
+                    st.parked.push(w);
+                    if !st.running {
+                        st.running = true;
+                        let weak = Arc::downgrade(&me);
+                        let (client, inval) = (Arc::downgrade(&c), Arc::downgrade(&inval));
+                        let spawned = std::thread::Builder::new().name("vfs-lockwait".into()).spawn(move || wait_loop(weak, client, inval));
+                        if spawned.is_err() {
+                            st.running = false;
+                            let w = st.parked.pop().expect("just parked");
+                            drop(st);
+                            w.reply.error(Errno::ENOLCK);
+                            return;
+                        }
+                    }
+                    me.cv.notify_all();
+                }
+                Err(e) => w.reply.error(errno(&e)),
+            }),
+        );
+    }
+}
+
+/// Whether the thread `pid` has a signal pending that it does not block, or is gone: then the
+/// request it waits in must end (with EINTR) so that the signal can be delivered.
+fn interrupted(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return true };
+    let mask =
+        |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()).unwrap_or(0);
+    let gone = status.lines().any(|l| l.starts_with("State:") && (l.contains("zombie") || l.contains("dead")));
+    gone || (mask("SigPnd:") | mask("ShdPnd:")) & !mask("SigBlk:") != 0
+}
+
+/// The waiting thread of one mount: answers interrupted waiters with EINTR and tries again
+/// those that are due. Ends when the mount is gone or nothing waits.
+fn wait_loop(waits: std::sync::Weak<LockWaits>, client: std::sync::Weak<MountClient>, inval: std::sync::Weak<Invalidator>) {
+    loop {
+        let (Some(me), Some(client), Some(inval)) = (waits.upgrade(), client.upgrade(), inval.upgrade()) else { return };
+        let (gone, due) = {
+            let mut st = me.state.lock().unwrap();
+            if st.parked.is_empty() {
+                let (g, _) = me.cv.wait_timeout(st, Duration::from_secs(5)).unwrap();
+                st = g;
+                if st.parked.is_empty() {
+                    st.running = false;
+                    return;
+                }
+            }
+            let now = std::time::Instant::now();
+            let (gone, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut st.parked).into_iter().partition(|w| interrupted(w.pid));
+            let (due, rest): (Vec<Waiter>, Vec<Waiter>) = rest.into_iter().partition(|w| w.due <= now);
+            st.parked = rest;
+            (gone, due)
+        };
+        for w in gone {
+            tracing::debug!(pid = w.pid, ino = w.ino, "lock wait interrupted by a signal");
+            w.reply.error(Errno::EINTR);
+        }
+        for w in due {
+            me.attempt(&client, inval.clone(), w);
+        }
+        let st = me.state.lock().unwrap();
+        let now = std::time::Instant::now();
+        let next = st.parked.iter().map(|w| w.due.saturating_duration_since(now)).min().unwrap_or(WAIT_CHECK).min(WAIT_CHECK);
+        drop(me.cv.wait_timeout(st, next).unwrap());
+    }
 }
 
 impl Filesystem for VolumeFs {
@@ -578,7 +716,10 @@ impl Filesystem for VolumeFs {
     fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         // Data needs nothing here (writes reach the host synchronously and the kernel has
         // written back dirty pages); closing a descriptor drops its process's POSIX locks.
-        if !self.locked.lock().unwrap().contains(&ino.0) {
+        if let Some(owners) = self.owners.lock().unwrap().get_mut(&fh.0) {
+            owners.remove(&lock_owner.0);
+        }
+        if !self.locked.lock().unwrap().remove(&(ino.0, lock_owner.0)) {
             return reply.ok();
         }
         self.send(req, Op::Flush { ino: ino.0, fh: fh.0, lock_owner: lock_owner.0 }, empty_reply(reply));
@@ -594,6 +735,13 @@ impl Filesystem for VolumeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The open file description is gone: so are the locks it owned (OFD locks; flock's
+        // owner is the same and comes as `lock` too). Sent before the release, which ends
+        // the handle they name.
+        let owners = self.owners.lock().unwrap().remove(&fh.0).unwrap_or_default();
+        for owner in owners.into_iter().filter(|o| Some(*o) != lock.map(|l| l.0)) {
+            self.client.call_async(caller(req), Op::Flush { ino: ino.0, fh: fh.0, lock_owner: owner }, Box::new(|_| {}));
+        }
         self.send(req, Op::Release { ino: ino.0, fh: fh.0, lock_owner: lock.map(|l| l.0) }, empty_reply(reply));
     }
 
@@ -621,7 +769,7 @@ impl Filesystem for VolumeFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -631,8 +779,23 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         let lock = Lock { owner: lock_owner.0, start, end, typ, pid };
-        self.locked.lock().unwrap().insert(ino.0);
-        try_lock(self.client.clone(), self.invalidator.clone(), caller(req), ino.0, lock, sleep, Duration::from_millis(2), reply);
+        self.locked.lock().unwrap().insert((ino.0, lock_owner.0));
+        self.owners.lock().unwrap().entry(fh.0).or_default().insert(lock_owner.0);
+        let inval = self.invalidator.clone();
+        if sleep && typ != libc::F_UNLCK {
+            let w = Waiter {
+                ino: ino.0,
+                lock,
+                who: caller(req),
+                pid: req.pid(),
+                reply,
+                delay: Duration::from_millis(5),
+                due: std::time::Instant::now(),
+            };
+            inval.waits.clone().attempt(&self.client, inval.clone(), w);
+        } else {
+            set_lock(&self.client, inval, caller(req), ino.0, lock, reply);
+        }
     }
 
     fn fsync(&self, req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {

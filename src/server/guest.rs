@@ -183,6 +183,9 @@ fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<
             return Err(FsError::new(libc::ENOTDIR, format!("subpath {} is not a directory", row.subpath)));
         }
         let s = Arc::new(Session::new(server.new_session_id(), sandbox, row.id, row.volume, root.ino, row.read_only));
+        // A guest that names a session we do not have lost it to a restart (or a lapsed lease):
+        // it may take back the locks it held.
+        s.may_reclaim.store(resume.is_some(), std::sync::atomic::Ordering::SeqCst);
         server.register_session(s.clone());
         tracing::info!(sandbox, path, session = s.id, read_only = row.read_only, subpath = %row.subpath, "session opened");
         Ok(s)

@@ -5,11 +5,17 @@
 //! owner is (session, guest lock owner). Requests never block here: a conflicting request gets
 //! `EAGAIN`, and a guest that wants to wait retries; so a lock can never pin a server thread,
 //! and a session that ends (lease expired, detached) simply has its locks dropped.
+//!
+//! A waiting guest is not left to poll: a request that will wait records the session's
+//! interest in the file (at most [`MAX_WAITS_PER_SESSION`] files per session), and every change
+//! that frees bytes there (unlock, downgrade, close, session end) returns the interested
+//! sessions, which the caller tells with a push. Interest is one-shot: the guest registers it
+//! again if its retry conflicts again.
 
 use crate::engine::meta::VolId;
 use crate::fs::{FsError, FsResult, Ino};
 use crate::proto::Lock;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 #[derive(Clone, Debug)]
@@ -35,11 +41,51 @@ impl Held {
 /// table, or the time every lock request of its neighbours takes, without bound.
 pub const MAX_LOCKS_PER_SESSION: usize = 4096;
 
+/// Files one session may wait on at once. Past that a waiting request still gets `EAGAIN` but
+/// no push (the guest falls back to retrying on a timer), so a guest cannot grow the table.
+pub const MAX_WAITS_PER_SESSION: usize = 1024;
+
+/// Sessions to tell that locks were freed on a file: `((volume, inode), sessions)`.
+pub type Freed = Vec<((VolId, Ino), Vec<u64>)>;
+
 #[derive(Default)]
 struct Tables {
     files: HashMap<(VolId, Ino), Vec<Held>>,
     /// Ranges held per session, for the limit.
     per_session: HashMap<u64, usize>,
+    /// Sessions waiting for a lock on a file, to be told when something there is freed.
+    waiting: HashMap<(VolId, Ino), HashSet<u64>>,
+    /// Files each session waits on, for the limit.
+    waits_per_session: HashMap<u64, usize>,
+}
+
+impl Tables {
+    /// Takes the interest registered on a file (it is one-shot).
+    fn take_waiters(&mut self, key: (VolId, Ino)) -> Vec<u64> {
+        let Some(set) = self.waiting.remove(&key) else { return Vec::new() };
+        for s in &set {
+            if let Some(c) = self.waits_per_session.get_mut(s) {
+                *c -= 1;
+                if *c == 0 {
+                    self.waits_per_session.remove(s);
+                }
+            }
+        }
+        set.into_iter().collect()
+    }
+
+    fn add_waiter(&mut self, key: (VolId, Ino), session: u64) {
+        if self.waiting.get(&key).is_some_and(|s| s.contains(&session)) {
+            return;
+        }
+        let count = self.waits_per_session.entry(session).or_insert(0);
+        if *count >= MAX_WAITS_PER_SESSION {
+            tracing::warn!(session, limit = MAX_WAITS_PER_SESSION, "limit hit: files waited on per session (the guest polls instead)");
+            return;
+        }
+        *count += 1;
+        self.waiting.entry(key).or_default().insert(session);
+    }
 }
 
 #[derive(Default)]
@@ -58,22 +104,37 @@ impl LockTable {
     }
 
     /// Takes (`F_RDLCK`/`F_WRLCK`) or releases (`F_UNLCK`) a range; `EAGAIN` on conflict.
-    pub fn set(&self, vol: VolId, ino: Ino, session: u64, l: &Lock) -> FsResult<()> {
+    /// Returns the sessions to tell that bytes were freed (see [`LockTable::set_or_wait`]).
+    pub fn set(&self, vol: VolId, ino: Ino, session: u64, l: &Lock) -> FsResult<Vec<u64>> {
+        self.set_or_wait(vol, ino, session, l, false)
+    }
+
+    /// [`LockTable::set`]; with `wait`, a conflict also records that `session` waits on the
+    /// file, in the same critical section as the check, so no release in between is missed.
+    /// On success, returns the sessions waiting on the file if this freed bytes there (an
+    /// unlock or a downgrade of a range the owner held).
+    pub fn set_or_wait(&self, vol: VolId, ino: Ino, session: u64, l: &Lock, wait: bool) -> FsResult<Vec<u64>> {
         if l.start > l.end {
             return Err(FsError::new(libc::EINVAL, "lock range ends before it starts"));
         }
-        let mut t = self.tables.lock().unwrap();
-        let Tables { files, per_session } = &mut *t;
-        let held = files.entry((vol, ino)).or_default();
-        if l.typ != libc::F_UNLCK {
-            if let Some(h) = held.iter().find(|h| h.conflicts(session, l)) {
-                return Err(FsError::new(libc::EAGAIN, format!("bytes {}-{} are locked by another owner (pid {})", h.start, h.end, h.pid)));
-            }
+        if ![libc::F_RDLCK, libc::F_WRLCK, libc::F_UNLCK].contains(&l.typ) {
+            return Err(FsError::new(libc::EINVAL, format!("lock type {} is none of F_RDLCK, F_WRLCK, F_UNLCK", l.typ)));
         }
+        let mut t = self.tables.lock().unwrap();
+        let conflict = t.files.get(&(vol, ino)).and_then(|held| held.iter().find(|h| h.conflicts(session, l)).cloned());
+        if let (true, Some(h)) = (l.typ != libc::F_UNLCK, conflict) {
+            if wait {
+                t.add_waiter((vol, ino), session);
+            }
+            return Err(FsError::new(libc::EAGAIN, format!("bytes {}-{} are locked by another owner (pid {})", h.start, h.end, h.pid)));
+        }
+        let Tables { files, per_session, .. } = &mut *t;
+        let held = files.entry((vol, ino)).or_default();
         // Cut the owner's existing locks out of the range, then add the new one: this gives
         // POSIX replace, upgrade, downgrade and split semantics.
         let mine = |h: &Held| (h.session, h.owner) == (session, l.owner);
         let before = held.iter().filter(|h| mine(h)).count();
+        let frees = l.typ != libc::F_WRLCK && held.iter().any(|h| mine(h) && h.start <= l.end && l.start <= h.end);
         let mut kept = Vec::with_capacity(held.len() + 1);
         for h in held.iter().cloned() {
             let mine = (h.session, h.owner) == (session, l.owner);
@@ -106,16 +167,19 @@ impl LockTable {
         } else {
             *held = kept;
         }
-        Ok(())
+        Ok(if frees { t.take_waiters((vol, ino)) } else { Vec::new() })
     }
 
-    /// Drops every lock of one owner on one file (close of a descriptor, flock release).
-    pub fn release_owner(&self, vol: VolId, ino: Ino, session: u64, owner: u64) {
+    /// Drops every lock of one owner on one file (close of a descriptor, flock release);
+    /// returns the sessions to tell if anything was freed.
+    pub fn release_owner(&self, vol: VolId, ino: Ino, session: u64, owner: u64) -> Vec<u64> {
         let mut t = self.tables.lock().unwrap();
-        let Tables { files, per_session } = &mut *t;
+        let Tables { files, per_session, .. } = &mut *t;
+        let mut freed = false;
         if let Some(held) = files.get_mut(&(vol, ino)) {
             let n = held.len();
             held.retain(|h| (h.session, h.owner) != (session, owner));
+            freed = held.len() < n;
             if let Some(c) = per_session.get_mut(&session) {
                 *c -= n - held.len();
             }
@@ -123,16 +187,33 @@ impl LockTable {
                 files.remove(&(vol, ino));
             }
         }
+        if freed {
+            t.take_waiters((vol, ino))
+        } else {
+            Vec::new()
+        }
     }
 
-    /// Drops every lock a session holds (its lease ended).
-    pub fn release_session(&self, session: u64) {
+    /// Drops every lock a session holds, and its waits (its lease ended); returns, per file
+    /// where locks were freed, the sessions to tell.
+    pub fn release_session(&self, session: u64) -> Freed {
         let mut t = self.tables.lock().unwrap();
-        t.files.retain(|_, held| {
+        let mut freed = Vec::new();
+        t.files.retain(|key, held| {
+            let n = held.len();
             held.retain(|h| h.session != session);
+            if held.len() < n {
+                freed.push(*key);
+            }
             !held.is_empty()
         });
         t.per_session.remove(&session);
+        t.waiting.retain(|_, set| {
+            set.remove(&session);
+            !set.is_empty()
+        });
+        t.waits_per_session.remove(&session);
+        freed.into_iter().map(|key| (key, t.take_waiters(key))).filter(|(_, s)| !s.is_empty()).collect()
     }
 }
 
@@ -166,6 +247,33 @@ mod tests {
         t.set(1, 5, 3, &lk(5, 0, 10, libc::F_WRLCK)).unwrap();
         t.release_owner(1, 5, 3, 5);
         assert_eq!(t.test(1, 5, 7, &lk(1, 0, 10, libc::F_WRLCK)).typ, libc::F_UNLCK);
+    }
+
+    /// A conflicting request that will wait is told once when the holder frees bytes (unlock,
+    /// downgrade, close, session end), not when the holder only takes more; interest is bounded.
+    #[test]
+    fn waiters_are_told_when_bytes_are_freed() {
+        let t = LockTable::default();
+        t.set(1, 5, 1, &lk(1, 0, 99, libc::F_WRLCK)).unwrap();
+        assert_eq!(t.set_or_wait(1, 5, 2, &lk(1, 0, 0, libc::F_WRLCK), true).unwrap_err().errno, libc::EAGAIN);
+        assert_eq!(t.set_or_wait(1, 5, 3, &lk(1, 0, 0, libc::F_RDLCK), false).unwrap_err().errno, libc::EAGAIN);
+        assert!(t.set(1, 5, 1, &lk(1, 200, 300, libc::F_WRLCK)).unwrap().is_empty(), "taking more frees nothing");
+        assert_eq!(t.set(1, 5, 1, &lk(1, 0, 99, libc::F_RDLCK)).unwrap(), vec![2], "a downgrade tells the waiter, only it");
+        assert!(t.set(1, 5, 1, &lk(1, 0, 99, libc::F_UNLCK)).unwrap().is_empty(), "interest is one-shot");
+        assert_eq!(t.set_or_wait(1, 5, 2, &lk(1, 200, 200, libc::F_WRLCK), true).unwrap_err().errno, libc::EAGAIN);
+        assert_eq!(t.release_owner(1, 5, 1, 1), vec![2], "close tells the waiter");
+        t.set(1, 6, 1, &lk(1, 0, 0, libc::F_WRLCK)).unwrap();
+        assert!(t.set_or_wait(1, 6, 2, &lk(2, 0, 0, libc::F_WRLCK), true).is_err());
+        assert_eq!(t.release_session(1), vec![((1, 6), vec![2])], "session end tells the waiter");
+        // A session waits on at most MAX_WAITS_PER_SESSION files; its end drops its interest.
+        for i in 0..MAX_WAITS_PER_SESSION as u64 + 10 {
+            t.set(1, 100 + i, 7, &lk(1, 0, 0, libc::F_WRLCK)).unwrap();
+            assert!(t.set_or_wait(1, 100 + i, 8, &lk(1, 0, 0, libc::F_WRLCK), true).is_err());
+        }
+        assert_eq!(t.tables.lock().unwrap().waiting.len(), MAX_WAITS_PER_SESSION);
+        t.release_session(8);
+        assert!(t.tables.lock().unwrap().waiting.is_empty());
+        assert!(t.release_session(7).is_empty());
     }
 
     /// A session may hold MAX_LOCKS_PER_SESSION ranges; one more is ENOLCK and changes nothing,

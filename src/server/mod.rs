@@ -20,7 +20,7 @@ pub mod watch;
 
 use crate::engine::meta::{AttachState, AttachmentRow, VolId};
 use crate::engine::{check_object_name, Engine};
-use crate::fs::{Caller, FsError, FsResult, Kind};
+use crate::fs::{Caller, FsError, FsResult, Ino, Kind};
 use crate::proto::{AgentCommand, AgentReply, AttachmentSpec};
 use crate::transport::{Endpoint, Listener, AGENT_CONTROL_PORT, GUEST_SERVER_PORT};
 use session::Session;
@@ -43,6 +43,14 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 /// it becomes `EIO`. The guest data plane and the HTTP API both go through here.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> FsResult<T> + Send + 'static) -> FsResult<T> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(FsError::new(libc::EIO, format!("internal error: {e}"))))
+}
+
+/// The lock grace period after a restart: until `until`, or until every attachment in
+/// `expected` (mounted when the server went down) has reclaimed, new locks are not granted.
+#[derive(Default)]
+pub struct Grace {
+    until: Option<std::time::Instant>,
+    expected: std::collections::HashSet<u64>,
 }
 
 pub struct Config {
@@ -111,6 +119,8 @@ pub struct Server {
     /// Resumable (tus) uploads in progress.
     pub uploads: tus::Uploads,
     pub locks: locks::LockTable,
+    /// The lock grace period after a restart (see [`Grace`]).
+    grace: Mutex<Grace>,
     sandboxes: Mutex<HashMap<String, Arc<SandboxRt>>>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     by_volume: Mutex<HashMap<VolId, Vec<Weak<Session>>>>,
@@ -230,6 +240,7 @@ impl Server {
             url_key,
             uploads,
             locks: locks::LockTable::default(),
+            grace: Mutex::default(),
             sandboxes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             by_volume: Mutex::new(HashMap::new()),
@@ -238,7 +249,16 @@ impl Server {
             next_session: AtomicU64::new(u64::from_str_radix(&random_token()?[..12], 16).unwrap_or(1) | 1),
         });
         // Nothing is mounted until a guest says so again: leases do not outlive the server.
-        server.engine.release_all_mounted("server restarted")?;
+        let mounted = server.engine.release_all_mounted("server restarted")?;
+        if !mounted.is_empty() {
+            tracing::info!(
+                attachments = mounted.len(),
+                grace_s = server.config.lease_ttl.as_secs(),
+                "lock grace period: new locks wait until these mounts have reclaimed theirs (or the grace ends)"
+            );
+            *server.grace.lock().unwrap() =
+                Grace { until: Some(std::time::Instant::now() + server.config.lease_ttl), expected: mounted.into_iter().collect() };
+        }
         for sb in server.engine.list_sandboxes()? {
             server.start_listener(&sb.name)?;
         }
@@ -669,6 +689,21 @@ impl Server {
         self.engine.delete_volume(vol.id)
     }
 
+    /// Whether the lock grace period after a restart still runs: some attachment mounted before
+    /// the restart has not reclaimed its locks yet, and the grace (a lease TTL) has not ended.
+    pub fn in_lock_grace(&self) -> bool {
+        let g = self.grace.lock().unwrap();
+        !g.expected.is_empty() && g.until.is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    /// An attachment's guest reclaimed its locks: the grace need not wait for it any more.
+    pub fn reclaimed(&self, attachment: u64) {
+        let mut g = self.grace.lock().unwrap();
+        if g.expected.remove(&attachment) && g.expected.is_empty() {
+            tracing::info!("lock grace period over: every mount from before the restart has reclaimed its locks");
+        }
+    }
+
     fn sessions_where(&self, f: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
         self.sessions.lock().unwrap().values().filter(|s| f(s)).cloned().collect()
     }
@@ -693,7 +728,23 @@ impl Server {
     /// Drops a released session from the registry without touching its attachment record.
     pub fn forget_session(&self, s: &Arc<Session>) {
         self.sessions.lock().unwrap().remove(&s.id);
-        self.locks.release_session(s.id);
+        self.lock_freed_all(self.locks.release_session(s.id));
+    }
+
+    /// Tells the sessions waiting for a lock on `ino` that bytes there were freed.
+    pub fn lock_freed(&self, ino: Ino, waiting: &[u64]) {
+        if waiting.is_empty() {
+            return;
+        }
+        for s in self.sessions_where(|s| waiting.contains(&s.id)) {
+            s.lock_freed(ino);
+        }
+    }
+
+    pub fn lock_freed_all(&self, freed: locks::Freed) {
+        for ((_, ino), waiting) in freed {
+            self.lock_freed(ino, &waiting);
+        }
     }
 
     /// Ends a session: drops its handles (freeing unlinked files), closes its connection and
@@ -701,7 +752,7 @@ impl Server {
     pub fn end_session(&self, s: &Arc<Session>, state: AttachState, reason: &str) {
         tracing::info!(sandbox = %s.sandbox, session = s.id, state = state.name(), reason, "session ended");
         self.sessions.lock().unwrap().remove(&s.id);
-        self.locks.release_session(s.id);
+        self.lock_freed_all(self.locks.release_session(s.id));
         s.close(&self.engine);
         let _ = self.engine.set_attachment_state(s.attachment, state, reason);
     }

@@ -158,6 +158,9 @@ pub struct Session {
     conn: Mutex<Option<Arc<Conn>>>,
     /// When the guest was last heard from; with `conn == None`, when it went away.
     last_seen: Mutex<Instant>,
+    /// Set on a session opened for a guest that named a session this server does not have
+    /// (it restarted, or the lease lapsed): it may reclaim its locks, once.
+    pub may_reclaim: std::sync::atomic::AtomicBool,
 }
 
 impl Session {
@@ -179,6 +182,7 @@ impl Session {
             replayed: Condvar::new(),
             conn: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
+            may_reclaim: Default::default(),
         }
     }
 
@@ -254,6 +258,7 @@ impl Session {
             replayed: Condvar::new(),
             conn: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
+            may_reclaim: Default::default(),
         }
     }
 
@@ -400,6 +405,11 @@ impl Session {
         }
     }
 
+    /// Tells this session's guest that a lock it waits for on `real` may be free now.
+    pub fn lock_freed(&self, real: Ino) {
+        self.push(Notice::LockFreed { ino: self.to_wire(real) });
+    }
+
     pub fn invalidate_entry(&self, parent: Ino, name: &[u8]) {
         if self.known.lock().unwrap().contains_key(&parent) {
             let wire = self.to_wire(parent);
@@ -495,7 +505,7 @@ fn check_read_only(s: &Session, op: &Op) -> FsResult<()> {
     let writes = op.is_mutation()
         || match op {
             Op::Open { flags, .. } => flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0,
-            Op::SetLk { lock, .. } => lock.typ == libc::F_WRLCK,
+            Op::SetLk { lock, .. } | Op::SetLkW { lock, .. } => lock.typ == libc::F_WRLCK,
             _ => false,
         };
     if writes {
@@ -628,7 +638,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             let real = s.to_real(e, *ino)?;
             s.take_handle(*fh, real)?;
             if let Some(owner) = lock_owner {
-                server.locks.release_owner(v, real, s.id, *owner);
+                server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *owner));
             }
             e.release(v, real)?;
             (Reply::Empty, Changed::Nothing)
@@ -640,18 +650,51 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             (Reply::Empty, Changed::Nothing)
         }
         Op::Flush { ino, fh: _, lock_owner } => {
-            server.locks.release_owner(v, s.to_real(e, *ino)?, s.id, *lock_owner);
+            let real = s.to_real(e, *ino)?;
+            server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *lock_owner));
             (Reply::Empty, Changed::Nothing)
         }
         Op::GetLk { ino, lock } => (Reply::Lock(server.locks.test(v, s.to_real(e, *ino)?, s.id, lock)), Changed::Nothing),
-        Op::SetLk { ino, lock } => {
-            server.locks.set(v, s.to_real(e, *ino)?, s.id, lock)?;
+        Op::SetLk { ino, lock } | Op::SetLkW { ino, lock } => {
+            let real = s.to_real(e, *ino)?;
+            if lock.typ != libc::F_UNLCK && server.in_lock_grace() {
+                return Err(FsError::new(libc::EAGAIN, "the server restarted: locks held before are being reclaimed (grace period)"));
+            }
+            let wait = matches!(req.op, Op::SetLkW { .. });
+            server.lock_freed(real, &server.locks.set_or_wait(v, real, s.id, lock, wait)?);
             (Reply::Empty, Changed::Nothing)
+        }
+        Op::ReclaimLocks { locks } => {
+            if !s.may_reclaim.swap(false, Ordering::SeqCst) {
+                return Err(FsError::new(libc::EPERM, "only a session that replaces one the server lost may reclaim locks, once"));
+            }
+            if locks.len() > super::locks::MAX_LOCKS_PER_SESSION {
+                return Err(FsError::new(libc::ENOLCK, format!("{} locks to reclaim, more than a session may hold", locks.len())));
+            }
+            let mut failed = Vec::new();
+            for (i, (ino, lock)) in locks.iter().enumerate() {
+                let taken = s.to_real(e, *ino).and_then(|real| {
+                    if lock.typ == libc::F_UNLCK {
+                        return Err(FsError::new(libc::EINVAL, "an unlock is not a lock to reclaim"));
+                    }
+                    if s.read_only && lock.typ == libc::F_WRLCK {
+                        return Err(erofs(s));
+                    }
+                    server.locks.set(v, real, s.id, lock).map(|_| ())
+                });
+                if let Err(err) = taken {
+                    tracing::warn!(sandbox = %s.sandbox, session = s.id, ino, start = lock.start, end = lock.end, pid = lock.pid, "lock not reclaimed after the restart (its holder is told on its next lock call): {err}");
+                    failed.push(i as u32);
+                }
+            }
+            tracing::info!(sandbox = %s.sandbox, session = s.id, reclaimed = locks.len() - failed.len(), failed = failed.len(), "locks reclaimed");
+            server.reclaimed(s.attachment);
+            (Reply::Reclaimed { failed }, Changed::Nothing)
         }
         Op::ReleaseLease => {
             tracing::info!(sandbox = %s.sandbox, session = s.id, "lease released by the guest");
             s.set_lease(LeaseState::Released);
-            server.locks.release_session(s.id);
+            server.lock_freed_all(server.locks.release_session(s.id));
             let _ = e.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)");
             (Reply::Empty, Changed::Nothing)
         }
