@@ -40,6 +40,20 @@ impl VolumeFs {
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
         self.client.call_async(caller(req), op, Box::new(done));
     }
+
+    /// The reply to a setxattr or removexattr. Setting an access ACL changes the permission bits
+    /// on the host, which the kernel does not know: for ACL names, its cached attributes are
+    /// dropped before the caller is answered, so a `stat` right after `setfacl` sees them.
+    fn acl_reply(&self, ino: u64, name: &OsStr, reply: ReplyEmpty) -> Box<dyn FnOnce(Result<Reply, FsError>) + Send> {
+        if !name.as_bytes().starts_with(b"system.posix_acl_") {
+            return Box::new(empty_reply(reply));
+        }
+        let inval = self.invalidator.clone();
+        Box::new(move |r| match r {
+            Ok(_) => inval.invalidate_then(ino, move || reply.ok()),
+            Err(e) => reply.error(errno(&e)),
+        })
+    }
 }
 
 /// The requesting process's credentials, with supplementary groups read from /proc (FUSE only
@@ -282,7 +296,14 @@ impl Filesystem for VolumeFs {
             // lookup of "." in it (and a directory's parent with ".."); inode numbers are stable.
             | InitFlags::FUSE_EXPORT_SUPPORT
             // mmap keeps working on descriptors opened with O_APPEND (direct I/O, see open_flags).
-            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
+            // POSIX ACLs: the kernel reads them (getxattr system.posix_acl_*) for its own
+            // permission check and sends setfacl as setxattr. With them it no longer applies the
+            // umask itself; DONT_MASK makes sure nothing in the kernel does: create, mkdir and
+            // mknod carry mode and umask, and the host applies the umask only when the directory
+            // has no default ACL (which replaces it). The host checks ACLs on every request anyway.
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK;
         // No FUSE_WRITEBACK_CACHE: with it the kernel trusts its own size and times of regular
         // files and ignores the host's, so a file grown or truncated by another sandbox would
         // keep its old size here (and SQLite on a shared volume corrupts). Writes are
@@ -605,7 +626,7 @@ impl Filesystem for VolumeFs {
 
     fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
         let op = Op::SetXattr { ino: ino.0, name: name.as_bytes().to_vec(), value: value.to_vec(), flags };
-        self.send(req, op, empty_reply(reply));
+        self.send(req, op, self.acl_reply(ino.0, name, reply));
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -617,7 +638,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.send(req, Op::RemoveXattr { ino: ino.0, name: name.as_bytes().to_vec() }, empty_reply(reply));
+        self.send(req, Op::RemoveXattr { ino: ino.0, name: name.as_bytes().to_vec() }, self.acl_reply(ino.0, name, reply));
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
