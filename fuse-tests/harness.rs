@@ -601,6 +601,27 @@ impl Drop for Agent {
     }
 }
 
+/// The bytes a file stores, summed over the data runs SEEK_DATA / SEEK_HOLE find (what the
+/// volume charges for it: holes are free).
+pub fn stored_bytes(p: &Path) -> u64 {
+    use std::os::unix::io::AsRawFd;
+    let f = fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len() as i64;
+    let (mut pos, mut sum) = (0i64, 0u64);
+    while pos < len {
+        // SAFETY: lseek on a descriptor this function owns.
+        let start = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if start < 0 {
+            break; // ENXIO: no data after pos
+        }
+        let stop = unsafe { libc::lseek(f.as_raw_fd(), start, libc::SEEK_HOLE) };
+        assert!(stop > start, "SEEK_HOLE after {start} in {}: {stop}", p.display());
+        sum += (stop - start) as u64;
+        pos = stop;
+    }
+    sum
+}
+
 /// Runs `sh -c script` as `uid:gid` with the given supplementary groups (none if empty).
 pub fn run_as(uid: u32, gid: u32, groups: &[u32], script: &str) -> Output {
     let mut cmd = Command::new("setpriv");

@@ -21,6 +21,8 @@
 //! - [`namespace`]: directories, rename (all flavours), hard links, symlinks, fifos, unlink of
 //!   open files.
 //! - [`attrs`]: mode/owner/times, xattrs, non-root permission checks.
+//! - [`posix`]: sparse files, fallocate, SEEK_DATA/SEEK_HOLE, copy_file_range, atime,
+//!   execute-only programs, file handles, listings during renames, overlayfs whiteouts.
 //! - [`volumes`]: statfs, durability across agent restarts, quota, the volume CLI.
 //! - [`load`]: 64 sandboxes doing mixed work on one server; resources return afterwards.
 //! - [`locks`]: fcntl and flock locks across mounts of one volume.
@@ -42,6 +44,7 @@ mod lifecycle;
 mod load;
 mod locks;
 mod namespace;
+mod posix;
 mod protocol;
 mod sharing;
 mod tools;

@@ -303,3 +303,21 @@ fn vm_appends_from_two_microvms_keep_every_record() {
     check_records("read back inside sb2", inside.as_bytes(), 2, N, Locking::NoLock);
     eprintln!("vm: two microVMs appended {n} records, each exactly once");
 }
+
+/// Inside a microVM: preallocation charges the volume and shows in `st_blocks`; a sparse file
+/// costs what it stores; preallocating past the cap is EDQUOT.
+#[test]
+fn vm_fallocate_and_sparse_files() {
+    require_vm!();
+    let c = Cluster::new();
+    c.create_volume("data", Some("64MiB"));
+    let _vm = Running::boot(&c, "sb", &["data:/mnt/data"]);
+    guest_ok(&c, "sb", "fallocate -l 4194304 /mnt/data/pre");
+    assert_eq!(guest_ok(&c, "sb", "stat -c '%s %b' /mnt/data/pre"), "4194304 8192\n");
+    assert!(eventually(Duration::from_secs(3), || c.volume_used("data") == 4 << 20).is_some(), "used {}", c.volume_used("data"));
+    guest_ok(&c, "sb", "dd if=/dev/zero of=/mnt/data/sparse bs=1 count=1 seek=1073741824 2>/dev/null");
+    assert_eq!(guest_ok(&c, "sb", "stat -c '%s %b' /mnt/data/sparse"), "1073741825 1\n");
+    assert_eq!(c.volume_used("data"), (4 << 20) + 1, "a sparse GiB costs its one byte");
+    let out = guest(&c, "sb", "fallocate -l 134217728 /mnt/data/too-big");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("quota"), "{out:?}");
+}

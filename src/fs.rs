@@ -162,6 +162,9 @@ pub struct Attr {
     /// Holes cost nothing, so this may be less than `size` (a sparse file) or more (space
     /// preallocated past the end with `FALLOC_FL_KEEP_SIZE`). 0 for anything else.
     pub alloc: u64,
+    /// Whether the inode has any extended attribute: a guest answers lookups of absent ones
+    /// (every `ls -l` asks for `security.selinux`) without a round trip while this is false.
+    pub xattrs: bool,
     pub atime: Timespec,
     pub mtime: Timespec,
     pub ctime: Timespec,

@@ -7,11 +7,13 @@
 //!
 //! Invariants:
 //! - A directory's `nlink` is 2 plus its number of subdirectories; the root has no dentry.
-//! - A volume's `used` is the sum of the sizes of its regular files (including files unlinked
-//!   while still open), of its symlink targets and of its xattr names and values; it never
-//!   exceeds `cap` (a write, truncate, symlink or setxattr that would pass it fails with
-//!   `EDQUOT` and changes nothing). Inodes are bounded by [`max_inodes`]. Sparse files count at their apparent size, which keeps the
-//!   number exact and predictable whatever the host filesystem does with holes.
+//! - A volume's `used` is the sum of the bytes its regular files store (including files
+//!   unlinked while still open), of its symlink targets and of its xattr names and values; it
+//!   never exceeds `cap` (a write, fallocate, copy, symlink or setxattr that would pass it fails
+//!   with `EDQUOT` and changes nothing). A file stores the byte ranges its writes and
+//!   preallocations cover (kept in the metadata store, merged, so `Attr::alloc` and `used` are
+//!   exact whatever the host filesystem does with holes); holes are free. Inodes are bounded by
+//!   [`max_inodes`].
 //! - An inode whose last name is removed while it is open stays (with `nlink == 0`) until the last
 //!   handle is released; orphans left by a server stop can be reopened after the restart and are
 //!   reclaimed when [`Engine::reclaim_orphans`] finds them unheld (the server calls it once the
@@ -309,6 +311,7 @@ impl Engine {
                     gid: 0,
                     size: 0,
                     alloc: 0,
+                    xattrs: false,
                     atime: now,
                     mtime: now,
                     ctime: now,
@@ -695,6 +698,7 @@ impl Engine {
                 gid,
                 size: target.map_or(0, |t| t.len() as u64),
                 alloc: 0,
+                xattrs: !acls.is_empty(),
                 atime: now,
                 mtime: now,
                 ctime: now,
@@ -1024,6 +1028,7 @@ impl Engine {
                     gid: c.gid,
                     size: 0,
                     alloc: 0,
+                    xattrs: false,
                     atime: now,
                     mtime: now,
                     ctime: now,
@@ -1483,6 +1488,7 @@ impl Engine {
                 return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
             }
             Self::store_xattr(t, vol, ino, name, value)?;
+            a.xattrs = true;
             a.ctime = Timespec::now();
             log.push(Event::Modify { node: a.kind, ino });
             t.put_inode(vol, &a)
@@ -1548,6 +1554,7 @@ impl Engine {
                     a.acl &= !mark;
                 }
             }
+            a.xattrs = !t.list_xattrs(vol, ino)?.is_empty();
             a.ctime = Timespec::now();
             log.push(Event::Modify { node: a.kind, ino });
             t.put_inode(vol, &a)
@@ -1585,6 +1592,7 @@ impl Engine {
             if !Self::drop_xattr(t, vol, ino, name)? {
                 return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
             }
+            a.xattrs = !t.list_xattrs(vol, ino)?.is_empty();
             if name == acl::ACCESS {
                 a.acl &= !ACL_ACCESS;
             } else if name == acl::DEFAULT {

@@ -546,6 +546,9 @@ fn compare(m: &Model, r: &Real) -> Result<(), String> {
                 return Err(format!("inode {ino}: SEEK_DATA/SEEK_HOLE disagree with the model's stored bytes"));
             }
         }
+        if a.xattrs == n.xattrs.is_empty() {
+            return Err(format!("inode {ino}: xattr flag {} in the engine, {} xattrs in the model", a.xattrs, n.xattrs.len()));
+        }
         let names = e.listxattr(v, *ino, &c).map_err(|x| x.to_string())?;
         let want: Vec<u8> = n.xattrs.keys().flat_map(|k| k.iter().copied().chain([0])).collect();
         let mut got_names: Vec<&[u8]> = names.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     gid INTEGER NOT NULL,
     size INTEGER NOT NULL,
     alloc INTEGER NOT NULL DEFAULT 0,
+    xattrs INTEGER NOT NULL DEFAULT 0,
     atime INTEGER NOT NULL,
     mtime INTEGER NOT NULL,
     ctime INTEGER NOT NULL,
@@ -134,11 +135,11 @@ impl SqliteMeta {
         // Data directories from before files were charged for stored bytes (not apparent size)
         // gain `inodes.alloc`, and each file one stored range covering it, which is what it cost
         // then: usage stays the same.
-        let has_alloc: bool = conn
-            .query_row("SELECT COUNT(*) FROM pragma_table_info('inodes') WHERE name = 'alloc'", [], |r| r.get::<_, i64>(0))
-            .map_err(db_err)?
-            > 0;
-        if !has_alloc {
+        let has_column = |name: &str| -> FsResult<bool> {
+            let sql = "SELECT COUNT(*) FROM pragma_table_info('inodes') WHERE name = ?1";
+            Ok(conn.query_row(sql, params![name], |r| r.get::<_, i64>(0)).map_err(db_err)? > 0)
+        };
+        if !has_column("alloc")? {
             conn.execute_batch(&format!(
                 "BEGIN;
                  ALTER TABLE inodes ADD COLUMN alloc INTEGER NOT NULL DEFAULT 0;
@@ -147,6 +148,16 @@ impl SqliteMeta {
                  COMMIT;",
                 f = Kind::File.code()
             ))
+            .map_err(db_err)?;
+        }
+        // ... and `inodes.xattrs`, set where an inode has any.
+        if !has_column("xattrs")? {
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE inodes ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0;
+                 UPDATE inodes SET xattrs = 1 WHERE EXISTS (SELECT 1 FROM xattrs x WHERE x.vol = inodes.vol AND x.ino = inodes.ino);
+                 COMMIT;",
+            )
             .map_err(db_err)?;
         }
         let mut wal = path.as_os_str().to_owned();
@@ -210,6 +221,7 @@ fn row_attr(r: &Row<'_>) -> rusqlite::Result<Attr> {
         ctime: Timespec::from_nanos(r.get(9)?),
         rdev: r.get::<_, i64>(10)? as u32,
         alloc: r.get::<_, i64>(11)? as u64,
+        xattrs: r.get::<_, i64>(12)? != 0,
         acl: (perm >> ACL_SHIFT) as u8,
     })
 }
@@ -297,7 +309,7 @@ impl MetaTxn for SqliteTxn<'_> {
     fn get_inode(&mut self, vol: VolId, ino: Ino) -> FsResult<Option<Attr>> {
         self.tx
             .prepare_cached(
-                "SELECT ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev, alloc FROM inodes WHERE vol = ?1 AND ino = ?2",
+                "SELECT ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev, alloc, xattrs FROM inodes WHERE vol = ?1 AND ino = ?2",
             )
             .and_then(|mut st| st.query_row(params![vol, ino as i64], row_attr).optional())
             .map_err(db_err)
@@ -306,12 +318,12 @@ impl MetaTxn for SqliteTxn<'_> {
     fn put_inode(&mut self, vol: VolId, a: &Attr) -> FsResult<()> {
         self.tx
             .prepare_cached(
-                "INSERT INTO inodes (vol, ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev, alloc)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                "INSERT INTO inodes (vol, ino, kind, perm, nlink, uid, gid, size, atime, mtime, ctime, rdev, alloc, xattrs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  ON CONFLICT (vol, ino) DO UPDATE SET kind = excluded.kind, perm = excluded.perm,
                    nlink = excluded.nlink, uid = excluded.uid, gid = excluded.gid, size = excluded.size,
                    atime = excluded.atime, mtime = excluded.mtime, ctime = excluded.ctime, rdev = excluded.rdev,
-                   alloc = excluded.alloc",
+                   alloc = excluded.alloc, xattrs = excluded.xattrs",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -327,7 +339,8 @@ impl MetaTxn for SqliteTxn<'_> {
                     a.mtime.to_nanos(),
                     a.ctime.to_nanos(),
                     a.rdev as i64,
-                    a.alloc as i64
+                    a.alloc as i64,
+                    a.xattrs as i64
                 ])
             })
             .map_err(db_err)?;

@@ -12,11 +12,12 @@ use fuser::{
     LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How long the kernel may trust names and attributes without asking. Other sandboxes' changes
 /// are pushed as invalidations, so this bounds staleness only if a push is lost.
@@ -41,18 +42,20 @@ impl VolumeFs {
         self.client.call_async(caller(req), op, Box::new(done));
     }
 
-    /// The reply to a setxattr or removexattr. Setting an access ACL changes the permission bits
-    /// on the host, which the kernel does not know: for ACL names, its cached attributes are
-    /// dropped before the caller is answered, so a `stat` right after `setfacl` sees them.
-    fn acl_reply(&self, ino: u64, name: &OsStr, reply: ReplyEmpty) -> Box<dyn FnOnce(Result<Reply, FsError>) + Send> {
-        if !name.as_bytes().starts_with(b"system.posix_acl_") {
-            return Box::new(empty_reply(reply));
-        }
+    /// The reply to a setxattr or removexattr: whether the inode has xattrs is forgotten again
+    /// (see `setxattr`). Setting an access ACL also changes the permission bits on the host,
+    /// which the kernel does not know: for ACL names its cached attributes are dropped before
+    /// the caller is answered, so a `stat` right after `setfacl` sees them.
+    fn xattr_changed(&self, ino: u64, name: &OsStr, reply: ReplyEmpty) -> impl FnOnce(Result<Reply, FsError>) + Send + 'static {
+        let acl = name.as_bytes().starts_with(b"system.posix_acl_");
         let inval = self.invalidator.clone();
-        Box::new(move |r| match r {
-            Ok(_) => inval.invalidate_then(ino, move || reply.ok()),
-            Err(e) => reply.error(errno(&e)),
-        })
+        move |r| {
+            inval.forget(ino);
+            match r {
+                Ok(_) if acl => inval.invalidate_then(ino, move || reply.ok()),
+                r => empty_reply(reply)(r),
+            }
+        }
     }
 }
 
@@ -121,9 +124,13 @@ fn unexpected(r: Reply) -> Errno {
     Errno::EIO
 }
 
-fn entry_reply(reply: ReplyEntry) -> impl FnOnce(Result<Reply, FsError>) + Send {
+fn entry_reply(reply: ReplyEntry, inv: &Arc<Invalidator>) -> impl FnOnce(Result<Reply, FsError>) + Send {
+    let inv = inv.clone();
     move |r| match r {
-        Ok(Reply::Entry(a)) => reply.entry(&TTL, &attr(&a), Generation(0)),
+        Ok(Reply::Entry(a)) => {
+            inv.note(&a);
+            reply.entry(&TTL, &attr(&a), Generation(0))
+        }
         Ok(other) => reply.error(unexpected(other)),
         Err(e) => reply.error(errno(&e)),
     }
@@ -136,9 +143,13 @@ fn empty_reply(reply: ReplyEmpty) -> impl FnOnce(Result<Reply, FsError>) + Send 
     }
 }
 
-fn attr_reply(reply: ReplyAttr) -> impl FnOnce(Result<Reply, FsError>) + Send {
+fn attr_reply(reply: ReplyAttr, inv: &Arc<Invalidator>) -> impl FnOnce(Result<Reply, FsError>) + Send {
+    let inv = inv.clone();
     move |r| match r {
-        Ok(Reply::Attr(a)) => reply.attr(&TTL, &attr(&a)),
+        Ok(Reply::Attr(a)) => {
+            inv.note(&a);
+            reply.attr(&TTL, &attr(&a))
+        }
         Ok(other) => reply.error(unexpected(other)),
         Err(e) => reply.error(errno(&e)),
     }
@@ -188,7 +199,16 @@ enum Job {
 #[derive(Default)]
 pub struct Invalidator {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Inodes the host last reported without any xattr, until when that may be trusted (the
+    /// attribute TTL, as for the attributes it came with). Lookups of absent xattrs (`ls -l`
+    /// asks every file for `security.selinux`) are answered here meanwhile; a pushed
+    /// invalidation of the inode forgets it.
+    bare: Mutex<HashMap<u64, Instant>>,
 }
+
+/// Most inodes remembered as xattr-free (a bound on the guest's memory, not a tuning knob:
+/// past it, entries are dropped and the host is asked).
+const BARE_MAX: usize = 65536;
 
 impl Invalidator {
     /// Starts the invalidation thread once the FUSE session (and so the notifier) exists.
@@ -218,6 +238,7 @@ impl Invalidator {
         let me = self.clone();
         client.on_notice(move |n| {
             if let Notice::InvalInode { ino } = &n {
+                me.forget(*ino);
                 let _ = inline.inval_inode(INodeNo(*ino), -1, 0);
             }
             me.send(Job::Notice(n));
@@ -240,7 +261,34 @@ impl Invalidator {
     /// Drops what the kernel caches of `ino` (attributes and pages), soon, on the invalidation
     /// thread.
     pub fn invalidate(&self, ino: u64) {
+        self.forget(ino);
         self.send(Job::Notice(Notice::InvalInode { ino }));
+    }
+
+    /// Learns from attributes the host sent whether the inode has xattrs.
+    fn note(&self, a: &Attr) {
+        let mut bare = self.bare.lock().unwrap();
+        if a.xattrs {
+            bare.remove(&a.ino);
+            return;
+        }
+        if bare.len() >= BARE_MAX {
+            let now = Instant::now();
+            bare.retain(|_, until| *until > now);
+            if bare.len() >= BARE_MAX {
+                bare.clear();
+            }
+        }
+        bare.insert(a.ino, Instant::now() + TTL);
+    }
+
+    fn forget(&self, ino: u64) {
+        self.bare.lock().unwrap().remove(&ino);
+    }
+
+    /// Whether `ino` is known (within the TTL) to have no xattrs at all.
+    fn is_bare(&self, ino: u64) -> bool {
+        self.bare.lock().unwrap().get(&ino).is_some_and(|until| *until > Instant::now())
     }
 
     /// Drops what the kernel caches of `ino`, then runs `then`. Taking a lock is a coherence
@@ -318,7 +366,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.send(req, Op::Lookup { parent: parent.0, name: name.as_bytes().to_vec() }, entry_reply(reply));
+        self.send(req, Op::Lookup { parent: parent.0, name: name.as_bytes().to_vec() }, entry_reply(reply, &self.invalidator));
     }
 
     fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
@@ -326,7 +374,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.send(req, Op::GetAttr { ino: ino.0 }, attr_reply(reply));
+        self.send(req, Op::GetAttr { ino: ino.0 }, attr_reply(reply, &self.invalidator));
     }
 
     fn setattr(
@@ -348,7 +396,7 @@ impl Filesystem for VolumeFs {
         reply: ReplyAttr,
     ) {
         let set = SetAttr { mode, uid, gid, size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
-        self.send(req, Op::SetAttr { ino: ino.0, set }, attr_reply(reply));
+        self.send(req, Op::SetAttr { ino: ino.0, set }, attr_reply(reply, &self.invalidator));
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -361,11 +409,11 @@ impl Filesystem for VolumeFs {
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let op = Op::MkNod { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask, rdev };
-        self.send(req, op, entry_reply(reply));
+        self.send(req, op, entry_reply(reply, &self.invalidator));
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        self.send(req, Op::MkDir { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask }, entry_reply(reply));
+        self.send(req, Op::MkDir { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask }, entry_reply(reply, &self.invalidator));
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -378,7 +426,7 @@ impl Filesystem for VolumeFs {
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let op = Op::Symlink { parent: parent.0, name: link_name.as_bytes().to_vec(), target: target.as_os_str().as_bytes().to_vec() };
-        self.send(req, op, entry_reply(reply));
+        self.send(req, op, entry_reply(reply, &self.invalidator));
     }
 
     fn rename(
@@ -403,7 +451,7 @@ impl Filesystem for VolumeFs {
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let op = Op::Link { ino: ino.0, new_parent: newparent.0, new_name: newname.as_bytes().to_vec() };
-        self.send(req, op, entry_reply(reply));
+        self.send(req, op, entry_reply(reply, &self.invalidator));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -582,6 +630,7 @@ impl Filesystem for VolumeFs {
     fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let op = Op::ReadDir { ino: ino.0, fh: fh.0, cookie: offset, plus: true, max_entries: DIR_BATCH };
         let client = self.client.clone();
+        let inv = self.invalidator.clone();
         let who = caller(req);
         self.send(req, op, move |r| match r {
             Ok(Reply::Dir(entries)) => {
@@ -590,6 +639,9 @@ impl Filesystem for VolumeFs {
                 for d in entries {
                     let dots = d.name == b"." || d.name == b"..";
                     let Some(a) = d.attr.as_ref() else { continue };
+                    if !dots {
+                        inv.note(a);
+                    }
                     if !full && reply.add(INodeNo(d.ino), d.cookie, OsStr::from_bytes(&d.name), &TTL, &attr(a), Generation(0)) {
                         full = true;
                     }
@@ -626,25 +678,42 @@ impl Filesystem for VolumeFs {
 
     fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
         let op = Op::SetXattr { ino: ino.0, name: name.as_bytes().to_vec(), value: value.to_vec(), flags };
-        self.send(req, op, self.acl_reply(ino.0, name, reply));
+        // Forgotten before and after: an attribute reply racing with this one may have said
+        // "none" again meanwhile.
+        self.invalidator.forget(ino.0);
+        self.send(req, op, self.xattr_changed(ino.0, name, reply));
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // An inode without xattrs has none of a namespace the host serves: ENODATA, as the host
+        // would say (the kernel has checked the caller's permission to ask already).
+        let served = [&b"user."[..], b"trusted.", b"security.", b"system.posix_acl_access", b"system.posix_acl_default"];
+        if self.invalidator.is_bare(ino.0) && served.iter().any(|p| name.as_bytes().starts_with(p)) {
+            return reply.error(Errno::NO_XATTR);
+        }
         self.send(req, Op::GetXattr { ino: ino.0, name: name.as_bytes().to_vec() }, xattr_reply(reply, size));
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if self.invalidator.is_bare(ino.0) {
+            return if size == 0 { reply.size(0) } else { reply.data(&[]) };
+        }
         self.send(req, Op::ListXattr { ino: ino.0 }, xattr_reply(reply, size));
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.send(req, Op::RemoveXattr { ino: ino.0, name: name.as_bytes().to_vec() }, self.acl_reply(ino.0, name, reply));
+        self.invalidator.forget(ino.0);
+        self.send(req, Op::RemoveXattr { ino: ino.0, name: name.as_bytes().to_vec() }, self.xattr_changed(ino.0, name, reply));
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
         let op = Op::Create { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask, flags };
+        let inv = self.invalidator.clone();
         self.send(req, op, move |r| match r {
-            Ok(Reply::Created { attr: a, fh }) => reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), open_flags(flags)),
+            Ok(Reply::Created { attr: a, fh }) => {
+                inv.note(&a);
+                reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), open_flags(flags))
+            }
             Ok(other) => reply.error(unexpected(other)),
             Err(e) => reply.error(errno(&e)),
         });
