@@ -512,6 +512,108 @@ fn runtime_attach_and_detach() {
     drop(app);
 }
 
+/// Issue #13: a plain `umount` inside the guest. The agent notices the FUSE session end,
+/// reports the attachment `released` ("unmounted in the guest"), and the path can be attached
+/// again (same record) or detached, with or without `--force`.
+#[test]
+fn umount_in_the_guest_releases_the_attachment_and_it_can_be_attached_again() {
+    require_fuse!();
+    let c = Cluster::new();
+    c.create_volume("vol", Some("64MiB"));
+    let sock = c.sandbox("sb");
+    let mnt = c.path("mnt");
+    let other = c.path("other");
+    c.attach("sb", "vol", &mnt, &[]);
+    c.attach("sb", "vol", &other, &[]);
+    let agent = c.start_agent(&sock, &[&mnt, &other]);
+    expect_state(&c, "agent start", "sb", &mnt, "mounted");
+    write(&mnt.join("kept.txt"), b"written before the umount\n");
+    let id = record(&c, "sb", &mnt).unwrap()["id"].clone();
+
+    sh(&format!("umount {}", mnt.display()));
+    assert!(!is_mounted(&mnt), "{} still mounted after umount", mnt.display());
+    let ((_, reason), took) = wait_state(&c, "umount in the guest", "sb", &mnt, "released", Duration::from_secs(20));
+    assert!(reason.contains("unmounted in the guest"), "reason after a guest umount: {reason:?}");
+    eprintln!("guest umount reported after {took:?}");
+    // The other mount of the same volume is untouched.
+    expect_state(&c, "umount of the other path", "sb", &other, "mounted");
+    assert_eq!(read(&other.join("kept.txt")), b"written before the umount\n");
+
+    // Attach again at the same path: mounted now, under the same record, data intact.
+    let out = cli_ok(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap(), "--json"], T);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["state"], "mounted", "attach again --json: {out}\nagent log:\n{}", agent.log());
+    assert_eq!(v["id"], id, "attach again should reuse the record: {out}");
+    assert!(is_mounted(&mnt), "attach again returned but {} is not mounted", mnt.display());
+    assert_eq!(attachments(&c, "sb").len(), 2, "{:?}", attachments(&c, "sb"));
+    assert_eq!(read(&mnt.join("kept.txt")), b"written before the umount\n");
+    write(&mnt.join("again.txt"), b"after the second attach");
+    assert_eq!(read(&other.join("again.txt")), b"after the second attach");
+    // Attaching again while it is mounted is still refused.
+    cli_err(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap()], T);
+    // A different volume at the released path is refused too (detach first).
+    sh(&format!("umount {}", mnt.display()));
+    wait_state(&c, "second umount in the guest", "sb", &mnt, "released", Duration::from_secs(20));
+    c.create_volume("vol2", Some("16MiB"));
+    let (_, err) = cli_err(&c, &["attach", "sb", "vol2", "--at", mnt.to_str().unwrap()], T);
+    assert!(err.contains("already has a volume"), "attach of another volume at a released path: {err}");
+
+    // detach --force of an attachment unmounted in the guest: works, record gone.
+    cli_ok(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap()], T);
+    expect_state(&c, "third attach", "sb", &mnt, "mounted");
+    // Detach right after the umount, before the agent may have noticed: must work either way.
+    sh(&format!("umount {}", mnt.display()));
+    cli_ok(&c, &["detach", "sb", "--at", mnt.to_str().unwrap(), "--force"], T);
+    assert!(record(&c, "sb", &mnt).is_none(), "record still listed after detach --force");
+    assert!(!is_mounted(&mnt));
+    // And a fresh attach there mounts, then a detach --force of a live mount unmounts it.
+    cli_ok(&c, &["attach", "sb", "vol2", "--at", mnt.to_str().unwrap()], T);
+    expect_state(&c, "fresh attach after detach", "sb", &mnt, "mounted");
+    assert!(is_mounted(&mnt));
+    write(&mnt.join("v2.txt"), b"vol2");
+    cli_ok(&c, &["detach", "sb", "--at", mnt.to_str().unwrap(), "--force"], T);
+    assert!(!is_mounted(&mnt), "{} still mounted after detach --force", mnt.display());
+    assert!(record(&c, "sb", &mnt).is_none());
+    expect_state(&c, "after everything", "sb", &other, "mounted");
+
+    // An umount while the sandbox is hibernated: like every access it waits (the kernel's
+    // forgets at unmount are held with the rest), and is reported once the sandbox resumes.
+    cli_ok(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap()], T);
+    expect_state(&c, "attach before hibernation", "sb", &mnt, "mounted");
+    cli_ok(&c, &["sandbox", "hibernate", "sb"], T);
+    expect_state(&c, "hibernate", "sb", &mnt, "released");
+    // umount(2) itself, not umount(8), which stats the path first (and would wait too).
+    let out = Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "20",
+            "python3",
+            "-c",
+            "import ctypes,os,sys; l=ctypes.CDLL(None, use_errno=True); r=l.umount2(sys.argv[1].encode(), 0); \
+             sys.exit(0 if r == 0 else os.strerror(ctypes.get_errno()))",
+            mnt.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "umount while hibernated: {out:?}");
+    assert!(!is_mounted(&mnt));
+    cli_ok(&c, &["sandbox", "resume", "sb"], T);
+    expect_state(&c, "resume", "sb", &other, "mounted");
+    let mut last = (String::new(), String::new());
+    let took = eventually(Duration::from_secs(20), || {
+        last = state(&c, "sb", &mnt);
+        last.0 == "released" && last.1.contains("unmounted in the guest")
+    });
+    assert!(took.is_some(), "umount while hibernated not reported after the resume: {last:?}\nserver log:\n{}", c.server_log());
+    transition("resume after an umount while hibernated", "sb", &mnt, &last);
+    assert_eq!(read(&other.join("again.txt")), b"after the second attach");
+    cli_ok(&c, &["attach", "sb", "vol", "--at", mnt.to_str().unwrap()], T);
+    expect_state(&c, "attach after resume", "sb", &mnt, "mounted");
+    assert_eq!(read(&mnt.join("again.txt")), b"after the second attach");
+    agent.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Hibernate, resume and a storm of connection resets under a streaming writer
 // ---------------------------------------------------------------------------------------------
@@ -1299,4 +1401,201 @@ fn open_files_survive_a_server_restart() {
     assert_eq!(read(&s.p("f")), b"0123456789abc");
     write(&s.p("after"), b"after the restart");
     assert_eq!(read(&s.p("after")), b"after the restart");
+}
+
+/// SIGCONTs a process on drop: a frozen agent must run again before the cluster cleans up, or
+/// the cleanup waits on its mount.
+struct Frozen(libc::pid_t);
+
+impl Frozen {
+    fn stop(pid: libc::pid_t) -> Frozen {
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "kill -STOP {pid}");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A process holding a descriptor; killed (by its pid) and reaped on drop, panics included.
+struct Holder(Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn server_restarts_promptly_while_an_agent_is_frozen() {
+    // A host-side agent stopped with SIGSTOP (a paused VM does the same to its mounts) must not
+    // hold up a server restart: the new server answers at once, and the agent reconnects with
+    // its files intact when it runs again. (The server never touches a mount. What once made a
+    // restart wait for the agent was a descriptor on the mount held by the test process itself:
+    // the spawned server closes its inherited copy at exec, and that close is a FUSE FLUSH
+    // the frozen agent cannot answer. Hence the holder process here.)
+    require_fuse!();
+    let mut c = Cluster::new();
+    c.create_volume("vol", Some("64MiB"));
+    let sock = c.sandbox("sb");
+    let mnt = c.path("mnt");
+    c.attach("sb", "vol", &mnt, &[]);
+    let agent = c.start_agent(&sock, &[&mnt]);
+    let data = pattern(MIB as usize + 17, 9);
+    write(&mnt.join("before.bin"), &data);
+    File::open(mnt.join("before.bin")).unwrap().sync_all().unwrap();
+    // Another process holds a file open on the mount across the restart (a descriptor held
+    // by this test process would be closed in every child it spawns, with a FLUSH that waits
+    // for the frozen agent: see [`App`]).
+    let holder = Holder(Command::new("sleep").arg("300").stdin(File::open(mnt.join("before.bin")).unwrap()).spawn().unwrap());
+    let frozen = Frozen::stop(agent_pid(&sock));
+    let start = Instant::now();
+    c.restart_server();
+
+    let up = start.elapsed();
+    let out = run_cli(&c, &["volume", "list", "--json"], Duration::from_secs(10));
+    let answered = start.elapsed();
+    assert!(out.as_ref().is_some_and(|o| o.status.success()), "the new server did not answer `volume list` within 10 s: {out:?}");
+    eprintln!("restart with a frozen agent: server up after {up:?}, answered after {answered:?}");
+    assert!(up < Duration::from_secs(10), "the server took {up:?} to start while an agent was frozen\n{}", c.server_log());
+    drop(frozen);
+    let ((_, _), took) = wait_state(&c, "agent thawed after the restart", "sb", &mnt, "mounted", Duration::from_secs(30));
+    eprintln!("thawed agent mounted again after {took:?}");
+    assert_bytes_eq("before.bin after the restart", &read(&mnt.join("before.bin")), &data);
+    write(&mnt.join("after.txt"), b"after the thaw");
+    assert_eq!(read(&mnt.join("after.txt")), b"after the thaw");
+    drop(holder);
+    agent.stop();
+}
+
+#[test]
+fn a_busy_host_is_asked_again_with_backoff() {
+    // The server answers a mount hello with EAGAIN while the sandbox is at its limit of mount
+    // sessions (256). The agent must keep asking (bounded backoff with jitter) and mount once
+    // sessions free up, instead of failing the mount.
+    require_fuse!();
+    let c = Cluster::with_server_args(&["--lease-ttl", "3"]);
+    c.create_volume("vol", Some("64MiB"));
+    let sock = c.sandbox("sb");
+    let mnt = c.path("mnt");
+    c.attach("sb", "vol", &mnt, &[]);
+    write_through_api(&c);
+    // Fill the sandbox's session table with sessions whose guests vanish: they lapse after the
+    // lease TTL.
+    let path = mnt.to_str().unwrap().to_string();
+    let mut n = 0;
+    loop {
+        let mut raw = Raw::connect(&sock);
+        match raw.hello(Role::Mount { path: path.clone(), resume: None }) {
+            Welcome::Mount { .. } => n += 1,
+            Welcome::Refused(e) if e.errno == libc::EAGAIN => break,
+            other => panic!("mount hello {n}: {other:?}"),
+        }
+        assert!(n <= 4096, "no session limit was hit");
+    }
+    let full = Instant::now();
+    eprintln!("sandbox at its session limit after {n} sessions");
+    let agent = c.start_agent(&sock, &[&mnt]);
+    let took = full.elapsed();
+    eprintln!("agent mounted {took:?} after the limit was hit");
+    expect_state(&c, "agent start on a busy host", "sb", &mnt, "mounted");
+    assert_eq!(read(&mnt.join("hello.txt")), b"through the API\n");
+    write(&mnt.join("after.txt"), b"mounted after backoff");
+    assert_eq!(read(&mnt.join("after.txt")), b"mounted after backoff");
+    agent.stop();
+}
+
+fn write_through_api(c: &Cluster) {
+    let src = c.path("hello-src.txt");
+    fs::write(&src, b"through the API\n").unwrap();
+    cli_ok(c, &["volume", "write", "vol", "/hello.txt", "--from", src.to_str().unwrap()], T);
+}
+
+#[test]
+fn fork_with_the_child_agent_on_the_same_host_under_a_mount_root() {
+    // A forked sandbox's agent on the parent's host (not in a VM, not in its own namespace):
+    // the attachments keep their paths, `--mount-root` puts the child's mounts under a
+    // directory of its own so they do not collide with the parent's.
+    require_fuse!();
+    let c = Cluster::new();
+    c.create_volume("vol", Some("64MiB"));
+    let s1 = c.sandbox("sb1");
+    let mnt = c.path("work");
+    c.attach("sb1", "vol", &mnt, &[]);
+    let parent = c.start_agent(&s1, &[&mnt]);
+    write(&mnt.join("from-parent.txt"), b"parent data");
+
+    let out = cli_ok(&c, &["sandbox", "fork", "sb1", "sb2", "--json"], T);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let s2 = PathBuf::from(v["guest_socket"].as_str().unwrap_or_else(|| panic!("no guest_socket: {out}")));
+    expect_state(&c, "fork sb1 -> sb2 (child)", "sb2", &mnt, "released");
+
+    let root = c.path("child-root");
+    let cm = root.join(mnt.strip_prefix("/").unwrap());
+    let child = c.start_agent_with(&s2, &[&cm], &["--mount-root", root.to_str().unwrap()]);
+    expect_state(&c, "same-host child agent start", "sb2", &mnt, "mounted");
+    expect_state(&c, "same-host child agent start (parent)", "sb1", &mnt, "mounted");
+    assert!(is_mounted(&mnt) && is_mounted(&cm), "both mounts should be live");
+    assert_eq!(read(&cm.join("from-parent.txt")), b"parent data");
+    write(&cm.join("from-child.txt"), b"child data");
+    assert_eq!(read(&mnt.join("from-child.txt")), b"child data");
+
+    // Runtime commands name the attachment's path; the child acts on its own mount only.
+    let extra = c.path("extra");
+    cli_ok(&c, &["attach", "sb2", "vol", "--at", extra.to_str().unwrap()], T);
+    let cextra = root.join(extra.strip_prefix("/").unwrap());
+    expect_state(&c, "runtime attach in the child", "sb2", &extra, "mounted");
+    assert!(is_mounted(&cextra) && !is_mounted(&extra), "the child's runtime attach belongs under its mount root");
+    assert_eq!(read(&cextra.join("from-child.txt")), b"child data");
+    cli_ok(&c, &["detach", "sb2", "--at", extra.to_str().unwrap()], T);
+    assert!(!is_mounted(&cextra));
+    // A guest umount in the child is reported for the child only.
+    sh(&format!("umount {}", cm.display()));
+    wait_state(&c, "umount in the child", "sb2", &mnt, "released", Duration::from_secs(20));
+    expect_state(&c, "umount in the child (parent)", "sb1", &mnt, "mounted");
+    assert_eq!(read(&mnt.join("from-child.txt")), b"child data");
+    child.stop();
+    parent.stop();
+}
+
+#[test]
+fn an_unmounted_report_ends_only_its_own_session() {
+    // `Op::Unmounted` from a raw guest: the host answers, closes that connection, records the
+    // attachment released, and drops the session (a resume naming it gets a fresh one). Another
+    // attachment's session of the same sandbox keeps working.
+    require_fuse!();
+    let c = Cluster::new();
+    c.create_volume("vol", Some("16MiB"));
+    let sock = c.sandbox("sb");
+    let (pa, pb) = (c.path("a"), c.path("b"));
+    c.attach("sb", "vol", &pa, &[]);
+    c.attach("sb", "vol", &pb, &[]);
+    let (sa, sb) = (pa.to_str().unwrap(), pb.to_str().unwrap());
+    let mut a = Wire::open(&sock, sa, None);
+    let mut b = Wire::open(&sock, sb, None);
+    a.call(1, Op::MkDir { parent: 1, name: name("made-by-a"), mode: 0o755, umask: 0 }).expect("mkdir through a");
+    expect_state(&c, "two raw sessions", "sb", &pa, "mounted");
+    assert_eq!(a.call(2, Op::Unmounted), Ok(Reply::Empty));
+    // The host closes the connection after answering.
+    a.raw.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    match proto::read_frame::<ServerMsg>(&mut a.raw.s) {
+        Ok(None) => {}
+        Err(e) if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::TimedOut => {}
+        other => panic!("the connection should be closed after Unmounted: {other:?}"),
+    }
+    let (st, reason) = expect_state(&c, "Unmounted from a raw guest", "sb", &pa, "released");
+    assert!(reason.contains("unmounted in the guest"), "{st} {reason:?}");
+    expect_state(&c, "Unmounted from a raw guest (other attachment)", "sb", &pb, "mounted");
+    assert!(root_names(&mut b).contains(&"made-by-a".to_string()), "the other session still serves");
+    // The ended session is gone: naming it again gives a fresh session.
+    let old = a.session;
+    let again = Wire::open(&sock, sa, Some(old));
+    assert_ne!(again.session, old, "a resume of an ended session must not get it back");
+    expect_state(&c, "new session after Unmounted", "sb", &pa, "mounted");
+    again.close();
+    b.close();
 }

@@ -258,6 +258,10 @@ pub enum Op {
         ino: Ino,
         lock: Lock,
     },
+    /// The guest's kernel no longer has this mount (it was unmounted inside the guest): the
+    /// host ends the session (locks and handles go), records the attachment as `released`, and
+    /// closes the connection after answering. Ends only the session it is sent on.
+    Unmounted,
 }
 
 /// A byte-range advisory lock as fcntl(2) describes it; `end` is inclusive.
@@ -340,7 +344,7 @@ impl Op {
             | Op::CopyFileRange { .. }
             | Op::SetXattr { .. }
             | Op::RemoveXattr { .. } => OpClass::Mutation,
-            Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease => OpClass::SessionState,
+            Op::SetLk { .. } | Op::Flush { .. } | Op::ReleaseLease | Op::Unmounted => OpClass::SessionState,
             Op::Lookup { .. }
             | Op::Forget { .. }
             | Op::GetAttr { .. }
@@ -358,6 +362,47 @@ impl Op {
             | Op::ListXattr { .. }
             | Op::Renew
             | Op::GetLk { .. } => OpClass::Query,
+        }
+    }
+
+    /// Whether the server closes the connection after answering: the guest gave its lease up
+    /// (hibernation) or ended its session (unmounted in the guest). Named one by one, as above.
+    pub fn ends_connection(&self) -> bool {
+        match self {
+            Op::ReleaseLease | Op::Unmounted => true,
+            Op::Lookup { .. }
+            | Op::Forget { .. }
+            | Op::GetAttr { .. }
+            | Op::SetAttr { .. }
+            | Op::ReadLink { .. }
+            | Op::MkNod { .. }
+            | Op::MkDir { .. }
+            | Op::Symlink { .. }
+            | Op::Link { .. }
+            | Op::Unlink { .. }
+            | Op::RmDir { .. }
+            | Op::Rename { .. }
+            | Op::Open { .. }
+            | Op::Create { .. }
+            | Op::Read { .. }
+            | Op::Write { .. }
+            | Op::Fallocate { .. }
+            | Op::Lseek { .. }
+            | Op::CopyFileRange { .. }
+            | Op::Fsync { .. }
+            | Op::Release { .. }
+            | Op::OpenDir { .. }
+            | Op::ReadDir { .. }
+            | Op::ReleaseDir { .. }
+            | Op::StatFs
+            | Op::SetXattr { .. }
+            | Op::GetXattr { .. }
+            | Op::ListXattr { .. }
+            | Op::RemoveXattr { .. }
+            | Op::Renew
+            | Op::Flush { .. }
+            | Op::GetLk { .. }
+            | Op::SetLk { .. } => false,
         }
     }
 

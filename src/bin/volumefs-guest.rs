@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-const USAGE: &str = "volumefs-guest agent --server ENDPOINT [--control ENDPOINT] [--host-timeout SECS] [--log-file PATH]
+const USAGE: &str = "volumefs-guest agent --server ENDPOINT [--control ENDPOINT] [--host-timeout SECS] [--mount-root DIR] [--log-file PATH]
 
   --server is unix:PATH (the sandbox's guest socket on an ordinary host) or
   vsock:2:1024 (inside a VM: the host, port 1024).
@@ -11,6 +11,8 @@ const USAGE: &str = "volumefs-guest agent --server ENDPOINT [--control ENDPOINT]
   in a VM, or unix:agent.sock beside the guest socket.
   --host-timeout is how long a file operation waits for a host that cannot be reached
   before it fails with EIO (default 60). Reconnects shorter than that are invisible.
+  --mount-root mounts each attachment at its path under DIR instead of at its path (DIR/mnt/data
+  for /mnt/data): two agents on one host, such as a forked sandbox's beside its parent's.
   --log-file copies the log (stderr, the console in a VM; RUST_LOG filters it) to PATH.
 
 Mounts every volume attached to the sandbox at its path and serves them until SIGTERM,
@@ -21,11 +23,13 @@ struct Options {
     control: Option<volumefs::transport::Endpoint>,
     host_timeout: Duration,
     log_file: Option<std::path::PathBuf>,
+    mount_root: Option<std::path::PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let parse_ep = |s: &str| volumefs::transport::Endpoint::parse(s);
     let (mut server, mut control, mut host_timeout, mut log_file) = (None, None, Duration::from_secs(60), None);
+    let mut mount_root = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n\n{USAGE}"));
@@ -33,6 +37,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--server" => server = Some(parse_ep(value()?)?),
             "--control" => control = Some(parse_ep(value()?)?),
             "--log-file" => log_file = Some(std::path::PathBuf::from(value()?)),
+            "--mount-root" => {
+                let v = std::path::PathBuf::from(value()?);
+                if !v.is_absolute() {
+                    return Err(format!("--mount-root takes an absolute directory, not {v:?}"));
+                }
+                mount_root = Some(v);
+            }
             "--host-timeout" => {
                 let v = value()?;
                 let secs: f64 = v
@@ -46,7 +57,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         }
     }
     let server = server.ok_or_else(|| format!("--server is required\n\n{USAGE}"))?;
-    Ok(Options { server, control, host_timeout, log_file })
+    Ok(Options { server, control, host_timeout, log_file, mount_root })
 }
 
 fn main() {
@@ -56,7 +67,7 @@ fn main() {
             volumefs::logging::init(volumefs::logging::Format::Text, o.log_file.as_deref())?;
             Ok(o)
         }) {
-            Ok(o) => match volumefs::guest::agent::run(o.server, o.control, o.host_timeout) {
+            Ok(o) => match volumefs::guest::agent::run(o.server, o.control, o.host_timeout, o.mount_root) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("volumefs-guest: {e}");

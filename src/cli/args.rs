@@ -55,6 +55,10 @@ pub enum Command {
     Sandbox(SandboxCommand),
 
     /// Attaches a volume to a sandbox at a mount path (mounted at once if its agent runs)
+    ///
+    /// The same volume, mode and subpath at a path whose mount is gone (unmounted in the guest,
+    /// lease expired, mount failed) is attached again under its record; anything else at a path
+    /// in use is refused (detach it first).
     Attach(AttachArgs),
 
     /// Detaches the volume mounted at a path of a sandbox

@@ -10,7 +10,7 @@
 //! vsock port 1025 (the host reaches it through its hybrid-vsock socket); on an ordinary host it
 //! is the unix socket `agent.sock` next to the sandbox's guest socket.
 
-use super::client::{control_hello, MountClient};
+use super::client::{control_hello, Backoff, MountClient, BUSY_FIRST, BUSY_MAX};
 use super::fuse::{Invalidator, VolumeFs};
 use crate::fs::FsError;
 use crate::proto::{self, AgentCommand, AgentReply, AttachmentSpec, MountStatus};
@@ -19,9 +19,9 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -35,12 +35,36 @@ pub struct Mount {
     pub spec: AttachmentSpec,
     pub client: Arc<MountClient>,
     session: Option<fuser::BackgroundSession>,
+    /// Tells this mount from a later one at the same path.
+    pub id: u64,
+    /// Where it is mounted here: the attachment's path, under the agent's `--mount-root`.
+    pub local: PathBuf,
 }
 
+/// Where the attachment at `path` is mounted: `path` itself, or `path` under `root` (an agent
+/// run next to another on one host, such as a forked sandbox's beside its parent's).
+pub fn local_path(root: Option<&Path>, path: &str) -> PathBuf {
+    match root {
+        Some(r) => r.join(path.trim_start_matches('/')),
+        None => PathBuf::from(path),
+    }
+}
+
+/// Numbers mounts, so that the end of an old session is never taken for a newer mount's.
+static NEXT_MOUNT: AtomicU64 = AtomicU64::new(1);
+
 impl Mount {
-    /// Connects to the host for `spec` and mounts it at `spec.path`.
-    pub fn start(endpoint: &Endpoint, spec: &AttachmentSpec, host_timeout: Duration) -> Result<Mount, String> {
-        let path = PathBuf::from(&spec.path);
+    /// Connects to the host for `spec` and mounts it at `spec.path` (under `root`, if given).
+    /// `on_end` runs with the mount's id when its FUSE session ends, whoever ends it.
+    pub fn start(
+        endpoint: &Endpoint,
+        spec: &AttachmentSpec,
+        root: Option<&Path>,
+        host_timeout: Duration,
+        on_end: impl FnOnce(u64) + Send + 'static,
+    ) -> Result<Mount, String> {
+        let id = NEXT_MOUNT.fetch_add(1, Ordering::Relaxed);
+        let path = local_path(root, &spec.path);
         std::fs::create_dir_all(&path).map_err(|e| format!("cannot create mount point {}: {e}", path.display()))?;
         if is_mountpoint(&path) {
             return Err(format!("{} is already a mount point", path.display()));
@@ -63,20 +87,42 @@ impl Mount {
         config.n_threads = Some(2);
         config.clone_fd = true;
         let invalidator = Arc::new(Invalidator::default());
-        let fs = VolumeFs::new(client.clone(), invalidator.clone());
+        let fs = VolumeFs::new(client.clone(), invalidator.clone()).on_end(move || on_end(id));
         let session = fuser::Session::new(fs, &path, &config).map_err(|e| format!("cannot mount {}: {e}", path.display()))?;
         invalidator.start(session.notifier(), &client);
         let session = session.spawn().map_err(|e| format!("cannot start FUSE session for {}: {e}", path.display()))?;
         raise_readahead(&path);
-        Ok(Mount { spec: spec.clone(), client, session: Some(session) })
+        Ok(Mount { spec: spec.clone(), client, session: Some(session), id, local: path })
+    }
+
+    /// Whether the FUSE session has ended (the kernel unmounted it: `umount` in the guest).
+    pub fn ended(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+
+    /// After an unmount inside the guest: tells the host (the session ends, the attachment
+    /// reads `released`, "unmounted in the guest") and reaps the finished session thread.
+    /// Nothing is unmounted here: the path may already hold something else.
+    pub fn finish_unmounted(mut self) {
+        let told = self.client.unmounted(STOP_GRACE);
+        if let Some(session) = self.session.take() {
+            // The session's mount checks that the kernel still has it before unmounting, so a
+            // newer mount at the same path is never touched.
+            if let Err(e) = session.join() {
+                tracing::warn!(path = %self.spec.path, "FUSE session ended with: {e}");
+            }
+        }
+        tracing::info!(path = %self.spec.path, reported = told, "unmounted in the guest: volume released");
     }
 
     /// Flushes and unmounts. A mount still busy is detached lazily so the agent can exit; a
     /// host that stays unreachable for [`STOP_GRACE`] is given up on (requests fail with EIO).
     pub fn stop(mut self) {
         self.client.stopping(STOP_GRACE);
-        let path = PathBuf::from(&self.spec.path);
-        syncfs(&path);
+        let path = self.local.clone();
+        if !self.ended() {
+            syncfs(&path);
+        }
         if let Some(session) = self.session.take() {
             if let Err(e) = session.umount_and_join() {
                 tracing::warn!("unmount of {} failed ({e}); detaching it", path.display());
@@ -136,8 +182,12 @@ pub struct Agent {
     server: Endpoint,
     /// See [`MountClient`]: how long a request waits for an unreachable host.
     host_timeout: Duration,
+    /// `--mount-root`: attachments are mounted at their path under it.
+    mount_root: Option<PathBuf>,
     mounts: Mutex<BTreeMap<String, Mount>>,
     hibernated: Mutex<bool>,
+    /// Where FUSE sessions report their end: (path, mount id).
+    ended: Mutex<mpsc::Sender<(String, u64)>>,
     /// Inside a VM a shutdown powers the machine off; on an ordinary host it only exits.
     in_vm: bool,
 }
@@ -150,12 +200,31 @@ pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 impl Agent {
     fn mount(&self, spec: &AttachmentSpec) -> Result<(), FsError> {
+        // A mount unmounted in the guest whose end has not been handled yet is handled now, so
+        // that attaching again right after an `umount` never finds the path taken.
+        let stale = {
+            let mut mounts = self.mounts.lock().unwrap();
+            match mounts.get(&spec.path) {
+                Some(m) if m.ended() => mounts.remove(&spec.path),
+                Some(_) => return Err(FsError::new(libc::EBUSY, format!("{} is already mounted", spec.path))),
+                None => None,
+            }
+        };
+        if let Some(m) = stale {
+            m.finish_unmounted();
+        }
         let mut mounts = self.mounts.lock().unwrap();
         if mounts.contains_key(&spec.path) {
             return Err(FsError::new(libc::EBUSY, format!("{} is already mounted", spec.path)));
         }
-        let m = Mount::start(&self.server, spec, self.host_timeout).map_err(|e| FsError::new(libc::EIO, e))?;
-        tracing::info!(path = %spec.path, volume = %spec.volume, read_only = spec.read_only, "mounted");
+        let ended = self.ended.lock().unwrap().clone();
+        let path = spec.path.clone();
+        let on_end = move |id| {
+            let _ = ended.send((path, id));
+        };
+        let m = Mount::start(&self.server, spec, self.mount_root.as_deref(), self.host_timeout, on_end)
+            .map_err(|e| FsError::new(libc::EIO, e))?;
+        tracing::info!(path = %spec.path, at = %m.local.display(), volume = %spec.volume, read_only = spec.read_only, "mounted");
         mounts.insert(spec.path.clone(), m);
         Ok(())
     }
@@ -179,13 +248,26 @@ impl Agent {
     fn detach(&self, path: &str, force: bool) -> Result<(), FsError> {
         let m =
             self.mounts.lock().unwrap().remove(path).ok_or_else(|| FsError::new(libc::ENOENT, format!("nothing is mounted at {path}")))?;
-        let p = PathBuf::from(path);
+        if m.ended() {
+            // Unmounted in the guest already: nothing left to unmount, only to let go of.
+            m.stop();
+            tracing::info!(path, "detached (it had been unmounted in the guest)");
+            return Ok(());
+        }
+        let p = m.local.clone();
         syncfs(&p);
         let c = cpath(&p);
         // SAFETY: umount2 with a NUL-terminated path.
         let rc = unsafe { libc::umount2(c.as_ptr(), if force { libc::MNT_DETACH } else { 0 }) };
+        let e = std::io::Error::last_os_error();
+        if rc != 0 && e.raw_os_error() == Some(libc::EINVAL) && !is_mountpoint(&p) {
+            // Unmounted in the guest between the check above and now (the session thread may
+            // not have seen it yet).
+            m.stop();
+            tracing::info!(path, "detached (it had been unmounted in the guest)");
+            return Ok(());
+        }
         if rc != 0 {
-            let e = std::io::Error::last_os_error();
             self.mounts.lock().unwrap().insert(path.to_string(), m);
             return Err(FsError::new(
                 e.raw_os_error().unwrap_or(libc::EBUSY),
@@ -197,15 +279,32 @@ impl Agent {
         Ok(())
     }
 
+    /// A FUSE session ended. If it is still the live mount at `path` (the agent's own unmounts
+    /// take the mount out of the table first), it was unmounted inside the guest: tell the host
+    /// and let the path be attached again.
+    fn session_ended(&self, path: &str, id: u64) {
+        let m = {
+            let mut mounts = self.mounts.lock().unwrap();
+            match mounts.get(path) {
+                Some(m) if m.id == id => mounts.remove(path),
+                _ => None,
+            }
+        };
+        if let Some(m) = m {
+            tracing::warn!(path, volume = %m.spec.volume, "unmounted in the guest: releasing the volume");
+            m.finish_unmounted();
+        }
+    }
+
     fn hibernate(&self) -> Result<(), FsError> {
         let mut h = self.hibernated.lock().unwrap();
         if *h {
             return Ok(());
         }
         let mounts = self.mounts.lock().unwrap();
-        for (path, m) in mounts.iter() {
+        for m in mounts.values() {
             if !m.spec.read_only {
-                syncfs(Path::new(path));
+                syncfs(&m.local);
             }
             m.client.hibernate(LIFECYCLE_TIMEOUT)?;
         }
@@ -328,15 +427,34 @@ fn serve_control(agent: Arc<Agent>, listener: Listener) {
 
 /// `volumefs-guest agent`: mounts the sandbox's attachments, takes commands, serves until
 /// SIGTERM or a shutdown command.
-pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration) -> Result<(), String> {
+pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration, mount_root: Option<PathBuf>) -> Result<(), String> {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     let in_vm = matches!(server, Endpoint::Vsock { .. });
-    let agent =
-        Arc::new(Agent { server: server.clone(), host_timeout, mounts: Mutex::new(BTreeMap::new()), hibernated: Mutex::new(false), in_vm });
+    let (ended, ends) = mpsc::channel::<(String, u64)>();
+    let agent = Arc::new(Agent {
+        server: server.clone(),
+        host_timeout,
+        mount_root,
+        mounts: Mutex::new(BTreeMap::new()),
+        hibernated: Mutex::new(false),
+        ended: Mutex::new(ended),
+        in_vm,
+    });
+    {
+        let a = agent.clone();
+        std::thread::Builder::new()
+            .name("vfs-ends".into())
+            .spawn(move || {
+                for (path, id) in ends {
+                    a.session_ended(&path, id);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+    }
     let control = control.or_else(|| control_endpoint(&server));
     let listener = match &control {
         Some(Endpoint::Unix(p)) => Some(Listener::bind_unix(p).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?),
@@ -394,9 +512,10 @@ pub fn run(server: Endpoint, control: Option<Endpoint>, host_timeout: Duration) 
     }
 }
 
-/// The host may not be listening yet when a VM boots: retry for a while.
+/// The host may not be listening yet when a VM boots, or be busy: retry for a while.
 fn connect_with_retry(server: &Endpoint) -> Result<(String, Vec<AttachmentSpec>), String> {
     let mut delay = Duration::from_millis(20);
+    let mut busy = Backoff::new(BUSY_FIRST, BUSY_MAX);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         match control_hello(server) {
@@ -404,6 +523,12 @@ fn connect_with_retry(server: &Endpoint) -> Result<(String, Vec<AttachmentSpec>)
             Err(e) if e.errno == libc::ENOTCONN && std::time::Instant::now() < deadline && !STOP.load(Ordering::SeqCst) => {
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            // A busy host said "not now": ask again, with jitter, within the same deadline.
+            Err(e) if e.errno == libc::EAGAIN && std::time::Instant::now() < deadline && !STOP.load(Ordering::SeqCst) => {
+                let d = busy.next_delay();
+                tracing::info!("host busy ({}); asking again in {d:?}", e.msg);
+                std::thread::sleep(d);
             }
             Err(e) => return Err(format!("cannot reach the host at {server}: {e}")),
         }

@@ -79,6 +79,7 @@ fn fhs_of(op: &mut Op) -> Vec<&mut u64> {
         | Op::RemoveXattr { .. }
         | Op::Renew
         | Op::ReleaseLease
+        | Op::Unmounted
         | Op::GetLk { .. }
         | Op::SetLk { .. } => Vec::new(),
     }
@@ -107,6 +108,8 @@ pub struct MountClient {
     pending: Mutex<BTreeMap<u64, Pending>>,
     handles: Mutex<std::collections::HashMap<u64, OpenHandle>>,
     next_id: AtomicU64,
+    /// Connections made after the first (a push sent while none was up is lost).
+    links: AtomicU64,
     next_seq: AtomicU64,
     closing: AtomicBool,
     /// Set while the mount is paused (hibernation): requests queue and wait.
@@ -143,6 +146,42 @@ fn handshake(endpoint: &Endpoint, path: &str, resume: Option<u64>) -> Result<(St
     }
 }
 
+/// Bounded exponential backoff with jitter, for a host that answers "not now" (`EAGAIN`: a
+/// sandbox at its session limit, a server busy starting): each wait is drawn between half and
+/// all of the current step, and the step doubles up to `max`, so many guests refused at once
+/// neither hammer the host nor retry in lockstep.
+pub struct Backoff {
+    step: Duration,
+    max: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Backoff {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Backoff { step: first.min(max), max, seed: (now ^ n ^ (std::process::id() as u64).rotate_left(32)) | 1 }
+    }
+
+    /// How long to wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        // xorshift64: jitter needs spread, not cryptographic randomness.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let half = self.step / 2;
+        let nanos = half.as_nanos() as u64;
+        let delay = half + Duration::from_nanos(if nanos == 0 { 0 } else { self.seed % (nanos + 1) });
+        self.step = (self.step * 2).min(self.max);
+        delay
+    }
+}
+
+/// The first wait and the longest step of [`Backoff`] for a busy host.
+pub const BUSY_FIRST: Duration = Duration::from_millis(50);
+pub const BUSY_MAX: Duration = Duration::from_secs(2);
+
 /// Asks the server which attachments this sandbox has.
 pub fn control_hello(endpoint: &Endpoint) -> Result<(String, Vec<proto::AttachmentSpec>), FsError> {
     let mut s = endpoint.connect().map_err(|e| FsError::new(libc::ENOTCONN, format!("cannot connect to {endpoint}: {e}")))?;
@@ -159,8 +198,23 @@ pub fn control_hello(endpoint: &Endpoint) -> Result<(String, Vec<proto::Attachme
 impl MountClient {
     /// Connects and opens a session for the attachment at `path`; fails with the server's
     /// reason. A renewal thread keeps the lease alive from then on.
+    ///
+    /// A host that answers `EAGAIN` (busy) is asked again with [`Backoff`] for up to
+    /// `host_timeout`; any other refusal, and a host that cannot be reached, fail at once.
     pub fn connect(endpoint: Endpoint, path: &str, host_timeout: Duration) -> Result<Arc<MountClient>, FsError> {
-        let (stream, granted) = handshake(&endpoint, path, None)?;
+        let deadline = Instant::now() + host_timeout;
+        let mut backoff = Backoff::new(BUSY_FIRST, BUSY_MAX);
+        let (stream, granted) = loop {
+            match handshake(&endpoint, path, None) {
+                Ok(r) => break r,
+                Err(e) if e.errno == libc::EAGAIN && Instant::now() < deadline => {
+                    let d = backoff.next_delay().min(deadline.saturating_duration_since(Instant::now()));
+                    tracing::info!("mount at {path}: host busy ({}); asking again in {d:?}", e.msg);
+                    std::thread::sleep(d);
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let reader = stream.try_clone().map_err(FsError::from)?;
         let client = Arc::new(MountClient {
             endpoint,
@@ -170,6 +224,7 @@ impl MountClient {
             pending: Mutex::new(BTreeMap::new()),
             handles: Mutex::new(std::collections::HashMap::new()),
             next_id: AtomicU64::new(1),
+            links: AtomicU64::new(0),
             next_seq: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             paused: Mutex::new(false),
@@ -247,6 +302,12 @@ impl MountClient {
         }
         self.resume();
         Ok(())
+    }
+
+    /// Counts reconnections: cache knowledge gathered before the current connection may have
+    /// missed a push (see the guest's page-cache rule in `fuse.rs`).
+    pub fn link_generation(&self) -> u64 {
+        self.links.load(Ordering::SeqCst)
     }
 
     pub fn granted(&self) -> Granted {
@@ -388,6 +449,48 @@ impl MountClient {
             *self.hibernated.lock().unwrap() = true;
             let _ = self.release_lease(Duration::from_secs(2));
         }
+        self.shut_down();
+    }
+
+    /// The mount is gone from the guest's kernel (a plain `umount` inside the guest): tells the
+    /// host, which ends the session and records the attachment as released "unmounted in the
+    /// guest", then stops for good. A hibernated mount reconnects first (the host must hear it
+    /// on this session); a host not reachable within `timeout` is not told (its lease then
+    /// expires). Returns whether the host acknowledged.
+    pub fn unmounted(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        *self.hibernated.lock().unwrap() = false;
+        self.woken.notify_all();
+        while !self.connected() && self.dead.lock().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut told = false;
+        if self.connected() {
+            // Hold the reader back from reconnecting when the server closes after answering.
+            *self.hibernated.lock().unwrap() = true;
+            let (tx, rx) = mpsc::channel();
+            self.send_now(
+                Caller::root(),
+                Op::Unmounted,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            match rx.recv_timeout(left) {
+                Ok(Ok(_)) => told = true,
+                Ok(Err(e)) => tracing::warn!("mount at {}: the host did not take the unmount: {e}", self.path),
+                Err(_) => tracing::warn!("mount at {}: no answer from the host to the unmount within {left:?}", self.path),
+            }
+        } else {
+            tracing::warn!("mount at {}: host unreachable for {timeout:?}; the unmount is not reported", self.path);
+        }
+        self.shut_down();
+        told
+    }
+
+    /// No reconnect from now on; pending and later requests fail.
+    fn shut_down(&self) {
         self.closing.store(true, Ordering::SeqCst);
         // A lazily detached mount keeps serving open files: they now fail at once, as on a
         // dead FUSE mount, instead of waiting for a connection that will not come back.
@@ -488,6 +591,7 @@ impl MountClient {
         self.link.lock().unwrap().writer = None;
         let lost = Instant::now();
         let mut delay = Duration::from_millis(10);
+        let mut busy = Backoff::new(BUSY_FIRST, BUSY_MAX);
         loop {
             {
                 let mut h = self.hibernated.lock().unwrap();
@@ -510,6 +614,7 @@ impl MountClient {
                         continue;
                     }
                     link.writer = Some(stream);
+                    self.links.fetch_add(1, Ordering::SeqCst);
                     // Resend under the link lock so that no new request overtakes an old one.
                     let frames: Vec<Vec<u8>> = self.pending.lock().unwrap().values().filter_map(|p| self.encode(&p.req).ok()).collect();
                     if let Some(w) = link.writer.as_mut() {
@@ -532,6 +637,21 @@ impl MountClient {
                     self.expire_pending(lost, &e);
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e) if e.errno == libc::EAGAIN => {
+                    // Busy (the sandbox at its session limit, say): not a refusal for good.
+                    // Waiting requests time out as for a host that cannot be reached.
+                    if self.give_up_at.lock().unwrap().is_some_and(|t| Instant::now() >= t) {
+                        let why = FsError::new(libc::EIO, format!("host busy while stopping the mount: {}", e.msg));
+                        tracing::error!("mount at {}: {why}", self.path);
+                        *self.dead.lock().unwrap() = Some(why.clone());
+                        self.fail_all(why);
+                        return None;
+                    }
+                    self.expire_pending(lost, &e);
+                    let d = busy.next_delay();
+                    tracing::info!("mount at {}: host busy ({}); reconnecting in {d:?}", self.path, e.msg);
+                    std::thread::sleep(d);
                 }
                 Err(e) => {
                     // The server refused us for good (attachment detached, volume deleted).
@@ -558,5 +678,35 @@ fn renew_loop(client: std::sync::Weak<MountClient>) {
         }
         drop(c);
         std::thread::sleep(period.max(Duration::from_millis(100)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound_with_jitter() {
+        let (first, max) = (Duration::from_millis(50), Duration::from_secs(2));
+        let mut b = Backoff::new(first, max);
+        let mut step = first;
+        let mut delays = Vec::new();
+        for _ in 0..12 {
+            let d = b.next_delay();
+            assert!(d >= step / 2 && d <= step, "delay {d:?} outside [{:?}, {step:?}]", step / 2);
+            delays.push(d);
+            step = (step * 2).min(max);
+        }
+        // Bounded: the last waits are all within the largest step.
+        assert!(delays[8..].iter().all(|d| *d >= max / 2 && *d <= max), "{delays:?}");
+        // Jittered: not every wait at the bound is the same.
+        let mut tail: Vec<Duration> = delays[6..].to_vec();
+        tail.dedup();
+        assert!(tail.len() > 1, "no jitter: {delays:?}");
+        // Two guests refused at the same moment do not retry in lockstep.
+        let (mut x, mut y) = (Backoff::new(first, max), Backoff::new(first, max));
+        let xs: Vec<Duration> = (0..8).map(|_| x.next_delay()).collect();
+        let ys: Vec<Duration> = (0..8).map(|_| y.next_delay()).collect();
+        assert_ne!(xs, ys);
     }
 }

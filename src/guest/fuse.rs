@@ -31,11 +31,33 @@ pub struct VolumeFs {
     /// Inodes on which a lock was ever taken through this mount: only their closes need to
     /// reach the host (to drop POSIX locks); every other close is answered here.
     locked: Arc<Mutex<std::collections::HashSet<u64>>>,
+    /// Runs when the FUSE session ends, whoever ended it (see [`VolumeFs::on_end`]).
+    on_end: OnEnd,
+}
+
+/// Runs its callback once, when dropped: the session's filesystem is dropped when the session
+/// loop ends, be it an unmount by the agent, an `umount` inside the guest, or a failure.
+#[derive(Default)]
+struct OnEnd(Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            f();
+        }
+    }
 }
 
 impl VolumeFs {
     pub fn new(client: Arc<MountClient>, invalidator: Arc<Invalidator>) -> VolumeFs {
-        VolumeFs { client, invalidator, locked: Arc::default() }
+        VolumeFs { client, invalidator, locked: Arc::default(), on_end: OnEnd::default() }
+    }
+
+    /// `f` runs (on the session's thread) when the FUSE session has ended: the kernel no longer
+    /// sends this mount anything.
+    pub fn on_end(mut self, f: impl FnOnce() + Send + 'static) -> VolumeFs {
+        self.on_end = OnEnd(Mutex::new(Some(Box::new(f))));
+        self
     }
 
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
@@ -204,7 +226,18 @@ pub struct Invalidator {
     /// asks every file for `security.selinux`) are answered here meanwhile; a pushed
     /// invalidation of the inode forgets it.
     bare: Mutex<HashMap<u64, Instant>>,
+    /// Files whose pages in the kernel are known current: inode -> the client's link
+    /// generation when that was last established (at an open). A pushed invalidation removes
+    /// the inode; a reconnection (pushes may have been lost meanwhile) makes every entry old.
+    /// An open of a file listed with the current generation keeps its pages (FOPEN_KEEP_CACHE):
+    /// any write that another sandbox finished before the open was pushed before the open's
+    /// reply, so close-to-open holds without dropping the cache at every open.
+    clean: Mutex<HashMap<u64, u64>>,
 }
+
+/// Most files remembered as cached-and-current (past it, the memory is cleared: the next
+/// opens drop their pages, which is only slower).
+const CLEAN_MAX: usize = 1 << 20;
 
 /// Most inodes remembered as xattr-free (a bound on the guest's memory, not a tuning knob:
 /// past it, entries are dropped and the host is asked).
@@ -284,6 +317,19 @@ impl Invalidator {
 
     fn forget(&self, ino: u64) {
         self.bare.lock().unwrap().remove(&ino);
+        self.clean.lock().unwrap().remove(&ino);
+    }
+
+    /// At an open's reply: whether the kernel may keep the file's cached pages, and from now
+    /// on they are current.
+    fn keep_pages(&self, ino: u64, generation: u64) -> bool {
+        let mut clean = self.clean.lock().unwrap();
+        let keep = clean.get(&ino) == Some(&generation);
+        if clean.len() >= CLEAN_MAX {
+            clean.clear();
+        }
+        clean.insert(ino, generation);
+        keep
     }
 
     /// Whether `ino` is known (within the TTL) to have no xattrs at all.
@@ -455,9 +501,18 @@ impl Filesystem for VolumeFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        // No FOPEN_KEEP_CACHE: each open drops cached pages, which gives close-to-open
-        // consistency with other sandboxes.
-        self.send(req, Op::Open { ino: ino.0, flags: flags.0 }, open_reply(reply, open_flags(flags.0)));
+        // Close-to-open: the pages are kept only when nothing has changed the file since this
+        // mount last opened it (see Invalidator::clean).
+        let (inv, client) = (self.invalidator.clone(), self.client.clone());
+        let direct = open_flags(flags.0);
+        self.send(req, Op::Open { ino: ino.0, flags: flags.0 }, move |r| match r {
+            Ok(Reply::Opened { fh }) => {
+                let keep = direct.is_empty() && inv.keep_pages(ino.0, client.link_generation());
+                reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { direct })
+            }
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
     }
 
     fn read(

@@ -342,21 +342,42 @@ impl Server {
         if root.kind != Kind::Dir {
             return Err(FsError::new(libc::ENOTDIR, format!("subpath {subpath:?} of volume `{volume}` is not a directory")));
         }
-        let row = self.engine.add_attachment(&AttachmentRow {
-            id: 0,
-            sandbox: sandbox.to_string(),
-            volume: vol.id,
-            path: path.clone(),
-            read_only,
-            subpath: subpath.clone(),
-            state: AttachState::Attached,
-            reason: String::new(),
-        })?;
+        // The same volume, mode and subpath at a path whose mount is gone (unmounted in the
+        // guest, lease expired, mount failed) is attached again under its existing record;
+        // anything else at that path is refused by `add_attachment` (detach it first).
+        let existing = self.engine.attachments(Some(sandbox), None)?.into_iter().find(|a| a.path == path);
+        let again = existing.filter(|a| {
+            a.volume == vol.id
+                && a.read_only == read_only
+                && a.subpath == subpath
+                && match a.state {
+                    AttachState::Attached | AttachState::Released | AttachState::Failed => true,
+                    AttachState::Mounted => false,
+                }
+        });
+        let reused = again.is_some();
+        let row = match again {
+            Some(row) => row,
+            None => self.engine.add_attachment(&AttachmentRow {
+                id: 0,
+                sandbox: sandbox.to_string(),
+                volume: vol.id,
+                path: path.clone(),
+                read_only,
+                subpath: subpath.clone(),
+                state: AttachState::Attached,
+                reason: String::new(),
+            })?,
+        };
         // A running agent mounts it now; otherwise it is mounted at the sandbox's next boot.
         if let Some(ep) = self.agent_endpoint(sandbox) {
             let spec = AttachmentSpec { id: row.id, volume: vol.name.clone(), path: path.clone(), read_only, subpath: subpath.clone() };
             let failure = match self.agent_call(&ep, &AgentCommand::Attach(spec), Duration::from_secs(60)) {
                 Ok(AgentReply::Done) => None,
+                // Still mounted in the guest (hibernated, say): the record stays as it is.
+                Ok(AgentReply::Failed(e)) if reused && e.errno == libc::EBUSY => {
+                    return Err(FsError::new(libc::EBUSY, format!("sandbox `{sandbox}` already has a volume at {path}: {}", e.msg)))
+                }
                 Ok(AgentReply::Failed(e)) => Some(e.msg),
                 Ok(other) => Some(format!("unexpected answer from the agent: {other:?}")),
                 Err(e) => Some(format!("agent unreachable: {}", e.msg)),

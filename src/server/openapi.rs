@@ -63,7 +63,7 @@ pub const ROUTES: &[Route] = &[
     r!("GET" "/v1/sandboxes/{s}" "sandboxes" "Inspect a sandbox and its attachments", q: [], body: None, ok: 200 JSON),
     r!("DELETE" "/v1/sandboxes/{s}" "sandboxes" "Delete a sandbox", q: [], body: None, ok: 200 JSON),
     r!("GET" "/v1/sandboxes/{s}/attachments" "sandboxes" "List a sandbox's attachments and their states", q: [], body: None, ok: 200 JSON),
-    r!("POST" "/v1/sandboxes/{s}/attachments" "sandboxes" "Attach a volume {volume, path, read_only?, subpath?} (mounted now if the agent runs)", q: [], body: Some(JSON), ok: 201 JSON),
+    r!("POST" "/v1/sandboxes/{s}/attachments" "sandboxes" "Attach a volume {volume, path, read_only?, subpath?} (mounted now if the agent runs; the same one again at a path whose mount is gone remounts it)", q: [], body: Some(JSON), ok: 201 JSON),
     r!("DELETE" "/v1/sandboxes/{s}/attachments" "sandboxes" "Detach the volume at ?path", q: [("path", "mount path"), ("force", "even with files open")], body: None, ok: 200 JSON),
     r!("POST" "/v1/sandboxes/{s}/run" "sandboxes" "Boot a microVM with volumes {volumes: [{volume, path, read_only?, subpath?}], memory?}", q: [], body: Some(JSON), ok: 200 JSON),
     r!("POST" "/v1/sandboxes/{s}/stop" "sandboxes" "Stop the sandbox's microVM", q: [], body: None, ok: 200 JSON),

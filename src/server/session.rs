@@ -262,6 +262,11 @@ impl Session {
         if let Some(c) = self.conn.lock().unwrap().take() {
             c.shutdown();
         }
+        self.release_handles(engine);
+    }
+
+    /// Releases every handle (freeing files unlinked while open).
+    fn release_handles(&self, engine: &Engine) {
         let handles: Vec<Handle> = self.handles.lock().unwrap().drain().map(|(_, h)| h).collect();
         for h in handles {
             let _ = engine.release(self.vol, h.ino);
@@ -415,7 +420,7 @@ enum Changed {
 /// connection must be closed after the reply (the guest released its lease).
 pub fn handle(server: &Server, s: &Session, req: Request) -> (FsResult<Reply>, bool) {
     let _span = tracing::debug_span!("request", sandbox = %s.sandbox, session = s.id, id = req.id).entered();
-    let close = matches!(req.op, Op::ReleaseLease);
+    let close = req.op.ends_connection();
     (run(server, s, req), close)
 }
 
@@ -648,6 +653,16 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             s.set_lease(LeaseState::Released);
             server.locks.release_session(s.id);
             let _ = e.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)");
+            (Reply::Empty, Changed::Nothing)
+        }
+        Op::Unmounted => {
+            tracing::info!(sandbox = %s.sandbox, session = s.id, "the guest unmounted this volume: session ended");
+            s.set_lease(LeaseState::Released);
+            server.locks.release_session(s.id);
+            // The kernel released every file before the unmount completed; whatever the guest
+            // still claims to hold goes now. The session itself is dropped once the reply is out.
+            s.release_handles(e);
+            let _ = e.set_attachment_state(s.attachment, AttachState::Released, "unmounted in the guest");
             (Reply::Empty, Changed::Nothing)
         }
         Op::OpenDir { ino } => {
