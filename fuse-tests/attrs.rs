@@ -288,3 +288,97 @@ fn dir_mtime_moves_on_create_and_unlink() {
     let m2 = fs::metadata(&d).unwrap().mtime();
     assert!(m2 > 1_000_000_000, "dir mtime did not move when a file was deleted from it");
 }
+
+/// `setfacl`/`getfacl` come from the `acl` package (scripts/test.sh installs it).
+fn require_setfacl() {
+    let found = std::process::Command::new("sh").arg("-c").arg("command -v setfacl && command -v getfacl").output().unwrap();
+    assert!(found.status.success(), "setfacl/getfacl not found: install the `acl` package (scripts/test.sh does)");
+}
+
+/// What `getfacl` prints for `p` (numeric ids, no header).
+fn getfacl(p: &Path) -> String {
+    sh(&format!("getfacl -cn {}", q(p)))
+}
+
+#[test]
+fn acl_named_user_group_and_mask_through_the_kernel() {
+    require_fuse!();
+    require_setfacl();
+    let s = open_single();
+    let p = s.p("f");
+    write(&p, b"secret\n");
+    chown(&p, 1000, 1000);
+    chmod(&p, 0o600);
+    run_as_denied(1001, 1001, &[], &format!("cat {}", q(&p)), "Permission denied");
+    // The owner grants uid 1001 read.
+    run_as_ok(1000, 1000, &[], &format!("setfacl -m u:1001:r {}", q(&p)));
+    assert_eq!(run_as_ok(1001, 1001, &[], &format!("cat {}", q(&p))), "secret\n");
+    run_as_denied(1001, 1001, &[], &format!("echo x >> {}", q(&p)), "Permission denied");
+    run_as_denied(1002, 1002, &[], &format!("cat {}", q(&p)), "Permission denied");
+    // Only the owner (or root) sets ACLs.
+    run_as_denied(1001, 1001, &[], &format!("setfacl -m u:1001:rw {}", q(&p)), "Operation not permitted");
+    let acl = getfacl(&p);
+    for want in ["user::rw-", "user:1001:r--", "group::---", "mask::r--", "other::---"] {
+        assert!(acl.lines().any(|l| l.starts_with(want)), "getfacl lacks {want}:\n{acl}");
+    }
+    assert_eq!(mode(&p), 0o640, "the mask shows as the group bits");
+    assert!(listxattr(&p).unwrap().contains(&"system.posix_acl_access".to_string()));
+
+    // A named group, through a supplementary group: read and write.
+    sh(&format!("setfacl -m g:2000:rw {}", q(&p)));
+    run_as_ok(1003, 1003, &[2000], &format!("echo more >> {}", q(&p)));
+    assert_eq!(read(&p), b"secret\nmore\n");
+    assert_eq!(mode(&p), 0o660);
+    // chmod g-w rewrites the mask, which now limits the named group to read.
+    chmod(&p, 0o640);
+    let acl = getfacl(&p);
+    assert!(acl.lines().any(|l| l.starts_with("mask::r--")), "chmod g-w left the mask:\n{acl}");
+    assert!(acl.lines().any(|l| l.starts_with("group:2000:rw-")), "named entries stay:\n{acl}");
+    run_as_denied(1003, 1003, &[2000], &format!("echo x >> {}", q(&p)), "Permission denied");
+    run_as_ok(1003, 1003, &[2000], &format!("cat {}", q(&p)));
+    // An empty mask shuts the named user out too.
+    sh(&format!("setfacl -m m::- {}", q(&p)));
+    assert_eq!(mode(&p), 0o600);
+    run_as_denied(1001, 1001, &[], &format!("cat {}", q(&p)), "Permission denied");
+    // Removing the ACL leaves plain mode bits.
+    sh(&format!("setfacl -b {}", q(&p)));
+    assert!(!listxattr(&p).unwrap().iter().any(|n| n.starts_with("system.posix_acl")), "setfacl -b left an ACL");
+    run_as_denied(1003, 1003, &[2000], &format!("cat {}", q(&p)), "Permission denied");
+    run_as_ok(1000, 1000, &[], &format!("cat {}", q(&p)));
+}
+
+#[test]
+fn default_acl_is_inherited_instead_of_the_umask() {
+    require_fuse!();
+    require_setfacl();
+    let s = open_single();
+    let d = s.p("shared");
+    fs::create_dir(&d).unwrap();
+    chown(&d, 1000, 1000);
+    chmod(&d, 0o750);
+    run_as_ok(1000, 1000, &[], &format!("setfacl -m u:1001:rwx {0} && setfacl -d -m u:1001:rwx {0}", q(&d)));
+    let def = sh(&format!("getfacl -cnd {}", q(&d)));
+    assert!(def.lines().any(|l| l == "user:1001:rwx"), "default ACL:\n{def}");
+    // The owner creates with a umask of 077: the default ACL replaces it.
+    let (f, sub) = (d.join("new"), d.join("sub"));
+    run_as_ok(1000, 1000, &[], &format!("umask 077; echo hi > {} && mkdir {}", q(&f), q(&sub)));
+    assert_eq!(mode(&f), 0o660, "file: 0666 masked by the inherited ACL, not by the umask");
+    assert_eq!(mode(&sub), 0o770, "directory: 0777 masked by the inherited ACL");
+    let facl = getfacl(&f);
+    assert!(facl.lines().any(|l| l.starts_with("user:1001:rwx")), "file ACL:\n{facl}");
+    assert!(!sh(&format!("getfacl -cnd {}", q(&f))).contains("default"), "a file has no default ACL");
+    let sdef = sh(&format!("getfacl -cnd {}", q(&sub)));
+    assert!(sdef.lines().any(|l| l == "user:1001:rwx"), "subdirectory default ACL:\n{sdef}");
+    // uid 1001 may use both, where the plain modes (0600/0700 by the umask) would refuse.
+    run_as_ok(1001, 1001, &[], &format!("echo more >> {} && echo x > {}", q(&f), q(&sub.join("x"))));
+    assert_eq!(read(&f), b"hi\nmore\n");
+    assert_eq!(fs::metadata(sub.join("x")).unwrap().mode() & 0o777, 0o660, "inherited twice");
+    run_as_denied(1002, 1002, &[], &format!("cat {}", q(&f)), "Permission denied");
+    // Without a default ACL the umask applies (the host applies it: the kernel passes it on).
+    let plain = s.p("plain");
+    chmod(&s.mnt, 0o777);
+    run_as_ok(1000, 1000, &[], &format!("umask 027; echo x > {0}f && mkdir {0}d", q(&plain)));
+    assert_eq!(mode(&s.p("plainf")), 0o640);
+    assert_eq!(mode(&s.p("plaind")), 0o750);
+    assert!(!listxattr(&s.p("plainf")).unwrap().iter().any(|n| n.starts_with("system.")));
+}

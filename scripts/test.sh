@@ -34,11 +34,13 @@ if ! command -v cargo-deny >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin
 fi
 cargo deny check licenses bans
 
-# Tools the tests drive (fuse-tests/http_api.rs, api_cli.rs): curl, GNU tar, unzip, and tuspy,
-# a stock tus client. As root they are installed when missing.
-log "tools the tests drive: curl, GNU tar, unzip, tuspy"
+# Tools the tests drive (fuse-tests/http_api.rs, api_cli.rs, attrs.rs): curl, GNU tar, unzip,
+# setfacl/getfacl (package acl), and tuspy, a stock tus client. As root they are installed when
+# missing.
+log "tools the tests drive: curl, GNU tar, unzip, acl, tuspy"
 missing=""
 for tool in curl tar unzip python3; do command -v "$tool" >/dev/null || missing="$missing $tool"; done
+command -v setfacl >/dev/null || missing="$missing acl"
 # pip installs tuspy and the Python SDK; minimal images ship python3 without it.
 python3 -m pip --version >/dev/null 2>&1 || missing="$missing python3-pip"
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ]; then

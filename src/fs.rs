@@ -169,7 +169,15 @@ pub struct Attr {
     pub mtime: Timespec,
     pub ctime: Timespec,
     pub rdev: u32,
+    /// Which POSIX ACLs the inode has ([`ACL_ACCESS`], [`ACL_DEFAULT`]; 0 for none, the common
+    /// case): permission checks read the ACL itself only when the mark says there is one.
+    pub acl: u8,
 }
+
+/// [`Attr::acl`]: the inode has an access ACL (`system.posix_acl_access`).
+pub const ACL_ACCESS: u8 = 1;
+/// [`Attr::acl`]: the directory has a default ACL (`system.posix_acl_default`).
+pub const ACL_DEFAULT: u8 = 2;
 
 impl Attr {
     /// 512-byte blocks, as `st_blocks` counts them.

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Protocol version spoken by this build. The server accepts exactly the versions it knows.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest read or write carried by one request (the FUSE max_write / max_read).
 pub const MAX_IO: u32 = 1 << 20;

@@ -21,9 +21,11 @@
 //! - Every change to a name, a file's data or attributes is recorded in the volume's change log in
 //!   the transaction that makes it (see [`changelog`]), so watchers see what guests do too.
 //! - Permission checks follow POSIX for the caller's uid, gid and supplementary groups (setgid
-//!   directories, sticky bit, owner-only chmod/utimes, root-only chown). They are semantics, not
+//!   directories, sticky bit, owner-only chmod/utimes, root-only chown), and POSIX.1e ACLs on
+//!   inodes that have one (see [`acl`]). They are semantics, not
 //!   security: the attachment's scope, enforced by the server, is the security boundary.
 
+pub mod acl;
 pub mod blob;
 pub mod changelog;
 pub mod meta;
@@ -31,6 +33,7 @@ mod registry;
 pub mod sqlite;
 
 use crate::fs::*;
+use acl::Acl;
 use blob::BlobStore;
 use changelog::{ChangeLog, Event};
 pub use changelog::{ChangeNotifier, ChangeRetention};
@@ -106,11 +109,15 @@ fn lossy(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
 
-/// Whether `c` has all of `want` (R/W/X bits) on `a`.
-fn permits(a: &Attr, c: &Caller, want: u32) -> bool {
+/// Whether `c` has all of `want` (R/W/X bits) on `a`; `acl` is `a`'s access ACL when it has one
+/// (see [`Engine::access_acl`]), which then decides instead of the group and other bits.
+fn permits(a: &Attr, acl: Option<&Acl>, c: &Caller, want: u32) -> bool {
     if c.is_root() {
         // Root may do anything but execute a file that nobody may execute.
         return want & X == 0 || a.kind == Kind::Dir || a.perm & 0o111 != 0;
+    }
+    if let Some(acl) = acl {
+        return acl.permits(a, c, want);
     }
     let bits = if c.uid == a.uid {
         (a.perm >> 6) & 7
@@ -122,8 +129,11 @@ fn permits(a: &Attr, c: &Caller, want: u32) -> bool {
     bits & want == want
 }
 
-fn check_access(a: &Attr, c: &Caller, want: u32) -> FsResult<()> {
-    if permits(a, c, want) {
+/// An ACL xattr to store: its name ([`acl::ACCESS`] or [`acl::DEFAULT`]) and value.
+type AclXattr = (&'static [u8], Vec<u8>);
+
+fn check_access(a: &Attr, acl: Option<&Acl>, c: &Caller, want: u32) -> FsResult<()> {
+    if permits(a, acl, c, want) {
         return Ok(());
     }
     let need = [(R, "read"), (W, "write"), (X, "search/execute")]
@@ -134,7 +144,15 @@ fn check_access(a: &Attr, c: &Caller, want: u32) -> FsResult<()> {
         .join("+");
     Err(FsError::new(
         libc::EACCES,
-        format!("uid {} lacks {need} permission on inode {} (mode {:o}, owner {}:{})", c.uid, a.ino, a.perm, a.uid, a.gid),
+        format!(
+            "uid {} lacks {need} permission on inode {} (mode {:o}, owner {}:{}{})",
+            c.uid,
+            a.ino,
+            a.perm,
+            a.uid,
+            a.gid,
+            if acl.is_some() { ", with an ACL" } else { "" }
+        ),
     ))
 }
 
@@ -298,6 +316,7 @@ impl Engine {
                     mtime: now,
                     ctime: now,
                     rdev: 0,
+                    acl: 0,
                 },
             )?;
             t.volume_by_id(id)?.ok_or_else(|| enoent(format!("volume `{name}`")))
@@ -334,6 +353,32 @@ impl Engine {
         t.get_inode(vol, ino)?.ok_or_else(|| stale(ino))
     }
 
+    /// `a`'s access ACL, read only when `a` is marked as having one: an inode without an ACL
+    /// costs no query.
+    fn access_acl(t: &mut dyn MetaTxn, vol: VolId, a: &Attr) -> FsResult<Option<Acl>> {
+        if a.acl & ACL_ACCESS == 0 {
+            return Ok(None);
+        }
+        match t.get_xattr(vol, a.ino, acl::ACCESS)? {
+            Some(v) => Acl::parse(&v),
+            None => Ok(None),
+        }
+    }
+
+    /// The permission check, ACL included (root needs none: it passes the same way with one).
+    fn access(t: &mut dyn MetaTxn, vol: VolId, a: &Attr, c: &Caller, want: u32) -> FsResult<()> {
+        let acl = if c.is_root() { None } else { Self::access_acl(t, vol, a)? };
+        check_access(a, acl.as_ref(), c, want)
+    }
+
+    /// [`Engine::access`] outside a transaction: one is opened only for an inode with an ACL.
+    fn check(&self, vol: VolId, a: &Attr, c: &Caller, want: u32) -> FsResult<()> {
+        if a.acl & ACL_ACCESS == 0 || c.is_root() {
+            return check_access(a, None, c, want);
+        }
+        self.tx(|t| Self::access(t, vol, a, c, want))
+    }
+
     fn dir(t: &mut dyn MetaTxn, vol: VolId, ino: Ino) -> FsResult<Attr> {
         let a = Self::inode(t, vol, ino)?;
         if a.kind != Kind::Dir {
@@ -353,7 +398,7 @@ impl Engine {
         check_name(name)?;
         self.tx(|t| {
             let p = Self::dir(t, vol, parent)?;
-            check_access(&p, c, X)?;
+            Self::access(t, vol, &p, c, X)?;
             let (ino, _) = t.get_dentry(vol, parent, name)?.ok_or_else(|| enoent(format!("`{}`", lossy(name))))?;
             Self::inode(t, vol, ino)
         })
@@ -435,6 +480,11 @@ impl Engine {
                     perm &= !libc::S_ISGID;
                 }
                 a.perm = perm;
+                if let Some(mut acl) = Self::access_acl(t, vol, &a)? {
+                    // posix_acl_chmod: the ACL's owner, mask (or group) and other follow the mode.
+                    acl.chmod(perm);
+                    t.set_xattr(vol, ino, acl::ACCESS, &acl.encode())?;
+                }
             }
             if set.uid.is_some() || set.gid.is_some() {
                 let new_uid = set.uid.unwrap_or(a.uid);
@@ -460,7 +510,7 @@ impl Engine {
                 let Some(time) = time else { continue };
                 let value = match time {
                     SetTime::Now => {
-                        if !owner && !permits(&a, c, W) {
+                        if !owner && !permits(&a, Self::access_acl(t, vol, &a)?.as_ref(), c, W) {
                             return Err(FsError::new(libc::EACCES, format!("uid {} may not touch inode {ino}", c.uid)));
                         }
                         now
@@ -596,7 +646,8 @@ impl Engine {
 
     // ----- creating names -------------------------------------------------------------------
 
-    /// Creates a new inode named `name` in `parent`. `perm` is already masked.
+    /// Creates a new inode named `name` in `parent`. The umask applies to `perm` unless `parent`
+    /// has a default ACL, which the new inode inherits instead (`posix_acl_create`).
     fn make(
         &self,
         vol: VolId,
@@ -604,6 +655,7 @@ impl Engine {
         name: &[u8],
         kind: Kind,
         perm: u32,
+        umask: u32,
         rdev: u32,
         target: Option<&[u8]>,
         c: &Caller,
@@ -612,13 +664,14 @@ impl Engine {
         let now = Timespec::now();
         self.mutate(vol, |t, log| {
             let mut p = Self::dir(t, vol, parent)?;
-            check_access(&p, c, W | X)?;
+            Self::access(t, vol, &p, c, W | X)?;
             if t.get_dentry(vol, parent, name)?.is_some() {
                 return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(name))));
             }
             let setgid_dir = p.perm & libc::S_ISGID != 0;
             let gid = if setgid_dir { p.gid } else { c.gid };
             let mut perm = perm & 0o7777;
+            let (acls, acl_mark) = Self::inherit_acls(t, vol, &p, kind, &mut perm, umask)?;
             if kind == Kind::Dir && setgid_dir {
                 perm |= libc::S_ISGID;
             } else if kind != Kind::Dir && perm & libc::S_ISGID != 0 && !c.is_root() && !c.in_group(gid) {
@@ -634,6 +687,7 @@ impl Engine {
             if let Some(target) = target {
                 Self::charge(t, vol, 0, target.len() as u64)?;
             }
+            Self::charge(t, vol, 0, acls.iter().map(|(n, v)| (n.len() + v.len()) as u64).sum())?;
             let ino = t.next_ino(vol)?;
             let a = Attr {
                 ino,
@@ -644,15 +698,19 @@ impl Engine {
                 gid,
                 size: target.map_or(0, |t| t.len() as u64),
                 alloc: 0,
-                xattrs: false,
+                xattrs: !acls.is_empty(),
                 atime: now,
                 mtime: now,
                 ctime: now,
                 rdev,
+                acl: acl_mark,
             };
             t.put_inode(vol, &a)?;
             if let Some(target) = target {
                 t.set_target(vol, ino, target)?;
+            }
+            for (n, v) in &acls {
+                t.set_xattr(vol, ino, n, v)?;
             }
             t.insert_dentry(vol, parent, name, ino, kind)?;
             if kind == Kind::Dir {
@@ -666,6 +724,33 @@ impl Engine {
         })
     }
 
+    /// What a new inode of `kind` in directory `p` inherits from `p`'s default ACL: its ACL
+    /// xattrs to store and its [`Attr::acl`] mark; `perm` is masked by the ACL, or by `umask`
+    /// when `p` has none (symlinks take neither).
+    fn inherit_acls(t: &mut dyn MetaTxn, vol: VolId, p: &Attr, kind: Kind, perm: &mut u32, umask: u32) -> FsResult<(Vec<AclXattr>, u8)> {
+        let default = match p.acl & ACL_DEFAULT != 0 && kind != Kind::Symlink {
+            true => t.get_xattr(vol, p.ino, acl::DEFAULT)?.map(|v| Acl::parse(&v)).transpose()?.flatten(),
+            false => None,
+        };
+        let Some(default) = default else {
+            *perm &= !umask;
+            return Ok((Vec::new(), 0));
+        };
+        let (mut acls, mut mark) = (Vec::new(), 0);
+        let mut access = default.clone();
+        let (masked, keep) = access.create_masq(*perm);
+        *perm = masked;
+        if keep {
+            acls.push((acl::ACCESS, access.encode()));
+            mark |= ACL_ACCESS;
+        }
+        if kind == Kind::Dir {
+            acls.push((acl::DEFAULT, default.encode()));
+            mark |= ACL_DEFAULT;
+        }
+        Ok((acls, mark))
+    }
+
     pub fn mknod(&self, vol: VolId, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u32, c: &Caller) -> FsResult<Attr> {
         let kind = Kind::from_mode(mode).ok_or_else(|| FsError::new(libc::EINVAL, format!("invalid file type in mode {mode:o}")))?;
         match kind {
@@ -673,23 +758,23 @@ impl Engine {
             Kind::CharDev | Kind::BlockDev if !c.is_root() => return Err(FsError::new(libc::EPERM, "only root may make device nodes")),
             _ => {}
         }
-        self.make(vol, parent, name, kind, mode & !umask, rdev, None, c)
+        self.make(vol, parent, name, kind, mode, umask, rdev, None, c)
     }
 
     pub fn mkdir(&self, vol: VolId, parent: Ino, name: &[u8], mode: u32, umask: u32, c: &Caller) -> FsResult<Attr> {
-        self.make(vol, parent, name, Kind::Dir, mode & !umask & 0o7777, 0, None, c)
+        self.make(vol, parent, name, Kind::Dir, mode, umask, 0, None, c)
     }
 
     pub fn symlink(&self, vol: VolId, parent: Ino, name: &[u8], target: &[u8], c: &Caller) -> FsResult<Attr> {
         if target.is_empty() || target.len() > SYMLINK_MAX || target.contains(&0) {
             return Err(FsError::new(libc::ENAMETOOLONG, format!("symlink target must be 1-{SYMLINK_MAX} bytes without NUL")));
         }
-        self.make(vol, parent, name, Kind::Symlink, 0o777, 0, Some(target), c)
+        self.make(vol, parent, name, Kind::Symlink, 0o777, 0, 0, Some(target), c)
     }
 
     /// Creates and opens a regular file (the caller must `release` it).
     pub fn create(&self, vol: VolId, parent: Ino, name: &[u8], mode: u32, umask: u32, c: &Caller) -> FsResult<Attr> {
-        let a = self.make(vol, parent, name, Kind::File, mode & !umask, 0, None, c)?;
+        let a = self.make(vol, parent, name, Kind::File, mode, umask, 0, None, c)?;
         self.hold(vol, a.ino);
         Ok(a)
     }
@@ -709,7 +794,7 @@ impl Engine {
                 return Err(FsError::new(libc::EMLINK, format!("inode {ino} has {MAX_LINKS} links already")));
             }
             let mut p = Self::dir(t, vol, new_parent)?;
-            check_access(&p, c, W | X)?;
+            Self::access(t, vol, &p, c, W | X)?;
             if t.get_dentry(vol, new_parent, new_name)?.is_some() {
                 return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(new_name))));
             }
@@ -777,7 +862,7 @@ impl Engine {
         let now = Timespec::now();
         let purge = self.mutate(vol, |t, log| {
             let mut p = Self::dir(t, vol, parent)?;
-            check_access(&p, c, W | X)?;
+            Self::access(t, vol, &p, c, W | X)?;
             let (ino, _) = t.get_dentry(vol, parent, name)?.ok_or_else(|| enoent(format!("`{}`", lossy(name))))?;
             let mut child = Self::inode(t, vol, ino)?;
             check_sticky(&p, &child, c)?;
@@ -840,9 +925,9 @@ impl Engine {
         let now = Timespec::now();
         let purge = self.mutate(vol, |t, log| {
             let mut sp = Self::dir(t, vol, parent)?;
-            check_access(&sp, c, W | X)?;
+            Self::access(t, vol, &sp, c, W | X)?;
             let mut dp = if new_parent == parent { sp.clone() } else { Self::dir(t, vol, new_parent)? };
-            check_access(&dp, c, W | X)?;
+            Self::access(t, vol, &dp, c, W | X)?;
             let (src_ino, _) = t.get_dentry(vol, parent, name)?.ok_or_else(|| enoent(format!("`{}`", lossy(name))))?;
             let mut src = Self::inode(t, vol, src_ino)?;
             check_sticky(&sp, &src, c)?;
@@ -852,7 +937,7 @@ impl Engine {
                     return Err(FsError::new(libc::EINVAL, "cannot move a directory into itself"));
                 }
                 // Moving a directory rewrites its `..`.
-                check_access(&src, c, W)?;
+                Self::access(t, vol, &src, c, W)?;
             }
             if flags & RENAME_EXCHANGE != 0 {
                 let (dst_ino, _) = dst.ok_or_else(|| enoent(format!("`{}`", lossy(new_name))))?;
@@ -867,7 +952,7 @@ impl Engine {
                     if Self::is_within(t, vol, parent, dst_ino)? {
                         return Err(FsError::new(libc::EINVAL, "cannot move a directory into itself"));
                     }
-                    check_access(&other, c, W)?;
+                    Self::access(t, vol, &other, c, W)?;
                 }
                 // Each name keeps its place in its directory's listing.
                 t.set_dentry_target(vol, parent, name, dst_ino, other.kind)?;
@@ -948,6 +1033,7 @@ impl Engine {
                     mtime: now,
                     ctime: now,
                     rdev: 0,
+                    acl: 0,
                 };
                 t.put_inode(vol, &w)?;
                 t.insert_dentry(vol, parent, name, ino, Kind::CharDev)?;
@@ -1011,7 +1097,7 @@ impl Engine {
         if a.kind == Kind::Dir && want & W != 0 {
             return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory")));
         }
-        check_access(&a, c, want)?;
+        self.check(vol, &a, c, want)?;
         let mut open = self.open.lock().unwrap();
         *open.counts.entry((vol, ino)).or_insert(0) += 1;
         if a.nlink == 0 {
@@ -1024,7 +1110,7 @@ impl Engine {
     /// Opens a directory for listing.
     pub fn opendir(&self, vol: VolId, ino: Ino, c: &Caller) -> FsResult<Attr> {
         let a = self.tx(|t| Self::dir(t, vol, ino))?;
-        check_access(&a, c, R)?;
+        self.check(vol, &a, c, R)?;
         self.hold(vol, ino);
         Ok(a)
     }
@@ -1342,15 +1428,27 @@ impl Engine {
 
     // ----- extended attributes ---------------------------------------------------------------
 
-    fn xattr_access(a: &Attr, name: &[u8], c: &Caller, write: bool) -> FsResult<()> {
+    fn xattr_access(t: &mut dyn MetaTxn, vol: VolId, a: &Attr, name: &[u8], c: &Caller, write: bool) -> FsResult<()> {
         if name.is_empty() || name.len() > XATTR_NAME_MAX {
             return Err(FsError::new(libc::ERANGE, format!("xattr names are 1-{XATTR_NAME_MAX} bytes")));
+        }
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            // Anyone may read an ACL (the kernel reads it to check permissions); only the owner
+            // or root may change one. Symlinks have none, as on Linux.
+            if write && a.kind == Kind::Symlink {
+                return Err(FsError::new(libc::EOPNOTSUPP, "symlinks have no POSIX ACLs"));
+            }
+            return if !write || c.is_root() || c.uid == a.uid {
+                Ok(())
+            } else {
+                Err(FsError::new(libc::EPERM, format!("only the owner (uid {}) or root may change the ACLs of inode {}", a.uid, a.ino)))
+            };
         }
         if name.starts_with(b"user.") {
             if !matches!(a.kind, Kind::File | Kind::Dir) {
                 return Err(FsError::new(libc::EPERM, "user xattrs are only allowed on files and directories"));
             }
-            return check_access(a, c, if write { W } else { R });
+            return Self::access(t, vol, a, c, if write { W } else { R });
         }
         if name.starts_with(b"trusted.") {
             return if c.is_root() { Ok(()) } else { Err(FsError::new(libc::EPERM, "trusted xattrs need root")) };
@@ -1362,16 +1460,25 @@ impl Engine {
                 Err(FsError::new(libc::EPERM, "security xattrs need the owner or root"))
             };
         }
-        Err(FsError::new(libc::ENOTSUP, format!("xattr namespace of {:?} is not supported (user., trusted., security.)", lossy(name))))
+        Err(FsError::new(
+            libc::ENOTSUP,
+            format!(
+                "xattr namespace of {:?} is not supported (user., trusted., security., and system.posix_acl_access/default)",
+                lossy(name)
+            ),
+        ))
     }
 
     pub fn setxattr(&self, vol: VolId, ino: Ino, name: &[u8], value: &[u8], flags: i32, c: &Caller) -> FsResult<()> {
         if value.len() > XATTR_SIZE_MAX {
             return Err(FsError::new(libc::E2BIG, format!("xattr values are at most {XATTR_SIZE_MAX} bytes")));
         }
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            return self.set_acl(vol, ino, name, value, c);
+        }
         self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
-            Self::xattr_access(&a, name, c, true)?;
+            Self::xattr_access(t, vol, &a, name, c, true)?;
             let existing = t.list_xattrs(vol, ino)?;
             let old = existing.iter().find(|(n, _)| n == name);
             if flags & XATTR_CREATE != 0 && old.is_some() {
@@ -1380,18 +1487,74 @@ impl Engine {
             if flags & XATTR_REPLACE != 0 && old.is_none() {
                 return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
             }
-            let others = existing.iter().filter(|(n, _)| n != name);
-            let total: usize = others.clone().map(|(n, l)| n.len() + l).sum::<usize>() + name.len() + value.len();
-            if total > XATTR_TOTAL_MAX {
-                return Err(FsError::new(libc::ENOSPC, format!("xattrs of inode {ino} would exceed {XATTR_TOTAL_MAX} bytes")));
-            }
-            if others.map(|(n, _)| n.len() + 1).sum::<usize>() + name.len() + 1 > XATTR_LIST_MAX {
-                return Err(FsError::new(libc::ENOSPC, format!("xattr names of inode {ino} would exceed {XATTR_LIST_MAX} bytes")));
-            }
-            let before = old.map_or(0, |(n, l)| n.len() + l);
-            Self::charge(t, vol, before as u64, (name.len() + value.len()) as u64)?;
-            t.set_xattr(vol, ino, name, value)?;
+            Self::store_xattr(t, vol, ino, name, value)?;
             a.xattrs = true;
+            a.ctime = Timespec::now();
+            log.push(Event::Modify { node: a.kind, ino });
+            t.put_inode(vol, &a)
+        })
+    }
+
+    /// Stores one xattr value (new or replacing), within the per-inode limits and the cap.
+    fn store_xattr(t: &mut dyn MetaTxn, vol: VolId, ino: Ino, name: &[u8], value: &[u8]) -> FsResult<()> {
+        let existing = t.list_xattrs(vol, ino)?;
+        let old = existing.iter().find(|(n, _)| n == name);
+        let others = existing.iter().filter(|(n, _)| n != name);
+        let total: usize = others.clone().map(|(n, l)| n.len() + l).sum::<usize>() + name.len() + value.len();
+        if total > XATTR_TOTAL_MAX {
+            return Err(FsError::new(libc::ENOSPC, format!("xattrs of inode {ino} would exceed {XATTR_TOTAL_MAX} bytes")));
+        }
+        if others.map(|(n, _)| n.len() + 1).sum::<usize>() + name.len() + 1 > XATTR_LIST_MAX {
+            return Err(FsError::new(libc::ENOSPC, format!("xattr names of inode {ino} would exceed {XATTR_LIST_MAX} bytes")));
+        }
+        let before = old.map_or(0, |(n, l)| n.len() + l);
+        Self::charge(t, vol, before as u64, (name.len() + value.len()) as u64)?;
+        t.set_xattr(vol, ino, name, value)
+    }
+
+    /// Removes one xattr and gives its bytes back to the cap; false if there was none.
+    fn drop_xattr(t: &mut dyn MetaTxn, vol: VolId, ino: Ino, name: &[u8]) -> FsResult<bool> {
+        if let Some((n, l)) = t.list_xattrs(vol, ino)?.iter().find(|(n, _)| n == name) {
+            Self::charge(t, vol, (n.len() + l) as u64, 0)?;
+        }
+        t.remove_xattr(vol, ino, name)
+    }
+
+    /// setfacl: sets (or, with a value of no entries, removes) the access or default ACL, as
+    /// Linux's `set_posix_acl`. An access ACL also sets the permission bits (owner, mask or
+    /// owning group, other); one the bits say entirely is not stored. XATTR_CREATE/REPLACE are
+    /// ignored for ACLs, as on Linux.
+    fn set_acl(&self, vol: VolId, ino: Ino, name: &[u8], value: &[u8], c: &Caller) -> FsResult<()> {
+        let parsed = Acl::parse(value)?;
+        let default = name == acl::DEFAULT;
+        let mark = if default { ACL_DEFAULT } else { ACL_ACCESS };
+        self.mutate(vol, |t, log| {
+            let mut a = Self::inode(t, vol, ino)?;
+            if default && a.kind != Kind::Dir && parsed.is_some() {
+                return Err(FsError::new(libc::EACCES, format!("inode {ino} is not a directory: only directories have a default ACL")));
+            }
+            Self::xattr_access(t, vol, &a, name, c, true)?;
+            let mut keep = parsed.clone();
+            if let (false, Some(acl)) = (default, &parsed) {
+                a.perm = (a.perm & !0o777) | acl.mode_bits();
+                if !c.is_root() && !c.in_group(a.gid) {
+                    a.perm &= !libc::S_ISGID;
+                }
+                if acl.is_minimal() {
+                    keep = None;
+                }
+            }
+            match keep {
+                Some(acl) => {
+                    Self::store_xattr(t, vol, ino, name, &acl.encode())?;
+                    a.acl |= mark;
+                }
+                None => {
+                    Self::drop_xattr(t, vol, ino, name)?;
+                    a.acl &= !mark;
+                }
+            }
+            a.xattrs = !t.list_xattrs(vol, ino)?.is_empty();
             a.ctime = Timespec::now();
             log.push(Event::Modify { node: a.kind, ino });
             t.put_inode(vol, &a)
@@ -1401,7 +1564,7 @@ impl Engine {
     pub fn getxattr(&self, vol: VolId, ino: Ino, name: &[u8], c: &Caller) -> FsResult<Vec<u8>> {
         self.tx(|t| {
             let a = Self::inode(t, vol, ino)?;
-            Self::xattr_access(&a, name, c, false)?;
+            Self::xattr_access(t, vol, &a, name, c, false)?;
             t.get_xattr(vol, ino, name)?.ok_or_else(|| FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))))
         })
     }
@@ -1425,14 +1588,15 @@ impl Engine {
     pub fn removexattr(&self, vol: VolId, ino: Ino, name: &[u8], c: &Caller) -> FsResult<()> {
         self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
-            Self::xattr_access(&a, name, c, true)?;
-            let all = t.list_xattrs(vol, ino)?;
-            if let Some((n, l)) = all.iter().find(|(n, _)| n == name) {
-                Self::charge(t, vol, (n.len() + l) as u64, 0)?;
-            }
-            a.xattrs = all.iter().any(|(n, _)| n != name);
-            if !t.remove_xattr(vol, ino, name)? {
+            Self::xattr_access(t, vol, &a, name, c, true)?;
+            if !Self::drop_xattr(t, vol, ino, name)? {
                 return Err(FsError::new(libc::ENODATA, format!("xattr {:?} does not exist", lossy(name))));
+            }
+            a.xattrs = !t.list_xattrs(vol, ino)?.is_empty();
+            if name == acl::ACCESS {
+                a.acl &= !ACL_ACCESS;
+            } else if name == acl::DEFAULT {
+                a.acl &= !ACL_DEFAULT;
             }
             a.ctime = Timespec::now();
             log.push(Event::Modify { node: a.kind, ino });

@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS inodes (
     vol INTEGER NOT NULL,
     ino INTEGER NOT NULL,
     kind INTEGER NOT NULL,
+    -- permission bits (0o7777), and above them (bit 16 up) the ACL marks of Attr::acl:
+    -- rows written before ACLs have none, so no migration was needed.
     perm INTEGER NOT NULL,
     nlink INTEGER NOT NULL,
     uid INTEGER NOT NULL,
@@ -200,12 +202,16 @@ fn row_volume(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
 
 const VOLUME_COLS: &str = "id, name, cap, used, inodes, created";
 
+/// Where the ACL marks ([`Attr::acl`]) sit in the `perm` column.
+const ACL_SHIFT: u32 = 16;
+
 fn row_attr(r: &Row<'_>) -> rusqlite::Result<Attr> {
     let kind: i64 = r.get(1)?;
+    let perm = r.get::<_, i64>(2)? as u32;
     Ok(Attr {
         ino: r.get::<_, i64>(0)? as u64,
         kind: Kind::from_code(kind).unwrap_or(Kind::File),
-        perm: r.get::<_, i64>(2)? as u32,
+        perm: perm & 0o7777,
         nlink: r.get::<_, i64>(3)? as u32,
         uid: r.get::<_, i64>(4)? as u32,
         gid: r.get::<_, i64>(5)? as u32,
@@ -216,6 +222,7 @@ fn row_attr(r: &Row<'_>) -> rusqlite::Result<Attr> {
         rdev: r.get::<_, i64>(10)? as u32,
         alloc: r.get::<_, i64>(11)? as u64,
         xattrs: r.get::<_, i64>(12)? != 0,
+        acl: (perm >> ACL_SHIFT) as u8,
     })
 }
 
@@ -323,7 +330,7 @@ impl MetaTxn for SqliteTxn<'_> {
                     vol,
                     a.ino as i64,
                     a.kind.code(),
-                    a.perm as i64,
+                    ((a.perm & 0o7777) | (a.acl as u32) << ACL_SHIFT) as i64,
                     a.nlink as i64,
                     a.uid as i64,
                     a.gid as i64,

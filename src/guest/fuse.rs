@@ -71,6 +71,22 @@ impl VolumeFs {
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
         self.client.call_async(caller(req), op, Box::new(done));
     }
+
+    /// The reply to a setxattr or removexattr: whether the inode has xattrs is forgotten again
+    /// (see `setxattr`). Setting an access ACL also changes the permission bits on the host,
+    /// which the kernel does not know: for ACL names its cached attributes are dropped before
+    /// the caller is answered, so a `stat` right after `setfacl` sees them.
+    fn xattr_changed(&self, ino: u64, name: &OsStr, reply: ReplyEmpty) -> impl FnOnce(Result<Reply, FsError>) + Send + 'static {
+        let acl = name.as_bytes().starts_with(b"system.posix_acl_");
+        let inval = self.invalidator.clone();
+        move |r| {
+            inval.forget(ino);
+            match r {
+                Ok(_) if acl => inval.invalidate_then(ino, move || reply.ok()),
+                r => empty_reply(reply)(r),
+            }
+        }
+    }
 }
 
 /// The requesting process's credentials, with supplementary groups read from /proc (FUSE only
@@ -512,7 +528,14 @@ impl Filesystem for VolumeFs {
             // lookup of "." in it (and a directory's parent with ".."); inode numbers are stable.
             | InitFlags::FUSE_EXPORT_SUPPORT
             // mmap keeps working on descriptors opened with O_APPEND (direct I/O, see open_flags).
-            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
+            // POSIX ACLs: the kernel reads them (getxattr system.posix_acl_*) for its own
+            // permission check and sends setfacl as setxattr. With them it no longer applies the
+            // umask itself; DONT_MASK makes sure nothing in the kernel does: create, mkdir and
+            // mknod carry mode and umask, and the host applies the umask only when the directory
+            // has no default ACL (which replaces it). The host checks ACLs on every request anyway.
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK;
         // No FUSE_WRITEBACK_CACHE: with it the kernel trusts its own size and times of regular
         // files and ignores the host's, so a file grown or truncated by another sandbox would
         // keep its old size here (and SQLite on a shared volume corrupts). Writes are
@@ -876,11 +899,7 @@ impl Filesystem for VolumeFs {
         // Forgotten before and after: an attribute reply racing with this one may have said
         // "none" again meanwhile.
         self.invalidator.forget(ino.0);
-        let inv = self.invalidator.clone();
-        self.send(req, op, move |r| {
-            inv.forget(ino.0);
-            empty_reply(reply)(r)
-        });
+        self.send(req, op, self.xattr_changed(ino.0, name, reply));
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -902,7 +921,7 @@ impl Filesystem for VolumeFs {
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.invalidator.forget(ino.0);
-        self.send(req, Op::RemoveXattr { ino: ino.0, name: name.as_bytes().to_vec() }, empty_reply(reply));
+        self.send(req, Op::RemoveXattr { ino: ino.0, name: name.as_bytes().to_vec() }, self.xattr_changed(ino.0, name, reply));
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
