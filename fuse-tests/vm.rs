@@ -321,3 +321,28 @@ fn vm_fallocate_and_sparse_files() {
     let out = guest(&c, "sb", "fallocate -l 134217728 /mnt/data/too-big");
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("quota"), "{out:?}");
 }
+
+/// Inside a microVM: a POSIX ACL (set through another sandbox's mount with setfacl) lets a
+/// named user read a 0600 file it does not own and no other user; the guest kernel enforces it
+/// and so does the host.
+#[test]
+fn vm_acl_grants_a_named_user_and_no_one_else() {
+    require_vm!();
+    let c = Cluster::new();
+    c.create_volume("data", Some("64MiB"));
+    // A sandbox on this host with the volume mounted, to run setfacl (not in the VM image).
+    let host_sock = c.sandbox("host");
+    let host_mnt = c.path("host-mnt");
+    c.attach("host", "data", &host_mnt, &[]);
+    let _agent = c.start_agent(&host_sock, &[&host_mnt]);
+    std::fs::write(host_mnt.join("f"), b"for 1001 only\n").unwrap();
+    sh(&format!("chown 1000:1000 '{0}' && chmod 0600 '{0}' && setfacl -m u:1001:r '{0}'", host_mnt.join("f").display()));
+    let _vm = Running::boot(&c, "sb", &["data:/mnt/data"]);
+    assert_eq!(guest_ok(&c, "sb", "su -s /bin/sh u1001 -c 'cat /mnt/data/f'"), "for 1001 only\n");
+    let out = guest(&c, "sb", "su -s /bin/sh u1002 -c 'cat /mnt/data/f'");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
+    let out = guest(&c, "sb", "su -s /bin/sh u1001 -c 'echo x >> /mnt/data/f'");
+    assert!(!out.status.success(), "the ACL grants reading only: {out:?}");
+    // The mode's group bits show the ACL's mask, as on any Linux filesystem.
+    assert_eq!(guest_ok(&c, "sb", "stat -c %A /mnt/data/f"), "-rw-r-----\n");
+}

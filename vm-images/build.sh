@@ -272,8 +272,10 @@ if [ $rebuild = 1 ]; then
     cp "$KDIR"/modules/*.ko "$KDIR/modules/load-order" "$R/lib/modules/"
     cp "$GUEST" "$R/bin/volumefs-guest"
     install -m 0755 "$HERE/init.sh" "$R/init"
-    echo "root:x:0:0:root:/root:/bin/sh" >"$R/etc/passwd"
-    echo "root:x:0:" >"$R/etc/group"
+    # Two unprivileged users, for permission and ACL checks as someone other than root
+    # (`su -s /bin/sh u1001 -c ...`; busybox's setpriv cannot change uids).
+    printf '%s\n' "root:x:0:0:root:/root:/bin/sh" "u1001:x:1001:1001::/tmp:/bin/sh" "u1002:x:1002:1002::/tmp:/bin/sh" >"$R/etc/passwd"
+    printf '%s\n' "root:x:0:" "u1001:x:1001:" "u1002:x:1002:" >"$R/etc/group"
     echo "volumefs-guest" >"$R/etc/hostname"
     # The kernel's built-in initramfs already has /dev/console; add it too when we may.
     [ "$(id -u)" = 0 ] && mknod -m 600 "$R/dev/console" c 5 1 2>/dev/null || true
