@@ -51,9 +51,18 @@ impl Raw {
 
     /// [`Raw::call`] with the credentials a guest claims for it.
     pub(crate) fn call_as(&mut self, caller: Caller, op: Op) -> Result<Reply, FsError> {
+        let seq = if op.is_mutation() { self.next } else { 0 };
+        self.send(caller, seq, op)
+    }
+
+    /// Sends `op` with the given sequence number (what a guest resending a request does).
+    pub(crate) fn call_seq(&mut self, seq: u64, op: Op) -> Result<Reply, FsError> {
+        self.send(Caller::root(), seq, op)
+    }
+
+    fn send(&mut self, caller: Caller, seq: u64, op: Op) -> Result<Reply, FsError> {
         let id = self.next;
         self.next += 1;
-        let seq = if op.is_mutation() { id } else { 0 };
         proto::write_frame(&mut self.s, &Request { id, seq, caller, op }).unwrap();
         loop {
             match proto::read_frame::<ServerMsg>(&mut self.s).unwrap().expect("a reply") {
@@ -670,4 +679,60 @@ fn host_enforces_acls_for_a_raw_client() {
     let ro_ino = entry_ino(ro_raw.call(Op::Lookup { parent: 1, name: b"f".to_vec() }));
     let op = Op::SetXattr { ino: ro_ino, name: b"system.posix_acl_access".to_vec(), value: acl, flags: 0 };
     assert_eq!(ro_raw.call_as(user(1000), op).unwrap_err().errno, libc::EROFS);
+}
+
+/// Exactly once across a server restart: a guest whose replies were lost because the server
+/// died (here: a raw client that ignores them) resends its requests, with their sequence
+/// numbers, to the restarted server; what was applied is answered from the record — an append
+/// is not appended twice, a mkdir is not EEXIST, an unlink is not ENOENT, a create gives a
+/// handle on the file it made — and new requests are applied as usual.
+#[test]
+fn mutations_applied_before_a_restart_are_answered_not_applied_again() {
+    require_fuse!();
+    let mut s = setup();
+    let rw = Raw::attachments(&s.evil).into_iter().find(|a| !a.read_only).expect("rw attachment");
+    let mut raw = Raw::connect(&s.evil);
+    let session = match raw.hello(Role::Mount { path: rw.path.clone(), resume: None }) {
+        Welcome::Mount { session, .. } => session,
+        other => panic!("mount hello: {other:?}"),
+    };
+    let create = Op::Create { parent: 1, name: b"log".to_vec(), mode: 0o644, umask: 0, flags: libc::O_RDWR };
+    let (ino, fh) = match raw.call_seq(10, create.clone()) {
+        Ok(Reply::Created { attr, fh }) => (attr.ino, fh),
+        other => panic!("create: {other:?}"),
+    };
+    let append = |fh: u64| Op::Write { ino, fh, offset: 0, append: true, data: b"record\n".to_vec() };
+    assert!(matches!(raw.call_seq(11, append(fh)), Ok(Reply::Appended { offset: 0, .. })));
+    assert!(matches!(raw.call_seq(12, append(fh)), Ok(Reply::Appended { offset: 7, .. })));
+    let mkdir = Op::MkDir { parent: 1, name: b"d".to_vec(), mode: 0o755, umask: 0 };
+    let dir = entry_ino(raw.call_seq(13, mkdir.clone()));
+    let unlink = Op::Unlink { parent: 1, name: b"inner.txt".to_vec() };
+    assert_eq!(raw.call_seq(14, unlink.clone()), Ok(Reply::Empty));
+    drop(raw);
+
+    s.c.kill_server();
+    s.c.start_server();
+    let mut raw = Raw::connect(&s.evil);
+    match raw.hello(Role::Mount { path: rw.path.clone(), resume: Some(session) }) {
+        Welcome::Mount { session: fresh, .. } => assert_ne!(fresh, session, "the restarted server has a new session"),
+        other => panic!("mount hello: {other:?}"),
+    }
+    // The guest resends everything it had no reply to, with the same sequence numbers.
+    let fh = match raw.call_seq(10, create) {
+        Ok(Reply::Created { attr, fh }) => {
+            assert_eq!(attr.ino, ino, "the create answers with the file it made");
+            fh
+        }
+        other => panic!("create, resent: {other:?}"),
+    };
+    match raw.call_seq(12, append(fh)) {
+        Ok(Reply::Appended { offset, attr, .. }) => assert_eq!((offset, attr.size), (7, 14), "answered from the record"),
+        other => panic!("append, resent: {other:?}"),
+    }
+    assert_eq!(entry_ino(raw.call_seq(13, mkdir)), dir, "mkdir, resent: not EEXIST");
+    assert_eq!(raw.call_seq(14, unlink), Ok(Reply::Empty), "unlink, resent: not ENOENT");
+    // A new request is applied.
+    assert!(matches!(raw.call_seq(15, append(fh)), Ok(Reply::Appended { offset: 14, .. })));
+    assert_eq!(read(&s.c.path("owner/sub/log")), b"record\nrecord\nrecord\n", "each append applied once");
+    assert!(!s.c.path("owner/sub/inner.txt").exists());
 }

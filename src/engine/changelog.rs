@@ -245,10 +245,15 @@ struct Logged {
 impl Engine {
     /// Runs a mutation of volume `vol` in one metadata transaction; the events it pushes are
     /// written to the change log in the same transaction, and watchers are woken after commit.
-    pub(super) fn mutate<T>(&self, vol: VolId, f: impl FnOnce(&mut dyn MetaTxn, &mut Vec<Event>) -> FsResult<T>) -> FsResult<T> {
+    pub(super) fn mutate<T: super::Recorded>(
+        &self,
+        vol: VolId,
+        f: impl FnOnce(&mut dyn MetaTxn, &mut Vec<Event>) -> FsResult<T>,
+    ) -> FsResult<T> {
         let (out, logged) = self.tx(|t| {
             let mut events = Vec::new();
             let out = f(t, &mut events)?;
+            super::record_replay(t, &out)?;
             let logged = if events.is_empty() { Logged::default() } else { self.log_events(t, vol, events)? };
             Ok((out, logged))
         })?;

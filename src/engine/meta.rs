@@ -236,6 +236,16 @@ pub trait MetaTxn {
     fn extents(&mut self, vol: VolId, ino: Ino, from: u64, to: u64) -> FsResult<Vec<(u64, u64)>>;
     /// Removes the ranges `old` (as `extents` returned them) and adds `new`.
     fn replace_extents(&mut self, vol: VolId, ino: Ino, old: &[(u64, u64)], new: &[(u64, u64)]) -> FsResult<()>;
+    /// Records the result of guest request `seq` of mount session `session` (see
+    /// [`super::Engine::recording`]): the inode it made or changed and a number.
+    fn insert_replay(&mut self, session: u64, seq: u64, rec: (u64, u64), now: Timespec) -> FsResult<()>;
+    fn get_replay(&mut self, session: u64, seq: u64) -> FsResult<Option<(u64, u64)>>;
+    /// The highest request recorded for the session (0 if none).
+    fn last_replay_seq(&mut self, session: u64) -> FsResult<u64>;
+    /// Forgets the session's records of requests before `below`.
+    fn prune_replays(&mut self, session: u64, below: u64) -> FsResult<()>;
+    /// Forgets every record made before `before`; returns how many.
+    fn expire_replays(&mut self, before: Timespec) -> FsResult<u64>;
     /// Renames an entry in place: it keeps its cookie (no target may exist at the new name).
     fn move_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8]) -> FsResult<()>;
     /// Points an existing entry at another inode, keeping its cookie.

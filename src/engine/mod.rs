@@ -94,6 +94,67 @@ pub struct Engine {
     changelog: ChangeLog,
 }
 
+thread_local! {
+    /// The guest request (mount session, sequence number) whose mutation runs on this thread,
+    /// set by [`Engine::recording`]: the first mutation's result is recorded in its own
+    /// transaction, so a reply lost in a server crash can be given again, not applied twice.
+    static REPLAY_TAG: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Records of one session older than this many requests are pruned (its guest never has more
+/// than a window's worth of requests unanswered).
+const REPLAY_KEEP: u64 = 4096;
+
+/// What a mutation's result leaves for a replay: the inode it made or changed, and a number
+/// (where an append landed, how many bytes a copy copied).
+pub trait Recorded {
+    fn recorded(&self) -> (u64, u64);
+}
+
+impl Recorded for Attr {
+    fn recorded(&self) -> (u64, u64) {
+        (self.ino, 0)
+    }
+}
+
+impl Recorded for (u64, Attr) {
+    fn recorded(&self) -> (u64, u64) {
+        (self.1.ino, self.0)
+    }
+}
+
+impl Recorded for () {
+    fn recorded(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+/// Removals and renames: the inode to purge afterwards is nobody's business on a replay.
+impl Recorded for Option<Ino> {
+    fn recorded(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+/// Inside a mutation's transaction: records its result if a guest request is being recorded.
+fn record_replay(t: &mut dyn MetaTxn, out: &impl Recorded) -> FsResult<()> {
+    let Some((session, seq)) = REPLAY_TAG.with(|c| c.take()) else { return Ok(()) };
+    t.insert_replay(session, seq, out.recorded(), Timespec::now())?;
+    if seq.is_multiple_of(REPLAY_KEEP / 4) {
+        t.prune_replays(session, seq.saturating_sub(REPLAY_KEEP))?;
+    }
+    Ok(())
+}
+
+/// Clears the replay tag however `recording`'s body ends (a panic included).
+struct TagGuard;
+
+impl Drop for TagGuard {
+    fn drop(&mut self) {
+        REPLAY_TAG.with(|c| c.set(None));
+    }
+}
+
 fn enoent(what: impl std::fmt::Display) -> FsError {
     FsError::new(libc::ENOENT, format!("{what} does not exist"))
 }
@@ -270,6 +331,38 @@ impl Engine {
             Ok(())
         })?;
         Ok(out.expect("committed transaction produced a value"))
+    }
+
+    /// Runs `f` (one guest request) so that the first mutation it makes records its result under
+    /// `(session, seq)` in the same transaction: if the server dies before the reply reaches the
+    /// guest, the guest's resent request finds the record ([`Engine::replayed`]) instead of
+    /// applying the change twice.
+    pub fn recording<T>(&self, session: u64, seq: u64, f: impl FnOnce() -> T) -> T {
+        REPLAY_TAG.with(|c| c.set(Some((session, seq))));
+        let _guard = TagGuard;
+        f()
+    }
+
+    /// The recorded result of request `seq` of `session`, if it was applied.
+    pub fn replayed(&self, session: u64, seq: u64) -> FsResult<Option<(u64, u64)>> {
+        self.tx(|t| t.get_replay(session, seq))
+    }
+
+    /// The session's highest recorded request (0 if none).
+    pub fn last_replayed_seq(&self, session: u64) -> FsResult<u64> {
+        self.tx(|t| t.last_replay_seq(session))
+    }
+
+    /// Forgets a session's records (it ended, or its successor is past them).
+    pub fn forget_replays(&self, session: u64) -> FsResult<()> {
+        self.tx(|t| t.prune_replays(session, u64::MAX))
+    }
+
+    /// Forgets records older than `age` (sessions that never came back); returns how many.
+    pub fn expire_replays(&self, age: std::time::Duration) -> FsResult<u64> {
+        let now = Timespec::now();
+        let before = Timespec { sec: now.sec - age.as_secs() as i64, nsec: now.nsec };
+        self.tx(|t| t.expire_replays(before))
     }
 
     /// Frees every orphan (an inode without a name) that nobody holds open; returns how many.

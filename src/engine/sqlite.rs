@@ -85,6 +85,14 @@ CREATE TABLE IF NOT EXISTS extents (
     stop INTEGER NOT NULL,
     PRIMARY KEY (vol, ino, start)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS replays (
+    session INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    a INTEGER NOT NULL,
+    b INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    PRIMARY KEY (session, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
     token_sha256 TEXT NOT NULL UNIQUE,
@@ -438,6 +446,43 @@ impl MetaTxn for SqliteTxn<'_> {
                 .map_err(db_err)?;
         }
         Ok(())
+    }
+
+    fn insert_replay(&mut self, session: u64, seq: u64, rec: (u64, u64), now: Timespec) -> FsResult<()> {
+        self.tx
+            .prepare_cached("INSERT OR REPLACE INTO replays (session, seq, a, b, time) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .and_then(|mut st| st.execute(params![session as i64, seq as i64, rec.0 as i64, rec.1 as i64, now.to_nanos()]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn get_replay(&mut self, session: u64, seq: u64) -> FsResult<Option<(u64, u64)>> {
+        self.tx
+            .prepare_cached("SELECT a, b FROM replays WHERE session = ?1 AND seq = ?2")
+            .and_then(|mut st| {
+                st.query_row(params![session as i64, seq as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))
+                    .optional()
+            })
+            .map_err(db_err)
+    }
+
+    fn last_replay_seq(&mut self, session: u64) -> FsResult<u64> {
+        let n: Option<i64> =
+            self.tx.query_row("SELECT MAX(seq) FROM replays WHERE session = ?1", params![session as i64], |r| r.get(0)).map_err(db_err)?;
+        Ok(n.unwrap_or(0) as u64)
+    }
+
+    fn prune_replays(&mut self, session: u64, below: u64) -> FsResult<()> {
+        self.tx
+            .prepare_cached("DELETE FROM replays WHERE session = ?1 AND seq < ?2")
+            .and_then(|mut st| st.execute(params![session as i64, below.min(i64::MAX as u64) as i64]))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn expire_replays(&mut self, before: Timespec) -> FsResult<u64> {
+        let n = self.tx.execute("DELETE FROM replays WHERE time < ?1", params![before.to_nanos()]).map_err(db_err)?;
+        Ok(n as u64)
     }
 
     fn move_dentry(&mut self, vol: VolId, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8]) -> FsResult<()> {

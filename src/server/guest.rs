@@ -183,6 +183,14 @@ fn open_session(server: &Arc<Server>, sandbox: &str, path: &str, resume: Option<
             return Err(FsError::new(libc::ENOTDIR, format!("subpath {} is not a directory", row.subpath)));
         }
         let s = Arc::new(Session::new(server.new_session_id(), sandbox, row.id, row.volume, root.ino, row.read_only));
+        if let Some(old) = resume {
+            // Its mutations that were applied but not answered before the restart are answered
+            // from their records when the guest sends them again.
+            let last = server.engine.last_replayed_seq(old)?;
+            if last > 0 {
+                *s.predecessor.lock().unwrap() = Some((old, last));
+            }
+        }
         // A guest that names a session we do not have lost it to a restart (or a lapsed lease):
         // it may take back the locks it held.
         s.may_reclaim.store(resume.is_some(), std::sync::atomic::Ordering::SeqCst);

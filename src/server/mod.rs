@@ -174,6 +174,11 @@ fn start_orphan_reclaim(server: &Arc<Server>) {
                 Ok(n) => tracing::info!(freed = n, "orphans left by the previous run reclaimed"),
                 Err(e) => tracing::error!("reclaiming orphans: {e}"),
             }
+            // Replay records of sessions that never came back (a guest gone for an hour resends
+            // nothing worth answering from them).
+            if let Err(e) = server.engine.expire_replays(Duration::from_secs(3600)) {
+                tracing::error!("expiring replay records: {e}");
+            }
         })
         .expect("spawn orphan reclaim");
 }
@@ -728,6 +733,7 @@ impl Server {
     /// Drops a released session from the registry without touching its attachment record.
     pub fn forget_session(&self, s: &Arc<Session>) {
         self.sessions.lock().unwrap().remove(&s.id);
+        let _ = self.engine.forget_replays(s.id);
         self.lock_freed_all(self.locks.release_session(s.id));
     }
 
@@ -753,6 +759,7 @@ impl Server {
         tracing::info!(sandbox = %s.sandbox, session = s.id, state = state.name(), reason, "session ended");
         self.sessions.lock().unwrap().remove(&s.id);
         self.lock_freed_all(self.locks.release_session(s.id));
+        let _ = self.engine.forget_replays(s.id);
         s.close(&self.engine);
         let _ = self.engine.set_attachment_state(s.attachment, state, reason);
     }

@@ -161,6 +161,10 @@ pub struct Session {
     /// Set on a session opened for a guest that named a session this server does not have
     /// (it restarted, or the lease lapsed): it may reclaim its locks, once.
     pub may_reclaim: std::sync::atomic::AtomicBool,
+    /// The session a restarted server lost, that this one replaces for the same guest, and its
+    /// highest recorded request: the guest resends what it had no reply to, and a mutation
+    /// recorded under the old session is answered from the record, not applied again.
+    pub predecessor: Mutex<Option<(u64, u64)>>,
 }
 
 impl Session {
@@ -183,6 +187,7 @@ impl Session {
             conn: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
             may_reclaim: Default::default(),
+            predecessor: Mutex::new(None),
         }
     }
 
@@ -259,6 +264,7 @@ impl Session {
             conn: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
             may_reclaim: Default::default(),
+            predecessor: Mutex::new(None),
         }
     }
 
@@ -460,9 +466,18 @@ fn run(server: &Server, s: &Session, req: Request) -> FsResult<Reply> {
             }
         }
     }
+    // A mutation the lost session of a restarted server already applied is answered from its
+    // record; every other mutation records its result as it commits.
+    let durable = req.seq != 0 && req.op.is_mutation();
+    let earlier = if durable { recorded_earlier(server, s, &req) } else { None };
     // A panic while serving one request becomes an EIO reply (recorded for replay like any
     // other result) and a log line; the worker, the connection and the server go on.
-    let (result, changed) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(server, s, &req))) {
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match earlier {
+        Some(rec) => replay_reply(server, s, &req, rec).map(|r| (r, Changed::Nothing)),
+        None if durable => server.engine.recording(s.id, req.seq, || execute(server, s, &req)),
+        None => execute(server, s, &req),
+    }));
+    let (result, changed) = match served {
         Ok(Ok((reply, changed))) => (Ok(reply), changed),
         Ok(Err(e)) => (Err(e), Changed::Nothing),
         Err(panic) => {
@@ -494,6 +509,78 @@ fn run(server: &Server, s: &Session, req: Request) -> FsResult<Reply> {
         }
     }
     result
+}
+
+/// The record of `req` under the session this one replaced, if that session applied it.
+fn recorded_earlier(server: &Server, s: &Session, req: &Request) -> Option<(u64, u64)> {
+    let mut pred = s.predecessor.lock().unwrap();
+    let (old, last) = (*pred)?;
+    if req.seq > last {
+        // The guest is past everything the old session recorded: its records are done with.
+        *pred = None;
+        drop(pred);
+        if let Err(e) = server.engine.forget_replays(old) {
+            tracing::warn!(session = s.id, old, "forgetting the replaced session's records: {e}");
+        }
+        return None;
+    }
+    match server.engine.replayed(old, req.seq) {
+        Ok(rec) => rec,
+        Err(e) => {
+            tracing::warn!(session = s.id, old, seq = req.seq, "reading a replay record: {e}");
+            None
+        }
+    }
+}
+
+/// The reply a recorded mutation would have had, rebuilt from its record `(inode, number)` and
+/// the volume as it is now (a create gets a new handle on the file it made).
+fn replay_reply(server: &Server, s: &Session, req: &Request, (ino, n): (u64, u64)) -> FsResult<Reply> {
+    let e = &server.engine;
+    let v = s.vol;
+    tracing::info!(sandbox = %s.sandbox, session = s.id, seq = req.seq, "answered a resent request from its record (applied before a restart)");
+    Ok(match &req.op {
+        Op::Write { append: true, data, .. } => {
+            Reply::Appended { written: data.len() as u32, offset: n, attr: s.wire_attr(e.getattr(v, ino)?) }
+        }
+        Op::Write { append: false, data, .. } => Reply::Written(data.len() as u32),
+        Op::CopyFileRange { .. } => Reply::Written(n as u32),
+        Op::Create { flags, .. } => {
+            s.room_for_handle()?;
+            let a = e.open(v, ino, flags & libc::O_ACCMODE, &req.caller)?;
+            let fh = s.add_handle(a.ino, flags & libc::O_ACCMODE != libc::O_RDONLY, false);
+            Reply::Created { attr: s.grant(a), fh }
+        }
+        Op::MkNod { .. } | Op::MkDir { .. } | Op::Symlink { .. } | Op::Link { .. } => Reply::Entry(s.grant(e.getattr(v, ino)?)),
+        Op::SetAttr { .. } => Reply::Attr(s.wire_attr(e.getattr(v, ino)?)),
+        Op::Unlink { .. } | Op::RmDir { .. } | Op::Rename { .. } | Op::SetXattr { .. } | Op::RemoveXattr { .. } | Op::Fallocate { .. } => {
+            Reply::Empty
+        }
+        // Not mutations: never recorded (named one by one so that a new op must be decided on).
+        Op::Lookup { .. }
+        | Op::Forget { .. }
+        | Op::GetAttr { .. }
+        | Op::ReadLink { .. }
+        | Op::Open { .. }
+        | Op::Read { .. }
+        | Op::Lseek { .. }
+        | Op::Fsync { .. }
+        | Op::Release { .. }
+        | Op::OpenDir { .. }
+        | Op::ReadDir { .. }
+        | Op::ReleaseDir { .. }
+        | Op::StatFs
+        | Op::GetXattr { .. }
+        | Op::ListXattr { .. }
+        | Op::Renew
+        | Op::ReleaseLease
+        | Op::Unmounted
+        | Op::Flush { .. }
+        | Op::GetLk { .. }
+        | Op::SetLk { .. }
+        | Op::SetLkW { .. }
+        | Op::ReclaimLocks { .. } => return Err(FsError::new(libc::EIO, "no replay record for this kind of request")),
+    })
 }
 
 /// The read-only rule, in one place: a read-only attachment refuses every mutation (the

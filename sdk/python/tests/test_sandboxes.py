@@ -58,8 +58,13 @@ def test_attach_and_detach(client: volumefs.Client, vol: Volume) -> None:
         assert (a.sandbox, a.volume, a.path, a.read_only, a.subpath, a.state) == (sb.name, vol.name, "/mnt/x", False, "/", "attached")
         ro = sb.volumes.attach(vol.name, "/mnt//ro/", read_only=True)
         assert ro.path == "/mnt/ro" and ro.read_only
+        # The same attachment again (nothing is mounted there yet) is the same record;
+        # anything else at a taken path is a conflict.
+        again = sb.volumes.attach(vol, "/mnt/x")
+        assert (again.path, again.read_only, again.state) == ("/mnt/x", False, "attached")
+        assert len(sb.volumes.list()) == 2
         with pytest.raises(volumefs.Conflict) as dup:
-            sb.volumes.attach(vol, "/mnt/x")
+            sb.volumes.attach(vol, "/mnt/x", read_only=True)
         assert "already has a volume at /mnt/x" in dup.value.message
         with pytest.raises(volumefs.NotFound):
             sb.volumes.attach(vol, "/mnt/sub", subpath="/missing")
