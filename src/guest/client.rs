@@ -460,7 +460,37 @@ impl MountClient {
                     cb(r)
                 });
             }
-            _ => return cb,
+            // Every op named (no wildcard): one that opens or closes a handle, or takes a lock,
+            // must be tracked above, or a reconnect to a restarted server would lose it.
+            Op::Lookup { .. }
+            | Op::Forget { .. }
+            | Op::GetAttr { .. }
+            | Op::SetAttr { .. }
+            | Op::ReadLink { .. }
+            | Op::MkNod { .. }
+            | Op::MkDir { .. }
+            | Op::Symlink { .. }
+            | Op::Link { .. }
+            | Op::Unlink { .. }
+            | Op::RmDir { .. }
+            | Op::Rename { .. }
+            | Op::Read { .. }
+            | Op::Write { .. }
+            | Op::Fallocate { .. }
+            | Op::Lseek { .. }
+            | Op::CopyFileRange { .. }
+            | Op::Fsync { .. }
+            | Op::ReadDir { .. }
+            | Op::StatFs
+            | Op::SetXattr { .. }
+            | Op::GetXattr { .. }
+            | Op::ListXattr { .. }
+            | Op::RemoveXattr { .. }
+            | Op::Renew
+            | Op::ReleaseLease
+            | Op::GetLk { .. }
+            | Op::Unmounted
+            | Op::ReclaimLocks { .. } => return cb,
         };
         // Reopening must neither truncate nor create again.
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);

@@ -589,12 +589,46 @@ fn check_read_only(s: &Session, op: &Op) -> FsResult<()> {
     if !s.read_only {
         return Ok(());
     }
-    let writes = op.is_mutation()
-        || match op {
-            Op::Open { flags, .. } => flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0,
-            Op::SetLk { lock, .. } | Op::SetLkW { lock, .. } => lock.typ == libc::F_WRLCK,
-            _ => false,
-        };
+    // Every op named (no wildcard): a new one must be decided on here too.
+    let writes = match op {
+        Op::Open { flags, .. } => flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0,
+        Op::SetLk { lock, .. } | Op::SetLkW { lock, .. } => lock.typ == libc::F_WRLCK,
+        // Each reclaimed lock is checked against the read-only rule as it is taken again.
+        Op::ReclaimLocks { .. } => false,
+        Op::Lookup { .. }
+        | Op::Forget { .. }
+        | Op::GetAttr { .. }
+        | Op::SetAttr { .. }
+        | Op::ReadLink { .. }
+        | Op::MkNod { .. }
+        | Op::MkDir { .. }
+        | Op::Symlink { .. }
+        | Op::Link { .. }
+        | Op::Unlink { .. }
+        | Op::RmDir { .. }
+        | Op::Rename { .. }
+        | Op::Create { .. }
+        | Op::Read { .. }
+        | Op::Write { .. }
+        | Op::Fallocate { .. }
+        | Op::Lseek { .. }
+        | Op::CopyFileRange { .. }
+        | Op::Fsync { .. }
+        | Op::Release { .. }
+        | Op::OpenDir { .. }
+        | Op::ReadDir { .. }
+        | Op::ReleaseDir { .. }
+        | Op::StatFs
+        | Op::SetXattr { .. }
+        | Op::GetXattr { .. }
+        | Op::ListXattr { .. }
+        | Op::RemoveXattr { .. }
+        | Op::Renew
+        | Op::ReleaseLease
+        | Op::Flush { .. }
+        | Op::GetLk { .. }
+        | Op::Unmounted => op.is_mutation(),
+    };
     if writes {
         Err(erofs(s))
     } else {
