@@ -540,7 +540,10 @@ fn fuzzed_requests_never_harm_the_server() {
             Op::Renew,
             Op::Flush { ino, fh: other, lock_owner: n },
             Op::GetLk { ino, lock: lock.clone() },
+            Op::SetLkW { ino, lock: lock.clone() },
+            Op::ReclaimLocks { locks: vec![(ino, lock.clone()); (n % 5000) as usize] },
             Op::SetLk { ino, lock },
+            Op::Unmounted,
         ];
         let op = rng.pick(&ops);
         let mut frame = proto::encode(&Request { id: i + 10, seq: i + 1, caller: Caller::root(), op }).unwrap();
