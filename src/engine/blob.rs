@@ -130,12 +130,11 @@ impl BlobStore for LocalBlobs {
 
     fn zero(&self, vol: VolId, ino: Ino, offset: u64, len: u64) -> FsResult<()> {
         let path = self.path(vol, ino);
-        let f = match File::open(&path) {
-            // Nothing stored: it reads as zeros already.
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err("open", &path, e)),
-            Ok(_) => self.file(vol, ino)?,
-        };
+        if !self.open.lock().unwrap().contains_key(&(vol, ino)) && !path.exists() {
+            // Nothing stored: it reads as zeros already (and `file` would create it).
+            return Ok(());
+        }
+        let f = self.file(vol, ino)?;
         let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         // SAFETY: fallocate on a descriptor this store owns; no memory is passed.
         let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&*f), flags, offset as libc::off_t, len as libc::off_t) };

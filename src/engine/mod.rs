@@ -1434,14 +1434,8 @@ impl Engine {
         })
     }
 
-    /// Records a read of `ino` (a file's data, a directory's listing) as Linux's default
-    /// `relatime` does: atime moves to now when it is not after mtime or ctime or is a day old.
-    /// Otherwise, the common case, nothing is written.
-    pub fn accessed(&self, vol: VolId, ino: Ino) -> FsResult<()> {
-        let a = self.getattr(vol, ino)?;
-        self.touch_atime(vol, &a)
-    }
-
+    /// Moves atime as Linux's default `relatime` does: to now when it is not after mtime or
+    /// ctime or is a day old. Otherwise, the common case, nothing is written.
     fn touch_atime(&self, vol: VolId, a: &Attr) -> FsResult<()> {
         let now = Timespec::now();
         if a.atime > a.mtime && a.atime > a.ctime && now.sec - a.atime.sec < 24 * 3600 {
@@ -1473,8 +1467,14 @@ impl Engine {
     /// Lists entries after `cookie`, including `.` (cookie 1) and `..` (cookie 2). With `plus`,
     /// each entry carries its attributes.
     pub fn readdir(&self, vol: VolId, ino: Ino, cookie: u64, limit: u32, plus: bool) -> FsResult<Vec<DirEntry>> {
+        self.readdir_as(vol, ino, cookie, limit, plus, false)
+    }
+
+    /// A listing by a program through a mount: with `touch`, the first batch (cookie 0) moves
+    /// the directory's atime as a `relatime` mount does (see [`Engine::read_as`]).
+    pub fn readdir_as(&self, vol: VolId, ino: Ino, cookie: u64, limit: u32, plus: bool, touch: bool) -> FsResult<Vec<DirEntry>> {
         let limit = limit.clamp(1, 4096);
-        self.tx(|t| {
+        let (d, out) = self.tx(|t| {
             let d = Self::dir(t, vol, ino)?;
             let mut out = Vec::new();
             if cookie < 1 {
@@ -1498,8 +1498,12 @@ impl Engine {
                 };
                 out.push(DirEntry { name: r.name, ino: r.ino, kind: r.kind, cookie: r.cookie + 2, attr });
             }
-            Ok(out)
-        })
+            Ok((d, out))
+        })?;
+        if touch && cookie == 0 {
+            self.touch_atime(vol, &d)?;
+        }
+        Ok(out)
     }
 
     pub fn statfs(&self, vol: VolId) -> FsResult<StatFs> {

@@ -433,7 +433,9 @@ impl MetaTxn for SqliteTxn<'_> {
     }
 
     fn replace_extents(&mut self, vol: VolId, ino: Ino, old: &[(u64, u64)], new: &[(u64, u64)]) -> FsResult<()> {
-        for (start, _) in old {
+        // A range that keeps its start (an extending write, the common case) is rewritten in
+        // place by the insert: one statement, not a delete and an insert.
+        for (start, _) in old.iter().filter(|(s, _)| !new.iter().any(|(n, _)| n == s)) {
             self.tx
                 .prepare_cached("DELETE FROM extents WHERE vol = ?1 AND ino = ?2 AND start = ?3")
                 .and_then(|mut st| st.execute(params![vol, ino as i64, *start as i64]))
@@ -441,7 +443,7 @@ impl MetaTxn for SqliteTxn<'_> {
         }
         for (start, end) in new {
             self.tx
-                .prepare_cached("INSERT INTO extents (vol, ino, start, stop) VALUES (?1, ?2, ?3, ?4)")
+                .prepare_cached("INSERT OR REPLACE INTO extents (vol, ino, start, stop) VALUES (?1, ?2, ?3, ?4)")
                 .and_then(|mut st| st.execute(params![vol, ino as i64, *start as i64, *end as i64]))
                 .map_err(db_err)?;
         }

@@ -837,10 +837,8 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         }
         Op::ReadDir { ino, fh: _, cookie, plus, max_entries } => {
             let real = s.to_real(e, *ino)?;
-            if *cookie == 0 && !s.read_only {
-                e.accessed(v, real)?;
-            }
-            let mut entries = e.readdir(v, real, *cookie, *max_entries, *plus)?;
+            // A read-only attachment leaves atime alone, as a read-only mount does.
+            let mut entries = e.readdir_as(v, real, *cookie, *max_entries, *plus, !s.read_only)?;
             // Stop at a byte budget, before anything is counted as looked up: the reply must
             // fit one frame whatever the names' lengths (the guest asks again from the cookie).
             let mut bytes = 0;
