@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Protocol version spoken by this build. The server accepts exactly the versions it knows.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest read or write carried by one request (the FUSE max_write / max_read).
 pub const MAX_IO: u32 = 1 << 20;
@@ -481,6 +481,11 @@ pub enum Notice {
     /// A lock on `ino` was released or downgraded: a request that waits for it (sent with
     /// [`Op::SetLkW`] and answered `EAGAIN`) should try again.
     LockFreed { ino: Ino },
+    /// Only the attributes of an inode changed, not its data, and these are the new ones: the
+    /// host moved its atime on a read or listing (relatime), through this very mount perhaps,
+    /// which the kernel does not know. The guest drops the kernel's copy and answers the next
+    /// getattr with these.
+    Attr { attr: Attr },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -254,6 +254,7 @@ impl Engine {
             let mut events = Vec::new();
             let out = f(t, &mut events)?;
             super::record_replay(t, &out)?;
+            super::tell_observer(t, vol, &events)?;
             let logged = if events.is_empty() { Logged::default() } else { self.log_events(t, vol, events)? };
             Ok((out, logged))
         })?;

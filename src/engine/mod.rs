@@ -41,7 +41,7 @@ pub use meta::{Change, ChangeKind, Changes};
 use meta::{MetaStore, MetaTxn, VolId};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Default volume cap: 2 GiB.
 pub const DEFAULT_CAP: u64 = 2 << 30;
@@ -94,7 +94,15 @@ pub struct Engine {
     changelog: ChangeLog,
 }
 
+/// Told the attributes of every inode that a mutation on its thread changes, inside the
+/// mutation's transaction (see [`Engine::observed`]).
+pub trait Observer: Send + Sync {
+    fn changed(&self, a: &Attr);
+}
+
 thread_local! {
+    /// Who is told what mutations on this thread change, set by [`Engine::observed`].
+    static OBSERVER: std::cell::RefCell<Option<Arc<dyn Observer>>> = const { std::cell::RefCell::new(None) };
     /// The guest request (mount session, sequence number) whose mutation runs on this thread,
     /// set by [`Engine::recording`]: the first mutation's result is recorded in its own
     /// transaction, so a reply lost in a server crash can be given again, not applied twice.
@@ -137,6 +145,28 @@ impl Recorded for Option<Ino> {
 }
 
 /// Inside a mutation's transaction: records its result if a guest request is being recorded.
+/// Tells this thread's observer (if any) the attributes after of the inodes `events` changed.
+fn tell_observer(t: &mut dyn MetaTxn, vol: VolId, events: &[changelog::Event]) -> FsResult<()> {
+    let Some(o) = OBSERVER.with(|c| c.borrow().clone()) else { return Ok(()) };
+    let mut inodes: Vec<Ino> = Vec::with_capacity(4);
+    for ev in events {
+        match ev {
+            changelog::Event::Name { ino, dir, .. } => inodes.extend([*dir, *ino]),
+            changelog::Event::Move { ino, dir, new_dir, .. } => inodes.extend([*dir, *new_dir, *ino]),
+            changelog::Event::Modify { ino, .. } => inodes.push(*ino),
+        }
+    }
+    inodes.sort_unstable();
+    inodes.dedup();
+    for ino in inodes {
+        // A removed inode has nothing to tell.
+        if let Some(a) = t.get_inode(vol, ino)? {
+            o.changed(&a);
+        }
+    }
+    Ok(())
+}
+
 fn record_replay(t: &mut dyn MetaTxn, out: &impl Recorded) -> FsResult<()> {
     let Some((session, seq)) = REPLAY_TAG.with(|c| c.take()) else { return Ok(()) };
     t.insert_replay(session, seq, out.recorded(), Timespec::now())?;
@@ -306,6 +336,10 @@ pub fn check_plain_name(what: &str, name: &str) -> FsResult<()> {
     }
 }
 
+/// Whether a read or listing moves atime (a program's access through a mount does, the API's
+/// does not), and whom to tell the new attributes when it does (see [`Engine::touch_atime`]).
+pub type Touch<'a> = Option<&'a dyn Fn(&Attr)>;
+
 impl Engine {
     pub fn new(meta: Box<dyn MetaStore>, blobs: Box<dyn BlobStore>) -> FsResult<Engine> {
         Ok(Engine { meta, blobs, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default(), changelog: ChangeLog::default() })
@@ -337,6 +371,23 @@ impl Engine {
     /// `(session, seq)` in the same transaction: if the server dies before the reply reaches the
     /// guest, the guest's resent request finds the record ([`Engine::replayed`]) instead of
     /// applying the change twice.
+    /// Runs `f` with `o` told, inside each transaction, the attributes after of every inode a
+    /// mutation in `f` changes (a directory whose entries changed, a renamed or linked inode, a
+    /// written file). What `o` does there is ordered before any later change to those inodes:
+    /// a mount session pushes them to its guest, which answers the kernel's next getattr with
+    /// them instead of asking again.
+    pub fn observed<T>(&self, o: Arc<dyn Observer>, f: impl FnOnce() -> T) -> T {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                OBSERVER.with(|c| c.borrow_mut().take());
+            }
+        }
+        OBSERVER.with(|c| *c.borrow_mut() = Some(o));
+        let _reset = Reset;
+        f()
+    }
+
     pub fn recording<T>(&self, session: u64, seq: u64, f: impl FnOnce() -> T) -> T {
         REPLAY_TAG.with(|c| c.set(Some((session, seq))));
         let _guard = TagGuard;
@@ -1232,16 +1283,16 @@ impl Engine {
     }
 
     pub fn read(&self, vol: VolId, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        self.read_as(vol, ino, offset, size, false)
+        self.read_as(vol, ino, offset, size, None)
     }
 
     /// A read by a program through a mount: with `touch`, the access moves atime as a
-    /// `relatime` mount does (see [`Engine::accessed`]).
-    pub fn read_as(&self, vol: VolId, ino: Ino, offset: u64, size: u32, touch: bool) -> FsResult<Vec<u8>> {
+    /// `relatime` mount does (see [`Engine::touch_atime`]).
+    pub fn read_as(&self, vol: VolId, ino: Ino, offset: u64, size: u32, touch: Touch) -> FsResult<Vec<u8>> {
         let a = self.getattr(vol, ino)?;
         regular(&a)?;
-        if touch {
-            self.touch_atime(vol, &a)?;
+        if let Some(moved) = touch {
+            self.touch_atime(vol, &a, moved)?;
         }
         if offset >= a.size {
             return Ok(Vec::new());
@@ -1435,8 +1486,10 @@ impl Engine {
     }
 
     /// Moves atime as Linux's default `relatime` does: to now when it is not after mtime or
-    /// ctime or is a day old. Otherwise, the common case, nothing is written.
-    fn touch_atime(&self, vol: VolId, a: &Attr) -> FsResult<()> {
+    /// ctime or is a day old. Otherwise, the common case, nothing is written. When atime moves,
+    /// `moved` is told the new attributes inside the transaction that moves it: whatever it
+    /// does there (a push to the guest) is ordered before any later change of the inode.
+    fn touch_atime(&self, vol: VolId, a: &Attr, moved: &dyn Fn(&Attr)) -> FsResult<()> {
         let now = Timespec::now();
         if a.atime > a.mtime && a.atime > a.ctime && now.sec - a.atime.sec < 24 * 3600 {
             return Ok(());
@@ -1446,7 +1499,9 @@ impl Engine {
         self.tx(|t| match t.get_inode(vol, a.ino)? {
             Some(mut cur) => {
                 cur.atime = now;
-                t.put_inode(vol, &cur)
+                t.put_inode(vol, &cur)?;
+                moved(&cur);
+                Ok(())
             }
             None => Ok(()),
         })
@@ -1467,12 +1522,12 @@ impl Engine {
     /// Lists entries after `cookie`, including `.` (cookie 1) and `..` (cookie 2). With `plus`,
     /// each entry carries its attributes.
     pub fn readdir(&self, vol: VolId, ino: Ino, cookie: u64, limit: u32, plus: bool) -> FsResult<Vec<DirEntry>> {
-        self.readdir_as(vol, ino, cookie, limit, plus, false)
+        self.readdir_as(vol, ino, cookie, limit, plus, None)
     }
 
     /// A listing by a program through a mount: with `touch`, the first batch (cookie 0) moves
     /// the directory's atime as a `relatime` mount does (see [`Engine::read_as`]).
-    pub fn readdir_as(&self, vol: VolId, ino: Ino, cookie: u64, limit: u32, plus: bool, touch: bool) -> FsResult<Vec<DirEntry>> {
+    pub fn readdir_as(&self, vol: VolId, ino: Ino, cookie: u64, limit: u32, plus: bool, touch: Touch) -> FsResult<Vec<DirEntry>> {
         let limit = limit.clamp(1, 4096);
         let (d, out) = self.tx(|t| {
             let d = Self::dir(t, vol, ino)?;
@@ -1500,8 +1555,8 @@ impl Engine {
             }
             Ok((d, out))
         })?;
-        if touch && cookie == 0 {
-            self.touch_atime(vol, &d)?;
+        if let (Some(moved), 0) = (touch, cookie) {
+            self.touch_atime(vol, &d, moved)?;
         }
         Ok(out)
     }

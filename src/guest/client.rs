@@ -122,6 +122,8 @@ pub struct MountClient {
     hibernated: Mutex<bool>,
     woken: Condvar,
     notices: Mutex<Option<NoticeSink>>,
+    /// Runs after each reconnection (pushes may have been lost while the link was down).
+    relinked: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     /// Why the mount is dead, if it is (attachment gone): every request fails with it.
     dead: Mutex<Option<FsError>>,
     /// Set when the mount is being stopped: past this instant, a host that cannot be reached
@@ -224,6 +226,10 @@ impl Backoff {
 pub const BUSY_FIRST: Duration = Duration::from_millis(50);
 pub const BUSY_MAX: Duration = Duration::from_secs(2);
 
+/// The reader's buffer: a 1 MiB read reply takes a few reads, and small replies with the
+/// pushes before them come in one.
+const READ_BUFFER: usize = 256 << 10;
+
 /// Asks the server which attachments this sandbox has.
 pub fn control_hello(endpoint: &Endpoint) -> Result<(String, Vec<proto::AttachmentSpec>), FsError> {
     let mut s = endpoint.connect().map_err(|e| FsError::new(libc::ENOTCONN, format!("cannot connect to {endpoint}: {e}")))?;
@@ -274,6 +280,7 @@ impl MountClient {
             hibernated: Mutex::new(false),
             woken: Condvar::new(),
             notices: Mutex::new(None),
+            relinked: Mutex::new(None),
             dead: Mutex::new(None),
             give_up_at: Mutex::new(None),
             host_timeout,
@@ -363,6 +370,12 @@ impl MountClient {
     /// Where pushed invalidations go. Runs on the reader thread: it must not block on the kernel.
     pub fn on_notice(&self, f: impl Fn(Notice) + Send + Sync + 'static) {
         *self.notices.lock().unwrap() = Some(Box::new(f));
+    }
+
+    /// What to do after each reconnection. Runs on the reader thread: it must not block on the
+    /// kernel.
+    pub fn on_relink(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self.relinked.lock().unwrap() = Some(Box::new(f));
     }
 
     /// Sends `op`; `cb` runs with the reply. While the mount is paused this waits.
@@ -637,7 +650,9 @@ impl MountClient {
         }
     }
 
-    fn reader(self: Arc<Self>, mut stream: Stream) {
+    fn reader(self: Arc<Self>, stream: Stream) {
+        // Buffered: a reply and the pushes before it arrive together, read in one call.
+        let mut stream = std::io::BufReader::with_capacity(READ_BUFFER, stream);
         loop {
             match proto::read_frame::<ServerMsg>(&mut stream) {
                 Ok(Some(ServerMsg::Reply { id, result })) => {
@@ -652,9 +667,9 @@ impl MountClient {
                     }
                 }
                 Ok(None) | Err(_) => {
-                    stream.shutdown();
+                    stream.get_ref().shutdown();
                     match self.reconnect() {
-                        Some(s) => stream = s,
+                        Some(s) => stream = std::io::BufReader::with_capacity(READ_BUFFER, s),
                         None => return,
                     }
                 }
@@ -768,6 +783,9 @@ impl MountClient {
                     }
                     link.writer = Some(stream);
                     self.links.fetch_add(1, Ordering::SeqCst);
+                    if let Some(f) = self.relinked.lock().unwrap().as_ref() {
+                        f();
+                    }
                     // Resend under the link lock so that no new request overtakes an old one.
                     let frames: Vec<Vec<u8>> = self.pending.lock().unwrap().values().filter_map(|p| self.encode(&p.req).ok()).collect();
                     if let Some(w) = link.writer.as_mut() {

@@ -5,7 +5,7 @@
 //! fast path for clear errors, not the line of defence).
 
 use super::client::MountClient;
-use crate::fs::{Attr, Caller, FsError, Kind, SetAttr, SetTime, Timespec};
+use crate::fs::{Attr, Caller, FsError, Kind, SetAttr, SetTime, Timespec, ROOT_INO};
 use crate::proto::{Lock, Notice, Op, Reply, MAX_IO};
 use fuser::{
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
@@ -19,9 +19,14 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-/// How long the kernel may trust names and attributes without asking. Other sandboxes' changes
-/// are pushed as invalidations, so this bounds staleness only if a push is lost.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust names and attributes without asking. Every change by another
+/// sandbox or the API is pushed as an invalidation while connected, and a reconnection (when
+/// pushes may have been lost) drops everything this mount handed the kernel (see
+/// [`Invalidator::flush_all`]), so this only bounds the damage of a push the host failed to send.
+const TTL: Duration = Duration::from_secs(60);
+/// How long the kernel may trust that a name does not exist. A create elsewhere is pushed too,
+/// but negative entries cannot be listed for the flush at a reconnection: they stay short.
+const NEG_TTL: Duration = Duration::from_secs(1);
 /// Entries asked for per readdir round trip.
 const DIR_BATCH: u32 = 256;
 
@@ -39,9 +44,25 @@ pub struct VolumeFs {
     /// kernel does not tell us (it releases OFD locks only in its own lock table, which FUSE
     /// bypasses), so without this an OFD lock outlived its file and blocked everyone forever.
     owners: Mutex<HashMap<u64, HashSet<u64>>>,
+    /// Forgets not sent to the host yet (see [`VolumeFs::forget_all`]).
+    forgets: Mutex<Forgets>,
     /// Runs when the FUSE session ends, whoever ended it (see [`VolumeFs::on_end`]).
     on_end: OnEnd,
 }
+
+/// Forgets on their way to the host. The host needs them only to stop pushing invalidations the
+/// kernel no longer needs (its count of this mount's lookups errs on the high side meanwhile),
+/// so they travel in batches instead of one request each.
+#[derive(Default)]
+struct Forgets {
+    items: Vec<(u64, u64)>,
+    since: Option<Instant>,
+}
+
+/// A batch of forgets goes when it has this many...
+const FORGET_BATCH: usize = 256;
+/// ... or, with the next request, when its oldest is this old.
+const FORGET_WAIT: Duration = Duration::from_millis(200);
 
 /// Runs its callback once, when dropped: the session's filesystem is dropped when the session
 /// loop ends, be it an unmount by the agent, an `umount` inside the guest, or a failure.
@@ -58,7 +79,14 @@ impl Drop for OnEnd {
 
 impl VolumeFs {
     pub fn new(client: Arc<MountClient>, invalidator: Arc<Invalidator>) -> VolumeFs {
-        VolumeFs { client, invalidator, locked: Arc::default(), owners: Mutex::default(), on_end: OnEnd::default() }
+        VolumeFs {
+            client,
+            invalidator,
+            locked: Arc::default(),
+            owners: Mutex::default(),
+            forgets: Mutex::default(),
+            on_end: OnEnd::default(),
+        }
     }
 
     /// `f` runs (on the session's thread) when the FUSE session has ended: the kernel no longer
@@ -69,7 +97,61 @@ impl VolumeFs {
     }
 
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
-        self.client.call_async(caller(req), op, Box::new(done));
+        self.send_forgets(req, false);
+        let changes = self.invalidator.changes(&op);
+        if changes.iter().all(Option::is_none) {
+            return self.client.call_async(caller(req), op, Box::new(done));
+        }
+        let inv = self.invalidator.clone();
+        self.client.call_async(
+            caller(req),
+            op,
+            Box::new(move |r| {
+                if r.is_err() {
+                    inv.failed(changes);
+                }
+                done(r)
+            }),
+        );
+    }
+
+    /// The kernel forgot lookups: noted at once, told to the host in batches.
+    fn forget_all(&self, req: &Request, items: &[(u64, u64)]) {
+        for &(ino, n) in items {
+            self.invalidator.forgotten(ino, n);
+        }
+        {
+            let mut f = self.forgets.lock().unwrap();
+            f.items.extend_from_slice(items);
+            f.since.get_or_insert_with(Instant::now);
+        }
+        self.send_forgets(req, false);
+    }
+
+    /// Sends the pending forgets if the batch is full or old (or `now`).
+    fn send_forgets(&self, req: &Request, now: bool) {
+        let items = {
+            let mut f = self.forgets.lock().unwrap();
+            let due = now || f.items.len() >= FORGET_BATCH || f.since.is_some_and(|t| t.elapsed() >= FORGET_WAIT);
+            if !due || f.items.is_empty() {
+                return;
+            }
+            f.since = None;
+            std::mem::take(&mut f.items)
+        };
+        self.client.call_async(caller(req), Op::Forget { items }, Box::new(|_| {}));
+    }
+
+    /// The reply to an unlink or rmdir: a removed name is no longer the kernel's to drop.
+    fn removal(&self, parent: u64, name: &OsStr, reply: ReplyEmpty) -> impl FnOnce(Result<Reply, FsError>) + Send + 'static {
+        let inv = self.invalidator.clone();
+        let name = name.as_bytes().to_vec();
+        move |r| {
+            if r.is_ok() {
+                inv.removed(parent, &name);
+            }
+            empty_reply(reply)(r)
+        }
     }
 
     /// The reply to a setxattr or removexattr: whether the inode has xattrs is forgotten again
@@ -154,15 +236,49 @@ fn unexpected(r: Reply) -> Errno {
     Errno::EIO
 }
 
-fn entry_reply(reply: ReplyEntry, inv: &Arc<Invalidator>) -> impl FnOnce(Result<Reply, FsError>) + Send {
+/// The reply to a request that hands the kernel an entry (`name` in `parent`): the entry is
+/// remembered for the flush at a reconnection. A lookup that finds nothing (`negative`) answers
+/// with a negative entry the kernel may keep for [`NEG_TTL`].
+fn entry_reply(
+    reply: ReplyEntry,
+    inv: &Arc<Invalidator>,
+    parent: u64,
+    name: &OsStr,
+    negative: bool,
+) -> impl FnOnce(Result<Reply, FsError>) + Send {
     let inv = inv.clone();
+    let name = name.as_bytes().to_vec();
     move |r| match r {
         Ok(Reply::Entry(a)) => {
             inv.note(&a);
+            inv.entered(parent, name, a.ino);
             reply.entry(&TTL, &attr(&a), Generation(0))
         }
         Ok(other) => reply.error(unexpected(other)),
+        Err(e) if negative && e.errno == libc::ENOENT => reply.entry(&NEG_TTL, &absent(), Generation(0)),
         Err(e) => reply.error(errno(&e)),
+    }
+}
+
+/// The attributes of a negative entry: inode 0 tells the kernel the name does not exist.
+fn absent() -> FileAttr {
+    let t = SystemTime::UNIX_EPOCH;
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
     }
 }
 
@@ -196,14 +312,6 @@ fn open_flags(flags: i32) -> FopenFlags {
     }
 }
 
-fn open_reply(reply: ReplyOpen, flags: FopenFlags) -> impl FnOnce(Result<Reply, FsError>) + Send {
-    move |r| match r {
-        Ok(Reply::Opened { fh }) => reply.opened(FileHandle(fh), flags),
-        Ok(other) => reply.error(unexpected(other)),
-        Err(e) => reply.error(errno(&e)),
-    }
-}
-
 fn xattr_reply(reply: ReplyXattr, size: u32) -> impl FnOnce(Result<Reply, FsError>) + Send {
     move |r| match r {
         Ok(Reply::Xattr(v)) if size == 0 => reply.size(v.len() as u32),
@@ -218,6 +326,38 @@ enum Job {
     Notice(Notice),
     /// Drop the inode's cached attributes and pages, then run the continuation.
     Then(u64, Box<dyn FnOnce() + Send>),
+    /// Drop every entry and inode this mount handed the kernel (see [`Invalidator::flush_all`]).
+    FlushAll,
+}
+
+/// What this mount has handed the kernel and the kernel has not forgotten: lookups per inode,
+/// and the names they were found by. With long TTLs these are what a reconnection must drop.
+#[derive(Default)]
+struct Known {
+    lookups: HashMap<u64, u64>,
+    names: HashMap<(u64, Vec<u8>), u64>,
+}
+
+impl Known {
+    fn entered(&mut self, parent: u64, name: Vec<u8>, ino: u64) {
+        *self.lookups.entry(ino).or_default() += 1;
+        if name != b"." && name != b".." {
+            self.names.insert((parent, name), ino);
+        }
+    }
+
+    fn forgotten(&mut self, ino: u64, n: u64) {
+        let Some(count) = self.lookups.get_mut(&ino) else { return };
+        *count = count.saturating_sub(n);
+        if *count == 0 {
+            self.lookups.remove(&ino);
+            // Names of forgotten inodes are dropped in bulk, once they are most of the map.
+            if self.names.len() > 2 * self.lookups.len() + 1024 {
+                let lookups = &self.lookups;
+                self.names.retain(|_, i| lookups.contains_key(i));
+            }
+        }
+    }
 }
 
 /// Cache invalidation in the guest kernel.
@@ -243,6 +383,11 @@ pub struct Invalidator {
     clean: Mutex<HashMap<u64, u64>>,
     /// Lock requests waiting for a conflicting lock to go (they hear of `LockFreed` pushes).
     waits: Arc<LockWaits>,
+    known: Mutex<Known>,
+    /// Attributes the host pushed when it moved an inode's atime (a read or listing), until the
+    /// kernel asks for them: its getattr is answered here instead of by a round trip. Dropped
+    /// when anything else changes the inode (a push, or a change through this mount).
+    fresh: Mutex<HashMap<u64, (Attr, Instant)>>,
 }
 
 /// Most files remembered as cached-and-current (past it, the memory is cleared: the next
@@ -258,6 +403,7 @@ impl Invalidator {
     pub fn start(self: &Arc<Self>, notifier: fuser::Notifier, client: &MountClient) {
         let (tx, rx) = mpsc::channel::<Job>();
         let inline = notifier.clone();
+        let me = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("vfs-notify".into())
             .spawn(move || {
@@ -270,9 +416,23 @@ impl Invalidator {
                             let _ = notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name));
                         }
                         Job::Notice(Notice::LockFreed { .. }) => {}
+                        Job::Notice(Notice::Attr { .. }) => {}
                         Job::Then(ino, then) => {
                             let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
                             then();
+                        }
+                        Job::FlushAll => {
+                            let Some(me) = me.upgrade() else { continue };
+                            let (names, inodes) = {
+                                let k = me.known.lock().unwrap();
+                                (k.names.keys().cloned().collect::<Vec<_>>(), k.lookups.keys().copied().collect::<Vec<_>>())
+                            };
+                            for (parent, name) in names {
+                                let _ = notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name));
+                            }
+                            for ino in inodes.into_iter().chain([ROOT_INO]) {
+                                let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+                            }
                         }
                     }
                 }
@@ -282,14 +442,71 @@ impl Invalidator {
         let me = self.clone();
         client.on_notice(move |n| match n {
             Notice::LockFreed { ino } => me.waits.freed(ino),
+            // Only the attributes (atime moved): the pages stay, and so does what is known of
+            // them; the new attributes answer the kernel's next getattr.
+            Notice::Attr { attr } => {
+                let ino = attr.ino;
+                me.keep_fresh(attr);
+                let _ = inline.inval_inode(INodeNo(ino), -1, 0);
+            }
             n => {
-                if let Notice::InvalInode { ino } = &n {
-                    me.forget(*ino);
-                    let _ = inline.inval_inode(INodeNo(*ino), -1, 0);
+                match &n {
+                    Notice::InvalInode { ino } => {
+                        me.forget(*ino);
+                        let _ = inline.inval_inode(INodeNo(*ino), -1, 0);
+                    }
+                    Notice::InvalEntry { parent, name } => {
+                        let child = me.known.lock().unwrap().names.remove(&(*parent, name.clone()));
+                        let mut fresh = me.fresh.lock().unwrap();
+                        fresh.remove(parent);
+                        if let Some(child) = child {
+                            fresh.remove(&child);
+                        }
+                    }
+                    Notice::LockFreed { .. } | Notice::Attr { .. } => {}
                 }
                 me.send(Job::Notice(n));
             }
         });
+        let me = self.clone();
+        client.on_relink(move || me.flush_all());
+    }
+
+    /// After a reconnection: pushes sent while the link was down are lost, so everything the
+    /// kernel holds from this mount (names, attributes, pages, what is known of xattrs) is
+    /// dropped and asked for again. Negative entries are not listed anywhere; their TTL is short.
+    pub fn flush_all(&self) {
+        self.bare.lock().unwrap().clear();
+        self.clean.lock().unwrap().clear();
+        self.send(Job::FlushAll);
+    }
+
+    /// The kernel was handed `name` in `parent` as `ino` (one more lookup of `ino`).
+    fn entered(&self, parent: u64, name: Vec<u8>, ino: u64) {
+        self.known.lock().unwrap().entered(parent, name, ino);
+    }
+
+    /// The kernel forgot `n` lookups of `ino`.
+    fn forgotten(&self, ino: u64, n: u64) {
+        self.known.lock().unwrap().forgotten(ino, n);
+    }
+
+    /// `name` is gone from `parent` (this mount removed it).
+    fn removed(&self, parent: u64, name: &[u8]) {
+        self.known.lock().unwrap().names.remove(&(parent, name.to_vec()));
+    }
+
+    /// This mount renamed an entry (or, with `exchange`, swapped two).
+    fn renamed(&self, from: (u64, Vec<u8>), to: (u64, Vec<u8>), exchange: bool) {
+        let mut k = self.known.lock().unwrap();
+        let moved = k.names.remove(&from);
+        let replaced = k.names.remove(&to);
+        if let Some(ino) = moved {
+            k.names.insert(to, ino);
+        }
+        if let (true, Some(ino)) = (exchange, replaced) {
+            k.names.insert(from, ino);
+        }
     }
 
     fn send(&self, job: Job) {
@@ -301,7 +518,7 @@ impl Invalidator {
                 }
             }
             (None, Job::Then(_, then)) => then(),
-            (None, Job::Notice(_)) => {}
+            (None, Job::Notice(_) | Job::FlushAll) => {}
         }
     }
 
@@ -332,6 +549,79 @@ impl Invalidator {
     fn forget(&self, ino: u64) {
         self.bare.lock().unwrap().remove(&ino);
         self.clean.lock().unwrap().remove(&ino);
+        self.fresh.lock().unwrap().remove(&ino);
+    }
+
+    fn keep_fresh(&self, a: Attr) {
+        let mut fresh = self.fresh.lock().unwrap();
+        if fresh.len() >= BARE_MAX {
+            fresh.clear();
+        }
+        fresh.insert(a.ino, (a, Instant::now()));
+    }
+
+    /// The pushed attributes of `ino`, if the host sent some that nothing has made old since.
+    fn take_fresh(&self, ino: u64) -> Option<Attr> {
+        let (a, at) = self.fresh.lock().unwrap().remove(&ino)?;
+        (at.elapsed() < TTL).then_some(a)
+    }
+
+    /// The inodes whose attributes `op` changes, as far as this mount can name them. The host
+    /// pushes their attributes after the change inside the change's transaction, so the push
+    /// arrives before the answer and after any older one: nothing here needs forgetting, unless
+    /// the change fails (see [`Invalidator::failed`]).
+    fn changes(&self, op: &Op) -> [Option<u64>; 4] {
+        let known = self.known.lock().unwrap();
+        let by_name = |parent: &u64, name: &Vec<u8>| known.names.get(&(*parent, name.clone())).copied();
+        let changed: [Option<u64>; 4] = match op {
+            Op::SetAttr { ino, .. }
+            | Op::Write { ino, .. }
+            | Op::Fallocate { ino, .. }
+            | Op::SetXattr { ino, .. }
+            | Op::RemoveXattr { ino, .. }
+            | Op::CopyFileRange { ino_out: ino, .. } => [Some(*ino), None, None, None],
+            Op::MkNod { parent, .. } | Op::MkDir { parent, .. } | Op::Symlink { parent, .. } | Op::Create { parent, .. } => {
+                [Some(*parent), None, None, None]
+            }
+            Op::Link { ino, new_parent, .. } => [Some(*ino), Some(*new_parent), None, None],
+            Op::Unlink { parent, name } | Op::RmDir { parent, name } => [Some(*parent), by_name(parent, name), None, None],
+            Op::Rename { parent, name, new_parent, new_name, .. } => {
+                [Some(*parent), Some(*new_parent), by_name(parent, name), by_name(new_parent, new_name)]
+            }
+            Op::Lookup { .. }
+            | Op::Forget { .. }
+            | Op::GetAttr { .. }
+            | Op::ReadLink { .. }
+            | Op::Open { .. }
+            | Op::Read { .. }
+            | Op::Lseek { .. }
+            | Op::Fsync { .. }
+            | Op::Release { .. }
+            | Op::OpenDir { .. }
+            | Op::ReadDir { .. }
+            | Op::ReleaseDir { .. }
+            | Op::StatFs
+            | Op::GetXattr { .. }
+            | Op::ListXattr { .. }
+            | Op::Renew
+            | Op::Flush { .. }
+            | Op::GetLk { .. }
+            | Op::SetLk { .. }
+            | Op::SetLkW { .. }
+            | Op::ReclaimLocks { .. }
+            | Op::ReleaseLease
+            | Op::Unmounted => [None; 4],
+        };
+        changed
+    }
+
+    /// A change of these inodes failed: what was pushed while it ran may describe a
+    /// transaction that did not commit.
+    fn failed(&self, inodes: [Option<u64>; 4]) {
+        let mut fresh = self.fresh.lock().unwrap();
+        for ino in inodes.into_iter().flatten() {
+            fresh.remove(&ino);
+        }
     }
 
     /// At an open's reply: whether the kernel may keep the file's cached pages, and from now
@@ -550,14 +840,18 @@ impl Filesystem for VolumeFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.send(req, Op::Lookup { parent: parent.0, name: name.as_bytes().to_vec() }, entry_reply(reply, &self.invalidator));
+        let done = entry_reply(reply, &self.invalidator, parent.0, name, true);
+        self.send(req, Op::Lookup { parent: parent.0, name: name.as_bytes().to_vec() }, done);
     }
 
     fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
-        self.client.call_async(caller(req), Op::Forget { items: vec![(ino.0, nlookup)] }, Box::new(|_| {}));
+        self.forget_all(req, &[(ino.0, nlookup)]);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(a) = self.invalidator.take_fresh(ino.0) {
+            return reply.attr(&TTL, &attr(&a));
+        }
         self.send(req, Op::GetAttr { ino: ino.0 }, attr_reply(reply, &self.invalidator));
     }
 
@@ -593,24 +887,25 @@ impl Filesystem for VolumeFs {
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let op = Op::MkNod { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask, rdev };
-        self.send(req, op, entry_reply(reply, &self.invalidator));
+        self.send(req, op, entry_reply(reply, &self.invalidator, parent.0, name, false));
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        self.send(req, Op::MkDir { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask }, entry_reply(reply, &self.invalidator));
+        let done = entry_reply(reply, &self.invalidator, parent.0, name, false);
+        self.send(req, Op::MkDir { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask }, done);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.send(req, Op::Unlink { parent: parent.0, name: name.as_bytes().to_vec() }, empty_reply(reply));
+        self.send(req, Op::Unlink { parent: parent.0, name: name.as_bytes().to_vec() }, self.removal(parent.0, name, reply));
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.send(req, Op::RmDir { parent: parent.0, name: name.as_bytes().to_vec() }, empty_reply(reply));
+        self.send(req, Op::RmDir { parent: parent.0, name: name.as_bytes().to_vec() }, self.removal(parent.0, name, reply));
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let op = Op::Symlink { parent: parent.0, name: link_name.as_bytes().to_vec(), target: target.as_os_str().as_bytes().to_vec() };
-        self.send(req, op, entry_reply(reply, &self.invalidator));
+        self.send(req, op, entry_reply(reply, &self.invalidator, parent.0, link_name, false));
     }
 
     fn rename(
@@ -630,12 +925,20 @@ impl Filesystem for VolumeFs {
             new_name: newname.as_bytes().to_vec(),
             flags: flags.bits(),
         };
-        self.send(req, op, empty_reply(reply));
+        let inv = self.invalidator.clone();
+        let (from, to) = ((parent.0, name.as_bytes().to_vec()), (newparent.0, newname.as_bytes().to_vec()));
+        let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
+        self.send(req, op, move |r| {
+            if r.is_ok() {
+                inv.renamed(from, to, exchange);
+            }
+            empty_reply(reply)(r)
+        });
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let op = Op::Link { ino: ino.0, new_parent: newparent.0, new_name: newname.as_bytes().to_vec() };
-        self.send(req, op, entry_reply(reply, &self.invalidator));
+        self.send(req, op, entry_reply(reply, &self.invalidator, newparent.0, newname, false));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -762,10 +1065,19 @@ impl Filesystem for VolumeFs {
         // owner is the same and comes as `lock` too). Sent before the release, which ends
         // the handle they name.
         let owners = self.owners.lock().unwrap().remove(&fh.0).unwrap_or_default();
+        let locked = !owners.is_empty() || lock.is_some_and(|l| self.locked.lock().unwrap().contains(&(ino.0, l.0)));
         for owner in owners.into_iter().filter(|o| Some(*o) != lock.map(|l| l.0)) {
             self.client.call_async(caller(req), Op::Flush { ino: ino.0, fh: fh.0, lock_owner: owner }, Box::new(|_| {}));
         }
-        self.send(req, Op::Release { ino: ino.0, fh: fh.0, lock_owner: lock.map(|l| l.0) }, empty_reply(reply));
+        let op = Op::Release { ino: ino.0, fh: fh.0, lock_owner: lock.map(|l| l.0) };
+        if locked {
+            // Whoever waits for these locks must find them free once close() returns.
+            return self.send(req, op, empty_reply(reply));
+        }
+        // Nothing else waits for a release without locks (writes reached the host before it):
+        // close() returns now and the host hears of it in the background.
+        reply.ok();
+        self.send(req, op, |_| {});
     }
 
     fn getlk(
@@ -826,7 +1138,19 @@ impl Filesystem for VolumeFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.send(req, Op::OpenDir { ino: ino.0 }, open_reply(reply, FopenFlags::empty()));
+        // The kernel caches the listing with the directory's pages (FOPEN_CACHE_DIR) and keeps
+        // it across opens while nothing changed it, by the rule of `open` (a change made
+        // through this mount drops it in the kernel itself; one made elsewhere is pushed).
+        let (inv, client) = (self.invalidator.clone(), self.client.clone());
+        self.send(req, Op::OpenDir { ino: ino.0 }, move |r| match r {
+            Ok(Reply::Opened { fh }) => {
+                let keep = inv.keep_pages(ino.0, client.link_generation());
+                let flags = if keep { FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::FOPEN_CACHE_DIR };
+                reply.opened(FileHandle(fh), flags)
+            }
+            Ok(other) => reply.error(unexpected(other)),
+            Err(e) => reply.error(errno(&e)),
+        });
     }
 
     fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
@@ -862,6 +1186,9 @@ impl Filesystem for VolumeFs {
                     }
                     if !full && reply.add(INodeNo(d.ino), d.cookie, OsStr::from_bytes(&d.name), &TTL, &attr(a), Generation(0)) {
                         full = true;
+                    }
+                    if !full && !dots {
+                        inv.entered(ino.0, d.name.clone(), d.ino);
                     }
                     if full && !dots {
                         // The host counted this entry as looked up, but the kernel never saw it.
@@ -927,9 +1254,11 @@ impl Filesystem for VolumeFs {
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
         let op = Op::Create { parent: parent.0, name: name.as_bytes().to_vec(), mode, umask, flags };
         let inv = self.invalidator.clone();
+        let name = name.as_bytes().to_vec();
         self.send(req, op, move |r| match r {
             Ok(Reply::Created { attr: a, fh }) => {
                 inv.note(&a);
+                inv.entered(parent.0, name, a.ino);
                 reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), open_flags(flags))
             }
             Ok(other) => reply.error(unexpected(other)),

@@ -213,7 +213,9 @@ async fn mount_loop(
     stream: UnixStream,
     closer: Stream,
 ) -> std::io::Result<()> {
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    // Buffered: requests sent back to back (a batch of forgets, readahead) come in one read.
+    let mut reader = tokio::io::BufReader::with_capacity(256 << 10, reader);
     let conn = Conn::start(writer, closer)?;
     s.bind(conn.clone());
     let window = Arc::new(Semaphore::new(WINDOW));

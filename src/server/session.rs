@@ -24,7 +24,7 @@
 
 use super::Server;
 use crate::engine::meta::{AttachState, VolId};
-use crate::engine::Engine;
+use crate::engine::{Engine, Touch};
 use crate::fs::{Attr, FsError, FsResult, Ino, ROOT_INO};
 use crate::proto::{Notice, Op, Reply, Request, ServerMsg};
 use crate::transport::Stream;
@@ -71,6 +71,9 @@ pub struct Conn {
     stream: Stream,
 }
 
+/// Queued frames written together at most (past it, the next write takes the rest).
+const COALESCE: usize = 256 << 10;
+
 /// A peer that does not drain its socket for this long is cut off.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -81,7 +84,20 @@ impl Conn {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Outgoing>(SEND_QUEUE);
         let shut = closer.try_clone()?;
         super::runtime().spawn(async move {
-            while let Some(Outgoing::Frame(buf)) = rx.recv().await {
+            while let Some(Outgoing::Frame(mut buf)) = rx.recv().await {
+                // What else is queued goes in the same write (a reply and the pushes before
+                // it, replies finished together), up to a bound, in order.
+                let mut close = false;
+                while buf.len() < COALESCE {
+                    match rx.try_recv() {
+                        Ok(Outgoing::Frame(more)) => buf.extend_from_slice(&more),
+                        Ok(Outgoing::Close) => {
+                            close = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&buf)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break,
@@ -89,6 +105,9 @@ impl Conn {
                         tracing::warn!("a guest did not read for {WRITE_TIMEOUT:?}: closing its connection");
                         break;
                     }
+                }
+                if close {
+                    break;
                 }
             }
             shut.shutdown();
@@ -411,6 +430,15 @@ impl Session {
         }
     }
 
+    /// A change through this session, to `a`: its guest's kernel may ask for the attributes
+    /// next (it drops its own copy of a directory's after a create or an unlink in it, and of a
+    /// file's after a write), and the guest answers from this push. Only inodes the guest has.
+    fn told(&self, a: &Attr) {
+        if self.known.lock().unwrap().contains_key(&a.ino) {
+            self.push(Notice::Attr { attr: self.wire_attr(a.clone()) });
+        }
+    }
+
     /// Tells this session's guest that a lock it waits for on `real` may be free now.
     pub fn lock_freed(&self, real: Ino) {
         self.push(Notice::LockFreed { ino: self.to_wire(real) });
@@ -425,6 +453,18 @@ impl Session {
     }
 }
 
+/// How a read or listing through `s` treats atime: a read-only attachment leaves it alone, as a
+/// read-only mount does; otherwise a move is told to `moved`.
+fn touch<'a>(s: &Session, moved: &'a dyn Fn(&Attr)) -> Touch<'a> {
+    (!s.read_only).then_some(moved)
+}
+
+impl crate::engine::Observer for Session {
+    fn changed(&self, a: &Attr) {
+        self.told(a);
+    }
+}
+
 /// What a mutation changed, for invalidating other sessions' caches.
 enum Changed {
     Nothing,
@@ -434,13 +474,14 @@ enum Changed {
 
 /// Runs one request for `s`, with replay of already-applied mutations. The flag says the
 /// connection must be closed after the reply (the guest released its lease).
-pub fn handle(server: &Server, s: &Session, req: Request) -> (FsResult<Reply>, bool) {
+pub fn handle(server: &Server, s: &Arc<Session>, req: Request) -> (FsResult<Reply>, bool) {
     let _span = tracing::debug_span!("request", sandbox = %s.sandbox, session = s.id, id = req.id).entered();
+    tracing::debug!(target: "opmix", op = format!("{:?}", req.op).split([' ', '(', '{']).next().unwrap_or(""));
     let close = req.op.ends_connection();
     (run(server, s, req), close)
 }
 
-fn run(server: &Server, s: &Session, req: Request) -> FsResult<Reply> {
+fn run(server: &Server, s: &Arc<Session>, req: Request) -> FsResult<Reply> {
     if s.lease() == LeaseState::Released {
         return Err(FsError::new(libc::ENOTCONN, "this mount's lease was released; reconnect to take it again"));
     }
@@ -474,8 +515,8 @@ fn run(server: &Server, s: &Session, req: Request) -> FsResult<Reply> {
     // other result) and a log line; the worker, the connection and the server go on.
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match earlier {
         Some(rec) => replay_reply(server, s, &req, rec).map(|r| (r, Changed::Nothing)),
-        None if durable => server.engine.recording(s.id, req.seq, || execute(server, s, &req)),
-        None => execute(server, s, &req),
+        None if durable => server.engine.observed(s.clone(), || server.engine.recording(s.id, req.seq, || execute(server, s, &req))),
+        None => server.engine.observed(s.clone(), || execute(server, s, &req)),
     }));
     let (result, changed) = match served {
         Ok(Ok((reply, changed))) => (Ok(reply), changed),
@@ -723,7 +764,11 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             let real = s.to_real(e, *ino)?;
             s.handle(*fh, real, false)?;
             // A read-only attachment leaves atime alone, as a read-only mount does.
-            (Reply::Data(e.read_as(v, real, *offset, (*size).min(crate::proto::MAX_IO), !s.read_only)?), Changed::Nothing)
+            // Only this session is told: other sandboxes see an atime moved by someone else's
+            // read when their cached attributes are next refreshed, as NFS clients do.
+            let moved = |a: &Attr| s.told(a);
+            let data = e.read_as(v, real, *offset, (*size).min(crate::proto::MAX_IO), touch(s, &moved))?;
+            (Reply::Data(data), Changed::Nothing)
         }
         Op::Write { ino, fh, offset, append, data } => {
             let real = s.to_real(e, *ino)?;
@@ -838,7 +883,8 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::ReadDir { ino, fh: _, cookie, plus, max_entries } => {
             let real = s.to_real(e, *ino)?;
             // A read-only attachment leaves atime alone, as a read-only mount does.
-            let mut entries = e.readdir_as(v, real, *cookie, *max_entries, *plus, !s.read_only)?;
+            let moved = |a: &Attr| s.told(a);
+            let mut entries = e.readdir_as(v, real, *cookie, *max_entries, *plus, touch(s, &moved))?;
             // Stop at a byte budget, before anything is counted as looked up: the reply must
             // fit one frame whatever the names' lengths (the guest asks again from the cookie).
             let mut bytes = 0;
