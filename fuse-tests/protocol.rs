@@ -129,7 +129,7 @@ fn read_only_attachment_refuses_every_mutation_from_a_raw_client() {
     assert!(read_only, "the server must say the mount is read-only");
     let inner = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"inner.txt".to_vec() }));
     // Reading is allowed.
-    let fh = match raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY }) {
+    let fh = match raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY, prefetch: 0 }) {
         Ok(Reply::Opened { fh }) => fh,
         other => panic!("open for reading: {other:?}"),
     };
@@ -137,8 +137,8 @@ fn read_only_attachment_refuses_every_mutation_from_a_raw_client() {
     // Every mutation, including a write on a handle opened for reading, is refused.
     let name = |n: &str| n.as_bytes().to_vec();
     let mutations = vec![
-        Op::Open { ino: inner, flags: libc::O_RDWR },
-        Op::Open { ino: inner, flags: libc::O_RDONLY | libc::O_TRUNC },
+        Op::Open { ino: inner, flags: libc::O_RDWR, prefetch: 0 },
+        Op::Open { ino: inner, flags: libc::O_RDONLY | libc::O_TRUNC, prefetch: 0 },
         Op::Write { ino: inner, fh, offset: 0, append: false, data: b"pwned".to_vec() },
         Op::SetAttr { ino: inner, set: SetAttr { size: Some(0), ..Default::default() } },
         Op::SetAttr { ino: inner, set: SetAttr { mode: Some(0o777), ..Default::default() } },
@@ -181,7 +181,7 @@ fn subpath_attachment_cannot_be_escaped_with_forged_inodes_or_names() {
     // (The volume's own root cannot even be named: inode 1 on this connection is /sub.)
     for ino in [s.secret_ino, 1000, 123_456, u64::MAX] {
         assert_eq!(raw.errno(Op::GetAttr { ino }), libc::ESTALE, "getattr of forged inode {ino}");
-        assert_eq!(raw.errno(Op::Open { ino, flags: libc::O_RDONLY }), libc::ESTALE, "open of forged inode {ino}");
+        assert_eq!(raw.errno(Op::Open { ino, flags: libc::O_RDONLY, prefetch: 0 }), libc::ESTALE, "open of forged inode {ino}");
         assert_eq!(raw.errno(Op::Read { ino, fh: 1, offset: 0, size: 64 }), libc::ESTALE, "read of forged inode {ino}");
         assert_eq!(
             raw.errno(Op::Write { ino, fh: 1, offset: 0, append: true, data: b"x".to_vec() }),
@@ -211,7 +211,7 @@ fn subpath_attachment_cannot_be_escaped_with_forged_inodes_or_names() {
     }
     // A file handle of one inode cannot be used for another.
     let inner = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"inner.txt".to_vec() }));
-    let fh = match raw.call(Op::Open { ino: inner, flags: libc::O_RDWR }) {
+    let fh = match raw.call(Op::Open { ino: inner, flags: libc::O_RDWR, prefetch: 0 }) {
         Ok(Reply::Opened { fh }) => fh,
         other => panic!("open: {other:?}"),
     };
@@ -312,7 +312,7 @@ fn inodes_moved_out_of_a_subpath_are_revoked() {
     let (mut raw, _) = Raw::mount(&s.evil, &rw.path);
     let dir = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"dir".to_vec() }));
     let f = entry_ino(raw.call(Op::Lookup { parent: dir, name: b"f".to_vec() }));
-    let fh = match raw.call(Op::Open { ino: f, flags: libc::O_RDWR }) {
+    let fh = match raw.call(Op::Open { ino: f, flags: libc::O_RDWR, prefetch: 0 }) {
         Ok(Reply::Opened { fh }) => fh,
         other => panic!("open inside the subpath: {other:?}"),
     };
@@ -385,7 +385,7 @@ fn readdir_of_long_names_fits_its_frame_and_lists_everything() {
 fn stall(socket: &Path, path: &str) -> Raw {
     let (mut raw, _) = Raw::mount(socket, path);
     let big = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"big".to_vec() }));
-    let fh = match raw.call(Op::Open { ino: big, flags: libc::O_RDONLY }) {
+    let fh = match raw.call(Op::Open { ino: big, flags: libc::O_RDONLY, prefetch: 0 }) {
         Ok(Reply::Opened { fh }) => fh,
         other => panic!("open big: {other:?}"),
     };
@@ -444,18 +444,18 @@ fn open_handles_per_session_are_bounded() {
     let inner = entry_ino(raw.call(Op::Lookup { parent: 1, name: b"inner.txt".to_vec() }));
     let mut last = 0;
     for _ in 0..16384 {
-        last = match raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY }) {
+        last = match raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY, prefetch: 0 }) {
             Ok(Reply::Opened { fh }) => fh,
             other => panic!("open below the limit: {other:?}"),
         };
     }
-    assert_eq!(raw.errno(Op::Open { ino: inner, flags: libc::O_RDONLY }), libc::EMFILE);
+    assert_eq!(raw.errno(Op::Open { ino: inner, flags: libc::O_RDONLY, prefetch: 0 }), libc::EMFILE);
     assert_eq!(raw.errno(Op::OpenDir { ino: 1 }), libc::EMFILE);
     let create = Op::Create { parent: 1, name: b"not-made".to_vec(), mode: 0o644, umask: 0, flags: libc::O_RDWR };
     assert_eq!(raw.errno(create), libc::EMFILE);
     assert!(!s.c.path("owner").join("sub/not-made").exists(), "a refused create made nothing");
     assert_eq!(raw.call(Op::Release { ino: inner, fh: last, lock_owner: None }), Ok(Reply::Empty));
-    assert!(matches!(raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY }), Ok(Reply::Opened { .. })));
+    assert!(matches!(raw.call(Op::Open { ino: inner, flags: libc::O_RDONLY, prefetch: 0 }), Ok(Reply::Opened { .. })));
 }
 
 /// Fuzzing the wire against a live server: thousands of requests built from every op with
@@ -512,7 +512,7 @@ fn fuzzed_requests_never_harm_the_server() {
             Op::Unlink { parent: ino, name: name.clone() },
             Op::RmDir { parent: ino, name: name.clone() },
             Op::Rename { parent: ino, name: name.clone(), new_parent: other, new_name: rng.pick(&names), flags: n as u32 },
-            Op::Open { ino, flags: n as i32 },
+            Op::Open { ino, flags: n as i32, prefetch: 0 },
             Op::Create { parent: ino, name: name.clone(), mode: 0o644, umask: 0, flags: n as i32 },
             Op::Read { ino, fh: other, offset: n, size: n as u32 },
             Op::Write { ino, fh: other, offset: n, append: n % 2 == 1, data: vec![b'w'; (n % 5000) as usize] },
@@ -668,15 +668,15 @@ fn host_enforces_acls_for_a_raw_client() {
         other => panic!("getattr: {other:?}"),
     }
     // The named user reads and may not write; anyone else is refused outright.
-    match raw.call_as(user(1001), Op::Open { ino, flags: libc::O_RDONLY }) {
+    match raw.call_as(user(1001), Op::Open { ino, flags: libc::O_RDONLY, prefetch: 0 }) {
         Ok(Reply::Opened { fh }) => raw.call(Op::Release { ino, fh, lock_owner: None }).map(|_| ()).unwrap(),
         other => panic!("open for reading as the named user: {other:?}"),
     }
-    assert_eq!(raw.call_as(user(1001), Op::Open { ino, flags: libc::O_WRONLY }).unwrap_err().errno, libc::EACCES);
-    assert_eq!(raw.call_as(user(1002), Op::Open { ino, flags: libc::O_RDONLY }).unwrap_err().errno, libc::EACCES);
+    assert_eq!(raw.call_as(user(1001), Op::Open { ino, flags: libc::O_WRONLY, prefetch: 0 }).unwrap_err().errno, libc::EACCES);
+    assert_eq!(raw.call_as(user(1002), Op::Open { ino, flags: libc::O_RDONLY, prefetch: 0 }).unwrap_err().errno, libc::EACCES);
     // Even a group member is held by the ACL's group entry (---), not by what a guest claims.
     let member = Caller { uid: 1003, gid: 1000, groups: vec![] };
-    assert_eq!(raw.call_as(member, Op::Open { ino, flags: libc::O_RDONLY }).unwrap_err().errno, libc::EACCES);
+    assert_eq!(raw.call_as(member, Op::Open { ino, flags: libc::O_RDONLY, prefetch: 0 }).unwrap_err().errno, libc::EACCES);
     // A read-only attachment refuses ACL changes, even from the owner.
     let (mut ro_raw, _) = Raw::mount(&sock, &ro.path);
     let ro_ino = entry_ino(ro_raw.call(Op::Lookup { parent: 1, name: b"f".to_vec() }));

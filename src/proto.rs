@@ -140,6 +140,10 @@ pub enum Op {
     Open {
         ino: Ino,
         flags: i32,
+        /// With a number above 0: a regular file of at most that many bytes comes whole with
+        /// the answer ([`Reply::OpenedWith`], as a read from offset 0 would return it), so the
+        /// guest answers the kernel's reads of it without a round trip each.
+        prefetch: u32,
     },
     Create {
         parent: Ino,
@@ -453,6 +457,12 @@ pub enum Reply {
     },
     Opened {
         fh: u64,
+    },
+    /// An `Open` that asked for `prefetch`: the whole file, read as the open was answered.
+    OpenedWith {
+        fh: u64,
+        #[serde(with = "bytes")]
+        data: Vec<u8>,
     },
     Created {
         attr: Attr,

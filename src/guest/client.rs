@@ -436,7 +436,7 @@ impl MountClient {
     fn remember_handles(&self, op: &Op, cb: Callback) -> Callback {
         let Some(me) = self.me.lock().unwrap().upgrade() else { return cb };
         let (ino, flags, dir) = match op {
-            Op::Open { ino, flags } => (*ino, *flags, false),
+            Op::Open { ino, flags, .. } => (*ino, *flags, false),
             Op::OpenDir { ino } => (*ino, libc::O_RDONLY, true),
             Op::Create { flags, .. } => (0, *flags, false),
             Op::SetLk { ino, lock } | Op::SetLkW { ino, lock } => {
@@ -509,7 +509,7 @@ impl MountClient {
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
         Box::new(move |r: FsResult<Reply>| {
             let opened = match &r {
-                Ok(Reply::Opened { fh }) => Some((*fh, ino)),
+                Ok(Reply::Opened { fh } | Reply::OpenedWith { fh, .. }) => Some((*fh, ino)),
                 Ok(Reply::Created { attr, fh }) => Some((*fh, attr.ino)),
                 _ => None,
             };
@@ -730,7 +730,7 @@ impl MountClient {
     fn reopen_handles(&self, w: &mut Stream, r: &mut Stream) -> std::io::Result<()> {
         let handles: Vec<(u64, OpenHandle)> = self.handles.lock().unwrap().iter().map(|(k, h)| (*k, h.clone())).collect();
         for (kfh, h) in handles {
-            let op = if h.dir { Op::OpenDir { ino: h.ino } } else { Op::Open { ino: h.ino, flags: h.flags } };
+            let op = if h.dir { Op::OpenDir { ino: h.ino } } else { Op::Open { ino: h.ino, flags: h.flags, prefetch: 0 } };
             match self.exchange(w, r, op, 0)? {
                 Ok(Reply::Opened { fh }) => {
                     if let Some(h) = self.handles.lock().unwrap().get_mut(&kfh) {

@@ -99,6 +99,9 @@ impl VolumeFs {
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
         self.send_forgets(req, false);
         let changes = self.invalidator.changes(&op);
+        // A file this mount changes is read from the kernel's pages or the host from now on,
+        // not from what came with an open before.
+        self.invalidator.unfetch(|ino| changes.contains(&Some(ino)));
         if changes.iter().all(Option::is_none) {
             return self.client.call_async(caller(req), op, Box::new(done));
         }
@@ -384,11 +387,30 @@ pub struct Invalidator {
     /// Lock requests waiting for a conflicting lock to go (they hear of `LockFreed` pushes).
     waits: Arc<LockWaits>,
     known: Mutex<Known>,
-    /// Attributes the host pushed when it moved an inode's atime (a read or listing), until the
-    /// kernel asks for them: its getattr is answered here instead of by a round trip. Dropped
-    /// when anything else changes the inode (a push, or a change through this mount).
+    /// The latest attributes of each inode, from the host's answers and pushes, with when they
+    /// came: the kernel's getattr is answered from here (within the TTL) instead of by a round
+    /// trip. The kernel asks again after its own changes (create, unlink, write: the host
+    /// pushed the attributes after them, inside the change's transaction, so they are here
+    /// before the answer) and after every read (it marks atime stale; a read that moves atime
+    /// pushes the new one the same way). A push of another sandbox's change, a change that
+    /// failed, a lock taken and a reconnection drop entries.
     fresh: Mutex<HashMap<u64, (Attr, Instant)>>,
+    /// Files that came whole with their open (see `Op::Open`), by kernel handle, until its
+    /// release: the kernel's reads of them are answered here. Dropped, like cached pages, when
+    /// the file changes (a push, or a change through this mount).
+    prefetched: Mutex<Prefetched>,
 }
+
+#[derive(Default)]
+struct Prefetched {
+    files: HashMap<u64, (u64, Arc<Vec<u8>>)>,
+    bytes: usize,
+}
+
+/// The largest file asked for whole with its open (the host's `PREFETCH_MAX` bounds it too).
+const PREFETCH: u32 = 128 << 10;
+/// Most bytes held for prefetched files per mount: past it, opens do not ask.
+const PREFETCH_BUDGET: usize = 32 << 20;
 
 /// Most files remembered as cached-and-current (past it, the memory is cleared: the next
 /// opens drop their pages, which is only slower).
@@ -477,6 +499,7 @@ impl Invalidator {
     /// dropped and asked for again. Negative entries are not listed anywhere; their TTL is short.
     pub fn flush_all(&self) {
         self.bare.lock().unwrap().clear();
+        self.fresh.lock().unwrap().clear();
         self.clean.lock().unwrap().clear();
         self.send(Job::FlushAll);
     }
@@ -529,8 +552,9 @@ impl Invalidator {
         self.send(Job::Notice(Notice::InvalInode { ino }));
     }
 
-    /// Learns from attributes the host sent whether the inode has xattrs.
+    /// Learns from attributes the host sent: them, and whether the inode has xattrs.
     fn note(&self, a: &Attr) {
+        self.keep_fresh(a.clone());
         let mut bare = self.bare.lock().unwrap();
         if a.xattrs {
             bare.remove(&a.ino);
@@ -550,6 +574,54 @@ impl Invalidator {
         self.bare.lock().unwrap().remove(&ino);
         self.clean.lock().unwrap().remove(&ino);
         self.fresh.lock().unwrap().remove(&ino);
+        self.unfetch(|i| i == ino);
+    }
+
+    /// Drops prefetched files whose inode `drop` picks.
+    fn unfetch(&self, drop: impl Fn(u64) -> bool) {
+        let mut p = self.prefetched.lock().unwrap();
+        if p.files.is_empty() {
+            return;
+        }
+        let mut freed = 0;
+        p.files.retain(|_, (ino, data)| {
+            let keep = !drop(*ino);
+            if !keep {
+                freed += data.len();
+            }
+            keep
+        });
+        p.bytes -= freed;
+    }
+
+    /// How much of a file to ask for with an open of `ino` for reading: nothing if the
+    /// kernel's pages are known current (it will not read), or the budget is spent.
+    fn prefetch_for(&self, ino: u64, generation: u64) -> u32 {
+        let clean = self.clean.lock().unwrap().get(&ino) == Some(&generation);
+        if clean || self.prefetched.lock().unwrap().bytes >= PREFETCH_BUDGET {
+            0
+        } else {
+            PREFETCH
+        }
+    }
+
+    fn fetched(&self, fh: u64, ino: u64, data: Vec<u8>) {
+        let mut p = self.prefetched.lock().unwrap();
+        p.bytes += data.len();
+        if let Some((_, old)) = p.files.insert(fh, (ino, Arc::new(data))) {
+            p.bytes -= old.len();
+        }
+    }
+
+    fn prefetched(&self, fh: u64, ino: u64) -> Option<Arc<Vec<u8>>> {
+        self.prefetched.lock().unwrap().files.get(&fh).filter(|(i, _)| *i == ino).map(|(_, d)| d.clone())
+    }
+
+    fn released(&self, fh: u64) {
+        let mut p = self.prefetched.lock().unwrap();
+        if let Some((_, data)) = p.files.remove(&fh) {
+            p.bytes -= data.len();
+        }
     }
 
     fn keep_fresh(&self, a: Attr) {
@@ -560,10 +632,12 @@ impl Invalidator {
         fresh.insert(a.ino, (a, Instant::now()));
     }
 
-    /// The pushed attributes of `ino`, if the host sent some that nothing has made old since.
-    fn take_fresh(&self, ino: u64) -> Option<Attr> {
-        let (a, at) = self.fresh.lock().unwrap().remove(&ino)?;
-        (at.elapsed() < TTL).then_some(a)
+    /// The latest attributes of `ino`, if the host sent some within the TTL that nothing has
+    /// made old since.
+    fn cached_attr(&self, ino: u64) -> Option<Attr> {
+        let fresh = self.fresh.lock().unwrap();
+        let (a, at) = fresh.get(&ino)?;
+        (at.elapsed() < TTL).then(|| a.clone())
     }
 
     /// The inodes whose attributes `op` changes, as far as this mount can name them. The host
@@ -645,6 +719,7 @@ impl Invalidator {
     /// point (as on NFS): whatever another sandbox wrote before releasing the lock must be read
     /// from the host, not from pages cached before.
     pub fn invalidate_then(&self, ino: u64, then: impl FnOnce() + Send + 'static) {
+        self.fresh.lock().unwrap().remove(&ino);
         self.send(Job::Then(ino, Box::new(then)));
     }
 }
@@ -807,8 +882,10 @@ impl Filesystem for VolumeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let wanted = InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_BIG_WRITES
+            // Every listing carries attributes (no READDIRPLUS_AUTO, which switches to plain
+            // listings when it sees no lookups in between): the names come with what a later
+            // lookup or stat would ask for, at the price of a bigger reply.
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_AUTO_INVAL_DATA
             | InitFlags::FUSE_MAX_PAGES
@@ -849,7 +926,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if let Some(a) = self.invalidator.take_fresh(ino.0) {
+        if let Some(a) = self.invalidator.cached_attr(ino.0) {
             return reply.attr(&TTL, &attr(&a));
         }
         self.send(req, Op::GetAttr { ino: ino.0 }, attr_reply(reply, &self.invalidator));
@@ -944,15 +1021,24 @@ impl Filesystem for VolumeFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // Close-to-open: the pages are kept only when nothing has changed the file since this
         // mount last opened it (see Invalidator::clean).
+        // A small file opened for reading whose pages the kernel lacks comes whole with the
+        // answer: its reads need no round trip each (see `Op::Open`).
         let (inv, client) = (self.invalidator.clone(), self.client.clone());
         let direct = open_flags(flags.0);
-        self.send(req, Op::Open { ino: ino.0, flags: flags.0 }, move |r| match r {
-            Ok(Reply::Opened { fh }) => {
-                let keep = direct.is_empty() && inv.keep_pages(ino.0, client.link_generation());
-                reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { direct })
+        let plain_read = flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_DIRECT == 0 && direct.is_empty();
+        let prefetch = if plain_read { inv.prefetch_for(ino.0, client.link_generation()) } else { 0 };
+        self.send(req, Op::Open { ino: ino.0, flags: flags.0, prefetch }, move |r| {
+            let (fh, data) = match r {
+                Ok(Reply::Opened { fh }) => (fh, None),
+                Ok(Reply::OpenedWith { fh, data }) => (fh, Some(data)),
+                Ok(other) => return reply.error(unexpected(other)),
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let keep = direct.is_empty() && inv.keep_pages(ino.0, client.link_generation());
+            if let Some(data) = data {
+                inv.fetched(fh, ino.0, data);
             }
-            Ok(other) => reply.error(unexpected(other)),
-            Err(e) => reply.error(errno(&e)),
+            reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { direct })
         });
     }
 
@@ -967,6 +1053,12 @@ impl Filesystem for VolumeFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some(data) = self.invalidator.prefetched(fh.0, ino.0) {
+            // The whole file as it was at the open: a read past its end is the end of file.
+            let start = (offset as usize).min(data.len());
+            let end = start.saturating_add(size as usize).min(data.len());
+            return reply.data(&data[start..end]);
+        }
         self.send(req, Op::Read { ino: ino.0, fh: fh.0, offset, size }, move |r| match r {
             Ok(Reply::Data(d)) => reply.data(&d),
             Ok(other) => reply.error(unexpected(other)),
@@ -1064,6 +1156,7 @@ impl Filesystem for VolumeFs {
         // The open file description is gone: so are the locks it owned (OFD locks; flock's
         // owner is the same and comes as `lock` too). Sent before the release, which ends
         // the handle they name.
+        self.invalidator.released(fh.0);
         let owners = self.owners.lock().unwrap().remove(&fh.0).unwrap_or_default();
         let locked = !owners.is_empty() || lock.is_some_and(|l| self.locked.lock().unwrap().contains(&(ino.0, l.0)));
         for owner in owners.into_iter().filter(|o| Some(*o) != lock.map(|l| l.0)) {

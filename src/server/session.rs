@@ -25,7 +25,7 @@
 use super::Server;
 use crate::engine::meta::{AttachState, VolId};
 use crate::engine::{Engine, Touch};
-use crate::fs::{Attr, FsError, FsResult, Ino, ROOT_INO};
+use crate::fs::{Attr, FsError, FsResult, Ino, Kind, ROOT_INO};
 use crate::proto::{Notice, Op, Reply, Request, ServerMsg};
 use crate::transport::Stream;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -39,6 +39,9 @@ use std::time::{Duration, Instant};
 pub const MAX_HANDLES: usize = 16384;
 /// How many recent mutation results a session keeps for replay after a reconnect.
 const REPLAY_KEEP: usize = 4096;
+
+/// The largest file an open sends whole with its answer (see `Op::Open`).
+pub const PREFETCH_MAX: u32 = 256 << 10;
 /// Bytes of directory entries one readdir reply may carry: a frame less room for the envelope.
 const READDIR_BUDGET: usize = crate::proto::MAX_FRAME - (16 << 10);
 /// An upper bound on an encoded directory entry's size besides its name (numbers, kind,
@@ -745,12 +748,24 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             e.rename(v, p, name, np, new_name, *flags, c)?;
             (Reply::Empty, Changed::Entries(vec![(p, name.clone()), (np, new_name.clone())]))
         }
-        Op::Open { ino, flags } => {
+        Op::Open { ino, flags, prefetch } => {
             let real = s.to_real(e, *ino)?;
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             s.room_for_handle()?;
-            e.open(v, real, *flags, c)?;
-            (Reply::Opened { fh: s.add_handle(real, writable, false) }, Changed::Nothing)
+            let a = e.open(v, real, *flags, c)?;
+            let fh = s.add_handle(real, writable, false);
+            let limit = (*prefetch).min(PREFETCH_MAX);
+            if a.kind != Kind::File || limit == 0 || a.size > limit as u64 {
+                return Ok((Reply::Opened { fh }, Changed::Nothing));
+            }
+            // One byte more than asked for: a file that grew past the limit meanwhile is
+            // answered without data, never cut short.
+            let moved = |a: &Attr| s.told(a);
+            let data = e.read_as(v, real, 0, limit + 1, touch(s, &moved))?;
+            if data.len() > limit as usize {
+                return Ok((Reply::Opened { fh }, Changed::Nothing));
+            }
+            (Reply::OpenedWith { fh, data }, Changed::Nothing)
         }
         Op::Create { parent, name, mode, umask, flags } => {
             let p = s.to_real(e, *parent)?;
