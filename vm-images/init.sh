@@ -13,7 +13,10 @@
 #   volumefs.smoke=1|PATH     after the agent is ready: write, list and read back a file in the
 #                             first volumefs mount (or PATH), print SMOKE OK/FAIL, stop the agent
 #                             (it flushes and unmounts) and power off
-#   volumefs.smoke_timeout=S  how long the smoke test waits for a mount (default 60)
+#   volumefs.run=PATH         after the agent is ready: run `sh PATH MOUNT` (MOUNT: the first
+#                             volumefs mount) with its output on the console, print
+#                             `RUN EXIT status`, stop the agent and power off (scripts/bench --vm)
+#   volumefs.smoke_timeout=S  how long smoke and run wait for a mount (default 60)
 #
 # Power off from inside the guest with `poweroff` (SIGUSR2 to PID 1: the agent is stopped in
 # order, flushing its mounts, before the power goes), or from the host with QEMU's
@@ -46,13 +49,14 @@ hostname volumefs-guest
 ip link set lo up 2>/dev/null
 
 # Kernel command line.
-SHELL_FLAG=0 AGENT=1 SMOKE= SMOKE_TIMEOUT=60 SERVER=vsock:2:1024
+SHELL_FLAG=0 AGENT=1 SMOKE= RUN= SMOKE_TIMEOUT=60 SERVER=vsock:2:1024
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         volumefs.shell=*) SHELL_FLAG=${arg#*=} ;;
         volumefs.agent=*) AGENT=${arg#*=} ;;
         volumefs.server=*) SERVER=${arg#*=} ;;
         volumefs.smoke=*) SMOKE=${arg#*=} ;;
+        volumefs.run=*) RUN=${arg#*=} ;;
         volumefs.smoke_timeout=*) SMOKE_TIMEOUT=${arg#*=} ;;
     esac
 done
@@ -116,20 +120,26 @@ do_shutdown() {
 trap 'do_shutdown poweroff' USR1 USR2
 trap 'do_shutdown reboot' TERM
 
-smoke() {
+# Sets mp to the mount point $1 (or to the first volumefs mount when $1 is 1) once it appears;
+# fails after SMOKE_TIMEOUT seconds.
+wait_mount() {
     mp=
     i=0
     while [ $i -lt $((SMOKE_TIMEOUT * 10)) ]; do
-        if [ "$SMOKE" = 1 ]; then
+        if [ "$1" = 1 ]; then
             mp=$(awk '$3 ~ /^fuse(\.volumefs)?$/ && $1 ~ /^volumefs:/ { print $2; exit }' /proc/mounts)
-        elif awk -v p="$SMOKE" '$2 == p { f = 1 } END { exit !f }' /proc/mounts; then
-            mp=$SMOKE
+        elif awk -v p="$1" '$2 == p { f = 1 } END { exit !f }' /proc/mounts; then
+            mp=$1
         fi
-        [ -n "$mp" ] && break
+        [ -n "$mp" ] && return 0
         usleep 100000
         i=$((i + 1))
     done
-    if [ -z "$mp" ]; then
+    return 1
+}
+
+smoke() {
+    if ! wait_mount "$SMOKE"; then
         echo "SMOKE FAIL: no volumefs mount after ${SMOKE_TIMEOUT} s"
         cat /proc/mounts
         return 1
@@ -183,6 +193,16 @@ fi
 
 if [ -n "$SMOKE" ] && [ "$SMOKE" != 0 ]; then
     smoke
+    do_shutdown poweroff
+fi
+
+if [ -n "$RUN" ]; then
+    if wait_mount 1; then
+        sh "$RUN" "$mp"
+        echo "RUN EXIT $?"
+    else
+        echo "RUN EXIT 124: no volumefs mount after ${SMOKE_TIMEOUT} s"
+    fi
     do_shutdown poweroff
 fi
 
