@@ -91,6 +91,12 @@ impl Stream {
         unsafe { libc::shutdown(self.file.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
+    /// One write(2) through this descriptor, without needing it mutably (another descriptor of
+    /// the socket may be written elsewhere: the caller orders them).
+    pub fn write_once(&self, buf: &[u8]) -> io::Result<usize> {
+        (&self.file).write(buf)
+    }
+
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         set_timeout(&self.file, libc::SO_RCVTIMEO, t)
     }

@@ -65,13 +65,19 @@ enum Outgoing {
     Close,
 }
 
-/// The connection a session currently speaks through. Only its writer task writes to the
-/// socket; everyone else queues frames without waiting, so a guest that stops reading stalls
-/// only its own connection.
+/// The connection a session currently speaks through. Nobody waits on its socket: a frame
+/// goes straight out when nothing is queued before it and the socket takes it whole at once
+/// (it is non-blocking), and is queued for the connection's writer task otherwise, so a guest
+/// that stops reading stalls only its own connection. Writing in place saves the writer
+/// task's wakeup on every reply.
 pub struct Conn {
     tx: tokio::sync::mpsc::Sender<Outgoing>,
-    /// A second descriptor of the socket, to shut it down from anywhere.
+    /// A second descriptor of the socket: for writes in place, and to shut it down from
+    /// anywhere.
     stream: Stream,
+    /// Messages handed to the writer task and not yet written. Writes in place happen only
+    /// while it is 0 and under its lock, so they never interleave with the writer's.
+    queued: Arc<Mutex<usize>>,
 }
 
 /// Queued frames written together at most (past it, the next write takes the rest).
@@ -86,14 +92,20 @@ impl Conn {
         use tokio::io::AsyncWriteExt;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Outgoing>(SEND_QUEUE);
         let shut = closer.try_clone()?;
+        let queued = Arc::new(Mutex::new(0usize));
+        let written = queued.clone();
         super::runtime().spawn(async move {
             while let Some(Outgoing::Frame(mut buf)) = rx.recv().await {
                 // What else is queued goes in the same write (a reply and the pushes before
                 // it, replies finished together), up to a bound, in order.
                 let mut close = false;
+                let mut frames = 1;
                 while buf.len() < COALESCE {
                     match rx.try_recv() {
-                        Ok(Outgoing::Frame(more)) => buf.extend_from_slice(&more),
+                        Ok(Outgoing::Frame(more)) => {
+                            buf.extend_from_slice(&more);
+                            frames += 1;
+                        }
                         Ok(Outgoing::Close) => {
                             close = true;
                             break;
@@ -112,18 +124,34 @@ impl Conn {
                 if close {
                     break;
                 }
+                *written.lock().unwrap() -= frames;
             }
             shut.shutdown();
         });
-        Ok(Arc::new(Conn { tx, stream: closer }))
+        Ok(Arc::new(Conn { tx, stream: closer, queued }))
     }
 
-    /// Queues one message. A full queue means the guest stopped reading: its connection is
+    /// Sends one message: in place if nothing is queued and the socket takes it whole, queued
+    /// behind otherwise. A full queue means the guest stopped reading: its connection is
     /// closed (it will reconnect, and resend what had no reply) rather than anyone waiting.
     pub fn send(&self, msg: &ServerMsg) -> std::io::Result<()> {
         let buf = crate::proto::encode(msg)?;
-        match self.tx.try_send(Outgoing::Frame(buf)) {
-            Ok(()) => Ok(()),
+        let mut queued = self.queued.lock().unwrap();
+        let rest = if *queued == 0 {
+            match self.stream.write_once(&buf) {
+                Ok(n) if n == buf.len() => return Ok(()),
+                Ok(n) => buf[n..].to_vec(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => buf,
+                Err(e) => return Err(e),
+            }
+        } else {
+            buf
+        };
+        match self.tx.try_send(Outgoing::Frame(rest)) {
+            Ok(()) => {
+                *queued += 1;
+                Ok(())
+            }
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("a guest connection stopped reading ({SEND_QUEUE} frames queued): closing it");
                 self.shutdown();
@@ -135,8 +163,10 @@ impl Conn {
 
     /// Closes the connection after what is already queued has been written.
     pub fn close_after_queued(&self) {
-        if self.tx.try_send(Outgoing::Close).is_err() {
-            self.shutdown();
+        let mut queued = self.queued.lock().unwrap();
+        match self.tx.try_send(Outgoing::Close) {
+            Ok(()) => *queued += 1,
+            Err(_) => self.shutdown(),
         }
     }
 
