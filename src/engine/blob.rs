@@ -64,6 +64,11 @@ impl LocalBlobs {
         Ok(f)
     }
 
+    /// Whether `ino` has a data file (open, or on disk).
+    pub fn exists(&self, vol: VolId, ino: Ino) -> bool {
+        self.open.lock().unwrap().contains_key(&(vol, ino)) || self.path(vol, ino).exists()
+    }
+
     fn forget(&self, vol: VolId, ino: Ino) {
         self.open.lock().unwrap().remove(&(vol, ino));
     }

@@ -30,6 +30,7 @@ pub mod blob;
 pub mod changelog;
 pub mod meta;
 mod registry;
+mod small;
 pub mod sqlite;
 
 use crate::fs::*;
@@ -350,7 +351,7 @@ impl Engine {
         std::fs::create_dir_all(dir)
             .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", dir.display())))?;
         let meta = sqlite::SqliteMeta::open(&dir.join("meta.db"))?;
-        let blobs = blob::LocalBlobs::open(&dir.join("blobs"))?;
+        let blobs = small::SmallFirst::open(&dir.join("blobs"), &dir.join("blobs.db"))?;
         Engine::new(Box::new(meta), Box::new(blobs))
     }
 
