@@ -222,3 +222,24 @@ fn parallel_writers_and_readers() {
         }
     }
 }
+
+/// A small file opened for reading comes whole with its open, and the kernel's reads are
+/// answered from that copy; a write through another descriptor of the same mount must retire
+/// it, so a read that reaches FUSE afterwards (its pages evicted) sees the new bytes.
+#[test]
+fn reads_after_a_write_do_not_come_from_the_copy_sent_with_the_open() {
+    require_fuse!();
+    let s = Single::new();
+    let p = s.p("f");
+    // Made, not opened, here: the first open finds no pages it knows current, so it asks for
+    // the whole file.
+    write(&p, b"old old old");
+    let mut reader = fs::File::open(&p).unwrap();
+    let mut w = OpenOptions::new().write(true).open(&p).unwrap();
+    w.write_all(b"new").unwrap();
+    drop(w);
+    drop_cache(&p);
+    let mut got = Vec::new();
+    reader.read_to_end(&mut got).unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "new old old", "read after a write through another descriptor");
+}

@@ -414,3 +414,27 @@ fn a_resumed_sandbox_sees_at_once_what_changed_while_it_slept() {
     );
     assert_eq!(read(&p.ma.join("f")), b"changed while A slept");
 }
+
+/// The copy of a small file sent with A's open is retired by the push of B's write, like A's
+/// cached pages: a read of A's that reaches FUSE afterwards sees B's bytes.
+#[test]
+fn another_sandboxs_write_retires_the_copy_sent_with_an_open() {
+    require_fuse!();
+    let p = Pair::new("256MiB");
+    write(&p.ma.join("f"), b"old old old");
+    let mut reader = fs::File::open(p.ma.join("f")).unwrap();
+    let mut w = OpenOptions::new().write(true).open(p.mb.join("f")).unwrap();
+    w.write_all(b"new").unwrap();
+    drop(w);
+    let fresh = || {
+        drop_cache(&p.ma.join("f"));
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut fs::File::open(p.ma.join("f")).unwrap(), &mut got).unwrap();
+        got == b"new old old"
+    };
+    assert!(eventually(Duration::from_secs(5), fresh).is_some(), "A never saw B's write");
+    drop_cache(&p.ma.join("f"));
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut got).unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "new old old", "A's descriptor opened before B's write, read after it");
+}
