@@ -148,7 +148,7 @@ impl Recorded for Option<Ino> {
 /// Inside a mutation's transaction: records its result if a guest request is being recorded.
 /// Tells this thread's observer (if any) the attributes after of the inodes `events` changed.
 fn tell_observer(t: &mut dyn MetaTxn, vol: VolId, events: &[changelog::Event]) -> FsResult<()> {
-    let Some(o) = OBSERVER.with(|c| c.borrow().clone()) else { return Ok(()) };
+    let Some(o) = observer() else { return Ok(()) };
     let mut inodes: Vec<Ino> = Vec::with_capacity(4);
     for ev in events {
         match ev {
@@ -166,6 +166,11 @@ fn tell_observer(t: &mut dyn MetaTxn, vol: VolId, events: &[changelog::Event]) -
         }
     }
     Ok(())
+}
+
+/// This thread's observer, if [`Engine::observed`] set one.
+fn observer() -> Option<Arc<dyn Observer>> {
+    OBSERVER.with(|c| c.borrow().clone())
 }
 
 fn record_replay(t: &mut dyn MetaTxn, out: &impl Recorded) -> FsResult<()> {
@@ -337,10 +342,6 @@ pub fn check_plain_name(what: &str, name: &str) -> FsResult<()> {
     }
 }
 
-/// Whether a read or listing moves atime (a program's access through a mount does, the API's
-/// does not), and whom to tell the new attributes when it does (see [`Engine::touch_atime`]).
-pub type Touch<'a> = Option<&'a dyn Fn(&Attr)>;
-
 impl Engine {
     pub fn new(meta: Box<dyn MetaStore>, blobs: Box<dyn BlobStore>) -> FsResult<Engine> {
         Ok(Engine { meta, blobs, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default(), changelog: ChangeLog::default() })
@@ -374,7 +375,7 @@ impl Engine {
     /// applying the change twice.
     /// Runs `f` with `o` told, inside each transaction, the attributes after of every inode a
     /// mutation in `f` changes (a directory whose entries changed, a renamed or linked inode, a
-    /// written file). What `o` does there is ordered before any later change to those inodes:
+    /// written file) or whose atime a read or listing in `f` moves. What `o` does there is ordered before any later change to those inodes:
     /// a mount session pushes them to its guest, which answers the kernel's next getattr with
     /// them instead of asking again.
     pub fn observed<T>(&self, o: Arc<dyn Observer>, f: impl FnOnce() -> T) -> T {
@@ -1284,16 +1285,16 @@ impl Engine {
     }
 
     pub fn read(&self, vol: VolId, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        self.read_as(vol, ino, offset, size, None)
+        self.read_as(vol, ino, offset, size, false)
     }
 
     /// A read by a program through a mount: with `touch`, the access moves atime as a
     /// `relatime` mount does (see [`Engine::touch_atime`]).
-    pub fn read_as(&self, vol: VolId, ino: Ino, offset: u64, size: u32, touch: Touch) -> FsResult<Vec<u8>> {
+    pub fn read_as(&self, vol: VolId, ino: Ino, offset: u64, size: u32, touch: bool) -> FsResult<Vec<u8>> {
         let a = self.getattr(vol, ino)?;
         regular(&a)?;
-        if let Some(moved) = touch {
-            self.touch_atime(vol, &a, moved)?;
+        if touch {
+            self.touch_atime(vol, &a)?;
         }
         if offset >= a.size {
             return Ok(Vec::new());
@@ -1488,9 +1489,9 @@ impl Engine {
 
     /// Moves atime as Linux's default `relatime` does: to now when it is not after mtime or
     /// ctime or is a day old. Otherwise, the common case, nothing is written. When atime moves,
-    /// `moved` is told the new attributes inside the transaction that moves it: whatever it
-    /// does there (a push to the guest) is ordered before any later change of the inode.
-    fn touch_atime(&self, vol: VolId, a: &Attr, moved: &dyn Fn(&Attr)) -> FsResult<()> {
+    /// this thread's observer (see [`Engine::observed`]) is told the new attributes inside the
+    /// transaction that moves it, as for any change.
+    fn touch_atime(&self, vol: VolId, a: &Attr) -> FsResult<()> {
         let now = Timespec::now();
         if a.atime > a.mtime && a.atime > a.ctime && now.sec - a.atime.sec < 24 * 3600 {
             return Ok(());
@@ -1501,7 +1502,9 @@ impl Engine {
             Some(mut cur) => {
                 cur.atime = now;
                 t.put_inode(vol, &cur)?;
-                moved(&cur);
+                if let Some(o) = observer() {
+                    o.changed(&cur);
+                }
                 Ok(())
             }
             None => Ok(()),
@@ -1523,12 +1526,12 @@ impl Engine {
     /// Lists entries after `cookie`, including `.` (cookie 1) and `..` (cookie 2). With `plus`,
     /// each entry carries its attributes.
     pub fn readdir(&self, vol: VolId, ino: Ino, cookie: u64, limit: u32, plus: bool) -> FsResult<Vec<DirEntry>> {
-        self.readdir_as(vol, ino, cookie, limit, plus, None)
+        self.readdir_as(vol, ino, cookie, limit, plus, false)
     }
 
     /// A listing by a program through a mount: with `touch`, the first batch (cookie 0) moves
     /// the directory's atime as a `relatime` mount does (see [`Engine::read_as`]).
-    pub fn readdir_as(&self, vol: VolId, ino: Ino, cookie: u64, limit: u32, plus: bool, touch: Touch) -> FsResult<Vec<DirEntry>> {
+    pub fn readdir_as(&self, vol: VolId, ino: Ino, cookie: u64, limit: u32, plus: bool, touch: bool) -> FsResult<Vec<DirEntry>> {
         let limit = limit.clamp(1, 4096);
         let (d, out) = self.tx(|t| {
             let d = Self::dir(t, vol, ino)?;
@@ -1556,8 +1559,8 @@ impl Engine {
             }
             Ok((d, out))
         })?;
-        if let (Some(moved), 0) = (touch, cookie) {
-            self.touch_atime(vol, &d, moved)?;
+        if touch && cookie == 0 {
+            self.touch_atime(vol, &d)?;
         }
         Ok(out)
     }

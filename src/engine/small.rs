@@ -15,6 +15,7 @@
 
 use super::blob::{BlobStore, LocalBlobs};
 use super::meta::VolId;
+use super::sqlite::{sync_wal, wal_of};
 use crate::fs::{FsError, FsResult, Ino};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -44,15 +45,19 @@ impl SmallFirst {
              CREATE TABLE IF NOT EXISTS small (vol INTEGER NOT NULL, ino INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (vol, ino)) WITHOUT ROWID;",
         )
         .map_err(db_err)?;
-        let mut wal = db.as_os_str().to_owned();
-        wal.push("-wal");
-        Ok(SmallFirst { db: Mutex::new(conn), wal: wal.into(), files })
+        Ok(SmallFirst { db: Mutex::new(conn), wal: wal_of(db), files })
     }
 
     fn row(&self, vol: VolId, ino: Ino) -> FsResult<Option<Vec<u8>>> {
         let db = self.db.lock().unwrap();
         let mut st = db.prepare_cached("SELECT data FROM small WHERE vol = ?1 AND ino = ?2").map_err(db_err)?;
         st.query_row(params![vol, ino as i64], |r| r.get(0)).optional().map_err(db_err)
+    }
+
+    fn has_row(&self, vol: VolId, ino: Ino) -> FsResult<bool> {
+        let db = self.db.lock().unwrap();
+        let mut st = db.prepare_cached("SELECT 1 FROM small WHERE vol = ?1 AND ino = ?2").map_err(db_err)?;
+        st.exists(params![vol, ino as i64]).map_err(db_err)
     }
 
     fn put(&self, vol: VolId, ino: Ino, data: &[u8]) -> FsResult<()> {
@@ -69,15 +74,6 @@ impl SmallFirst {
         Ok(())
     }
 
-    /// Makes every committed row durable (an fdatasync of the WAL, as for the metadata).
-    fn sync_rows(&self) -> FsResult<()> {
-        match std::fs::File::open(&self.wal) {
-            Ok(f) => f.sync_data().map_err(FsError::from),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Moves a row's blob to a data file (see the module docs for the order).
     fn to_file(&self, vol: VolId, ino: Ino, cur: &[u8]) -> FsResult<()> {
         self.files.remove(vol, ino)?;
@@ -86,7 +82,7 @@ impl SmallFirst {
         }
         self.files.sync(vol, ino)?;
         self.delete(vol, ino)?;
-        self.sync_rows()
+        sync_wal(&self.wal)
     }
 }
 
@@ -171,8 +167,8 @@ impl BlobStore for SmallFirst {
     }
 
     fn sync(&self, vol: VolId, ino: Ino) -> FsResult<()> {
-        if self.row(vol, ino)?.is_some() {
-            return self.sync_rows();
+        if self.has_row(vol, ino)? {
+            return sync_wal(&self.wal);
         }
         self.files.sync(vol, ino)
     }

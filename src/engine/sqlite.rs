@@ -168,9 +168,25 @@ impl SqliteMeta {
             )
             .map_err(db_err)?;
         }
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        Ok(SqliteMeta { conn: Mutex::new(conn), wal: PathBuf::from(wal) })
+        Ok(SqliteMeta { conn: Mutex::new(conn), wal: wal_of(path) })
+    }
+}
+
+/// The write-ahead log of the database at `db`.
+pub(super) fn wal_of(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+/// Makes every transaction committed to a WAL-mode database durable: an fdatasync of its WAL,
+/// which holds all of them since the last checkpoint (a checkpoint syncs the database itself).
+pub(super) fn sync_wal(wal: &Path) -> FsResult<()> {
+    match std::fs::File::open(wal) {
+        Ok(f) => f.sync_data().map_err(FsError::from),
+        // No WAL file: everything is already in the (synced) database.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -184,12 +200,7 @@ impl MetaStore for SqliteMeta {
     }
 
     fn sync(&self) -> FsResult<()> {
-        match std::fs::File::open(&self.wal) {
-            Ok(f) => f.sync_data().map_err(FsError::from),
-            // No WAL file: everything is already in the (synced) database.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        sync_wal(&self.wal)
     }
 }
 

@@ -97,14 +97,14 @@ impl VolumeFs {
     }
 
     fn send(&self, req: &Request, op: Op, done: impl FnOnce(Result<Reply, FsError>) + Send + 'static) {
-        self.send_forgets(req, false);
+        self.send_forgets(req);
         let changes = self.invalidator.changes(&op);
-        // A file this mount changes is read from the kernel's pages or the host from now on,
-        // not from what came with an open before.
-        self.invalidator.unfetch(|ino| changes.contains(&Some(ino)));
         if changes.iter().all(Option::is_none) {
             return self.client.call_async(caller(req), op, Box::new(done));
         }
+        // A file this mount changes is read from the kernel's pages or the host from now on,
+        // not from what came with an open before.
+        self.invalidator.unfetch(|ino| changes.contains(&Some(ino)));
         let inv = self.invalidator.clone();
         self.client.call_async(
             caller(req),
@@ -128,14 +128,14 @@ impl VolumeFs {
             f.items.extend_from_slice(items);
             f.since.get_or_insert_with(Instant::now);
         }
-        self.send_forgets(req, false);
+        self.send_forgets(req);
     }
 
-    /// Sends the pending forgets if the batch is full or old (or `now`).
-    fn send_forgets(&self, req: &Request, now: bool) {
+    /// Sends the pending forgets if the batch is full or old.
+    fn send_forgets(&self, req: &Request) {
         let items = {
             let mut f = self.forgets.lock().unwrap();
-            let due = now || f.items.len() >= FORGET_BATCH || f.since.is_some_and(|t| t.elapsed() >= FORGET_WAIT);
+            let due = f.items.len() >= FORGET_BATCH || f.since.is_some_and(|t| t.elapsed() >= FORGET_WAIT);
             if !due || f.items.is_empty() {
                 return;
             }
@@ -394,7 +394,7 @@ pub struct Invalidator {
     /// before the answer) and after every read (it marks atime stale; a read that moves atime
     /// pushes the new one the same way). A push of another sandbox's change, a change that
     /// failed, a lock taken and a reconnection drop entries.
-    fresh: Mutex<HashMap<u64, (Attr, Instant)>>,
+    attrs: Mutex<HashMap<u64, (Attr, Instant)>>,
     /// Files that came whole with their open (see `Op::Open`), by kernel handle, until its
     /// release: the kernel's reads of them are answered here. Dropped, like cached pages, when
     /// the file changes (a push, or a change through this mount).
@@ -468,7 +468,7 @@ impl Invalidator {
             // them; the new attributes answer the kernel's next getattr.
             Notice::Attr { attr } => {
                 let ino = attr.ino;
-                me.keep_fresh(attr);
+                me.keep_attr(attr);
                 let _ = inline.inval_inode(INodeNo(ino), -1, 0);
             }
             n => {
@@ -477,12 +477,10 @@ impl Invalidator {
                         me.forget(*ino);
                         let _ = inline.inval_inode(INodeNo(*ino), -1, 0);
                     }
+                    // The parent's own `InvalInode` follows; the child's link count may have moved.
                     Notice::InvalEntry { parent, name } => {
-                        let child = me.known.lock().unwrap().names.remove(&(*parent, name.clone()));
-                        let mut fresh = me.fresh.lock().unwrap();
-                        fresh.remove(parent);
-                        if let Some(child) = child {
-                            fresh.remove(&child);
+                        if let Some(child) = me.known.lock().unwrap().names.remove(&(*parent, name.clone())) {
+                            me.attrs.lock().unwrap().remove(&child);
                         }
                     }
                     Notice::LockFreed { .. } | Notice::Attr { .. } => {}
@@ -499,7 +497,7 @@ impl Invalidator {
     /// dropped and asked for again. Negative entries are not listed anywhere; their TTL is short.
     pub fn flush_all(&self) {
         self.bare.lock().unwrap().clear();
-        self.fresh.lock().unwrap().clear();
+        self.attrs.lock().unwrap().clear();
         self.clean.lock().unwrap().clear();
         self.send(Job::FlushAll);
     }
@@ -554,7 +552,7 @@ impl Invalidator {
 
     /// Learns from attributes the host sent: them, and whether the inode has xattrs.
     fn note(&self, a: &Attr) {
-        self.keep_fresh(a.clone());
+        self.keep_attr(a.clone());
         let mut bare = self.bare.lock().unwrap();
         if a.xattrs {
             bare.remove(&a.ino);
@@ -573,7 +571,7 @@ impl Invalidator {
     fn forget(&self, ino: u64) {
         self.bare.lock().unwrap().remove(&ino);
         self.clean.lock().unwrap().remove(&ino);
-        self.fresh.lock().unwrap().remove(&ino);
+        self.attrs.lock().unwrap().remove(&ino);
         self.unfetch(|i| i == ino);
     }
 
@@ -624,19 +622,19 @@ impl Invalidator {
         }
     }
 
-    fn keep_fresh(&self, a: Attr) {
-        let mut fresh = self.fresh.lock().unwrap();
-        if fresh.len() >= BARE_MAX {
-            fresh.clear();
+    fn keep_attr(&self, a: Attr) {
+        let mut attrs = self.attrs.lock().unwrap();
+        if attrs.len() >= BARE_MAX {
+            attrs.clear();
         }
-        fresh.insert(a.ino, (a, Instant::now()));
+        attrs.insert(a.ino, (a, Instant::now()));
     }
 
     /// The latest attributes of `ino`, if the host sent some within the TTL that nothing has
     /// made old since.
     fn cached_attr(&self, ino: u64) -> Option<Attr> {
-        let fresh = self.fresh.lock().unwrap();
-        let (a, at) = fresh.get(&ino)?;
+        let attrs = self.attrs.lock().unwrap();
+        let (a, at) = attrs.get(&ino)?;
         (at.elapsed() < TTL).then(|| a.clone())
     }
 
@@ -645,9 +643,9 @@ impl Invalidator {
     /// arrives before the answer and after any older one: nothing here needs forgetting, unless
     /// the change fails (see [`Invalidator::failed`]).
     fn changes(&self, op: &Op) -> [Option<u64>; 4] {
-        let known = self.known.lock().unwrap();
-        let by_name = |parent: &u64, name: &Vec<u8>| known.names.get(&(*parent, name.clone())).copied();
-        let changed: [Option<u64>; 4] = match op {
+        // Locked only for the ops that name a child: this runs for every request.
+        let by_name = |parent: &u64, name: &Vec<u8>| self.known.lock().unwrap().names.get(&(*parent, name.clone())).copied();
+        match op {
             Op::SetAttr { ino, .. }
             | Op::Write { ino, .. }
             | Op::Fallocate { ino, .. }
@@ -685,16 +683,15 @@ impl Invalidator {
             | Op::ReclaimLocks { .. }
             | Op::ReleaseLease
             | Op::Unmounted => [None; 4],
-        };
-        changed
+        }
     }
 
     /// A change of these inodes failed: what was pushed while it ran may describe a
     /// transaction that did not commit.
     fn failed(&self, inodes: [Option<u64>; 4]) {
-        let mut fresh = self.fresh.lock().unwrap();
+        let mut attrs = self.attrs.lock().unwrap();
         for ino in inodes.into_iter().flatten() {
-            fresh.remove(&ino);
+            attrs.remove(&ino);
         }
     }
 
@@ -719,7 +716,7 @@ impl Invalidator {
     /// point (as on NFS): whatever another sandbox wrote before releasing the lock must be read
     /// from the host, not from pages cached before.
     pub fn invalidate_then(&self, ino: u64, then: impl FnOnce() + Send + 'static) {
-        self.fresh.lock().unwrap().remove(&ino);
+        self.attrs.lock().unwrap().remove(&ino);
         self.send(Job::Then(ino, Box::new(then)));
     }
 }

@@ -24,7 +24,7 @@
 
 use super::Server;
 use crate::engine::meta::{AttachState, VolId};
-use crate::engine::{Engine, Touch};
+use crate::engine::Engine;
 use crate::fs::{Attr, FsError, FsResult, Ino, Kind, ROOT_INO};
 use crate::proto::{Notice, Op, Reply, Request, ServerMsg};
 use crate::transport::Stream;
@@ -465,7 +465,9 @@ impl Session {
 
     /// A change through this session, to `a`: its guest's kernel may ask for the attributes
     /// next (it drops its own copy of a directory's after a create or an unlink in it, and of a
-    /// file's after a write), and the guest answers from this push. Only inodes the guest has.
+    /// file's after a write; it does not know of an atime moved by its read), and the guest
+    /// answers from this push. Only inodes the guest has. Other sandboxes see an atime moved by
+    /// someone else's read when their cached attributes are next refreshed, as NFS clients do.
     fn told(&self, a: &Attr) {
         if self.known.lock().unwrap().contains_key(&a.ino) {
             self.push(Notice::Attr { attr: self.wire_attr(a.clone()) });
@@ -484,12 +486,6 @@ impl Session {
             self.push(Notice::InvalInode { ino: wire });
         }
     }
-}
-
-/// How a read or listing through `s` treats atime: a read-only attachment leaves it alone, as a
-/// read-only mount does; otherwise a move is told to `moved`.
-fn touch<'a>(s: &Session, moved: &'a dyn Fn(&Attr)) -> Touch<'a> {
-    (!s.read_only).then_some(moved)
 }
 
 impl crate::engine::Observer for Session {
@@ -790,8 +786,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             }
             // One byte more than asked for: a file that grew past the limit meanwhile is
             // answered without data, never cut short.
-            let moved = |a: &Attr| s.told(a);
-            let data = e.read_as(v, real, 0, limit + 1, touch(s, &moved))?;
+            let data = e.read_as(v, real, 0, limit + 1, !s.read_only)?;
             if data.len() > limit as usize {
                 return Ok((Reply::Opened { fh }, Changed::Nothing));
             }
@@ -809,10 +804,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             let real = s.to_real(e, *ino)?;
             s.handle(*fh, real, false)?;
             // A read-only attachment leaves atime alone, as a read-only mount does.
-            // Only this session is told: other sandboxes see an atime moved by someone else's
-            // read when their cached attributes are next refreshed, as NFS clients do.
-            let moved = |a: &Attr| s.told(a);
-            let data = e.read_as(v, real, *offset, (*size).min(crate::proto::MAX_IO), touch(s, &moved))?;
+            let data = e.read_as(v, real, *offset, (*size).min(crate::proto::MAX_IO), !s.read_only)?;
             (Reply::Data(data), Changed::Nothing)
         }
         Op::Write { ino, fh, offset, append, data } => {
@@ -928,8 +920,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::ReadDir { ino, fh: _, cookie, plus, max_entries } => {
             let real = s.to_real(e, *ino)?;
             // A read-only attachment leaves atime alone, as a read-only mount does.
-            let moved = |a: &Attr| s.told(a);
-            let mut entries = e.readdir_as(v, real, *cookie, *max_entries, *plus, touch(s, &moved))?;
+            let mut entries = e.readdir_as(v, real, *cookie, *max_entries, *plus, !s.read_only)?;
             // Stop at a byte budget, before anything is counted as looked up: the reply must
             // fit one frame whatever the names' lengths (the guest asks again from the cookie).
             let mut bytes = 0;
