@@ -140,7 +140,11 @@ impl Conn {
         let rest = if *queued == 0 {
             match self.stream.write_once(&buf) {
                 Ok(n) if n == buf.len() => return Ok(()),
-                Ok(n) => buf[n..].to_vec(),
+                Ok(n) => {
+                    let mut buf = buf;
+                    buf.drain(..n);
+                    buf
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => buf,
                 Err(e) => return Err(e),
             }
