@@ -85,6 +85,11 @@ pub struct ServerArgs {
     #[arg(long, value_name = "DIR", default_value = "volumefs-data")]
     pub data: PathBuf,
 
+    /// Keep metadata in this PostgreSQL database (postgres://user@host:port/db[?schema=NAME])
+    /// instead of SQLite in DIR; file contents stay in DIR
+    #[arg(long, value_name = "URL", env = "VOLUMEFS_META")]
+    pub meta: Option<String>,
+
     /// Address the HTTP API listens on (port 0: any free port, see DIR/http-addr)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     pub http: String,

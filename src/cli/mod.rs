@@ -359,6 +359,7 @@ fn serve(a: ServerArgs) -> Result<(), String> {
     let data = a.data;
     let server = crate::server::Server::open(crate::server::Config {
         data: data.clone(),
+        meta: a.meta,
         lease_ttl: std::time::Duration::from_secs(a.lease_ttl),
         images: a.images,
         upload_expiry: std::time::Duration::from_secs(a.upload_expiry),

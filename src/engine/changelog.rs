@@ -248,7 +248,7 @@ impl Engine {
     pub(super) fn mutate<T: super::Recorded>(
         &self,
         vol: VolId,
-        f: impl FnOnce(&mut dyn MetaTxn, &mut Vec<Event>) -> FsResult<T>,
+        mut f: impl FnMut(&mut dyn MetaTxn, &mut Vec<Event>) -> FsResult<T>,
     ) -> FsResult<T> {
         let (out, logged) = self.tx(|t| {
             let mut events = Vec::new();

@@ -29,8 +29,10 @@ pub mod acl;
 pub mod blob;
 pub mod changelog;
 pub mod meta;
+pub mod pg;
 mod registry;
 mod small;
+mod sql;
 pub mod sqlite;
 
 use crate::fs::*;
@@ -349,20 +351,33 @@ impl Engine {
 
     /// The embedded default: SQLite metadata and local data files under one directory.
     pub fn open_dir(dir: &Path) -> FsResult<Engine> {
+        Engine::open_store(dir, None)
+    }
+
+    /// File data under `dir`, metadata there too (SQLite, `meta` `None`) or in the PostgreSQL
+    /// database at `meta` (`postgres://...`, see [`pg`]).
+    pub fn open_store(dir: &Path, meta: Option<&str>) -> FsResult<Engine> {
         std::fs::create_dir_all(dir)
             .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", dir.display())))?;
-        let meta = sqlite::SqliteMeta::open(&dir.join("meta.db"))?;
+        let meta: Box<dyn MetaStore> = match meta {
+            None => Box::new(sqlite::SqliteMeta::open(&dir.join("meta.db"))?),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Box::new(pg::PgMeta::open(url)?),
+            Some(other) => {
+                return Err(FsError::new(
+                    libc::EINVAL,
+                    format!("unknown metadata store {other:?}: expected postgres://user@host:port/database"),
+                ))
+            }
+        };
         let blobs = small::SmallFirst::open(&dir.join("blobs"), &dir.join("blobs.db"))?;
-        Engine::new(Box::new(meta), Box::new(blobs))
+        Engine::new(meta, Box::new(blobs))
     }
 
     /// Runs `f` in one metadata transaction. Nothing done here reaches the change log: files
     /// change through the engine's operations, which log what they do.
-    fn tx<T>(&self, f: impl FnOnce(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
-        let mut f = Some(f);
+    fn tx<T>(&self, mut f: impl FnMut(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
         let mut out = None;
         self.meta.transact(&mut |t| {
-            let f = f.take().expect("a transaction body runs once");
             out = Some(f(t)?);
             Ok(())
         })?;
@@ -1759,6 +1774,26 @@ impl Engine {
             t.put_inode(vol, &a)
         })
     }
+}
+
+/// An engine over `dir` for tests: metadata in SQLite there, or, when `VOLUMEFS_TEST_PG` names a
+/// PostgreSQL database, in a schema of its own in that database, so that the same tests run
+/// against both stores. Opening the same `dir` again (a restart) reopens the same schema; a new
+/// `dir` gets a new, empty one.
+#[cfg(test)]
+pub(crate) fn test_engine(dir: &Path) -> Engine {
+    Engine::open_store(dir, test_store(dir).as_deref()).unwrap()
+}
+
+#[cfg(test)]
+pub(crate) fn test_store(dir: &Path) -> Option<String> {
+    static SCHEMAS: Mutex<std::collections::BTreeMap<std::path::PathBuf, String>> = Mutex::new(std::collections::BTreeMap::new());
+    let base = std::env::var("VOLUMEFS_TEST_PG").ok().filter(|s| !s.is_empty())?;
+    let mut schemas = SCHEMAS.lock().unwrap();
+    let n = schemas.len();
+    let schema =
+        schemas.entry(dir.to_path_buf()).or_insert_with(|| format!("t{}_{n}_{}", std::process::id(), Timespec::now().nsec)).clone();
+    Some(format!("{base}{}schema={schema}", if base.contains('?') { '&' } else { '?' }))
 }
 
 #[cfg(test)]

@@ -479,7 +479,7 @@ fn apply(m: &mut Model, r: &mut Real, s: &Step) -> (Outcome, Outcome) {
         Step::Restart => {
             // Handles do not outlive the engine; orphans are reclaimed at the next start.
             r.engine = None;
-            r.engine = Some(Engine::open_dir(&r.dir).unwrap());
+            r.engine = Some(super::test_engine(&r.dir));
             // No guest reconnects here: the grace period passes and the orphans go.
             r.engine.as_ref().unwrap().reclaim_orphans().unwrap();
             m.nodes.retain(|_, n| n.nlink > 0);
@@ -575,7 +575,7 @@ fn run(steps: &[Step]) -> Result<(), String> {
     let dir =
         std::env::temp_dir().join(format!("volumefs-model-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
     let _ = std::fs::remove_dir_all(&dir);
-    let engine = Engine::open_dir(&dir).unwrap();
+    let engine = super::test_engine(&dir);
     let vol = engine.create_volume("v", CAP).unwrap().id;
     let mut r = Real { engine: Some(engine), vol, dir };
     let mut m = Model::new();
