@@ -952,7 +952,7 @@ async fn batch(State(s): Srv, Path(v): Path<String>, Query(q): Params, headers: 
 // ----- signed URLs ----------------------------------------------------------------------------
 
 fn signature(key: &str, volume: &str, path: &str, archive: &str, expires: i64) -> String {
-    use hmac::Mac;
+    use hmac::{KeyInit, Mac};
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key length");
     mac.update(format!("volumefs-url-v1\n{volume}\n{path}\n{archive}\n{expires}").as_bytes());
     mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
