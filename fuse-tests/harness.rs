@@ -88,6 +88,15 @@ fn unique_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/vfst-{}-{}-{}", std::process::id(), n, nanos))
 }
 
+/// With `VOLUMEFS_TEST_PG` set to a PostgreSQL database, the metadata store of the server of
+/// test directory `dir`: a schema of its own in that database (kept across restarts, since the
+/// server arguments are), so that the suite runs against PostgreSQL as it does against SQLite.
+pub fn test_meta(dir: &Path) -> Option<String> {
+    let base = std::env::var("VOLUMEFS_TEST_PG").ok().filter(|s| !s.is_empty())?;
+    let name = dir.file_name()?.to_string_lossy().replace(['-', '.'], "_");
+    Some(format!("{base}{}schema={name}", if base.contains('?') { '&' } else { '?' }))
+}
+
 /// The mount points currently listed in `/proc/self/mountinfo`.
 pub fn mount_table() -> Vec<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
@@ -248,8 +257,11 @@ impl Cluster {
 
     /// Like [`Cluster::new`], with extra `volumefs server` arguments, e.g. `&["--lease-ttl", "2"]`.
     pub fn with_server_args(server_args: &[&str]) -> Cluster {
-        let server_args: Vec<String> = server_args.iter().map(|a| a.to_string()).collect();
+        let mut server_args: Vec<String> = server_args.iter().map(|a| a.to_string()).collect();
         let dir = unique_dir();
+        if let Some(url) = test_meta(&dir) {
+            server_args.extend(["--meta".to_string(), url]);
+        }
         fs::create_dir(&dir).expect("create test dir");
         // Non-root callers of the permission tests must be able to traverse to the mounts.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
