@@ -279,6 +279,11 @@ pub trait MetaTxn {
     /// The largest id that pruning has removed from the volume's log (0 if none).
     fn changes_pruned_through(&mut self, vol: VolId) -> FsResult<u64>;
 
+    /// A store-wide setting (see [`super::Engine::open_store`]'s pairing of stores).
+    fn get_setting(&mut self, key: &str) -> FsResult<Option<String>>;
+    /// Sets `key` unless it is set already; returns the value it has now.
+    fn init_setting(&mut self, key: &str, value: &str) -> FsResult<String>;
+
     fn insert_tenant(&mut self, t: &TenantRow) -> FsResult<()>;
     fn tenant_by_token(&mut self, token_sha256: &str) -> FsResult<Option<TenantRow>>;
     fn list_tenants(&mut self) -> FsResult<Vec<TenantRow>>;

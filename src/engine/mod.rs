@@ -309,6 +309,55 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Makes sure that the data under `dir` and the metadata in `meta` (a store outside `dir`) are
+/// the two halves of one store: each holds the same store id (`DIR/store-id`, setting
+/// `store_id`), given to both on first use. A server started with an empty data directory
+/// against a store that has files, or with another store's data directory, is refused: it would
+/// read every file as zeros.
+fn pair_stores(dir: &Path, meta: &dyn MetaStore) -> FsResult<()> {
+    let path = dir.join("store-id");
+    let local = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(FsError::new(libc::EIO, format!("cannot read {}: {e}", path.display()))),
+    };
+    let now = Timespec::now();
+    let fresh = format!("{:x}{:08x}{:x}", now.sec, now.nsec, std::process::id());
+    let mut remote = None;
+    meta.transact(&mut |t| {
+        remote = Some(match &local {
+            Some(_) => t.get_setting("store_id")?,
+            None => Some(t.init_setting("store_id", &fresh)?),
+        });
+        Ok(())
+    })?;
+    match (local, remote.flatten()) {
+        (Some(l), Some(r)) if l == r => Ok(()),
+        (None, Some(r)) if r == fresh => {
+            std::fs::write(&path, format!("{r}\n")).map_err(|e| FsError::new(libc::EIO, format!("cannot write {}: {e}", path.display())))
+        }
+        (None, None) => Err(FsError::new(libc::EIO, "metadata store: the store id was not recorded")),
+        (None, Some(r)) => Err(FsError::new(
+            libc::EINVAL,
+            format!(
+                "the metadata store belongs to another data directory (store id {r}) and {} has none: start the server with \
+                 that store's data directory (if this is it, write the id to {})",
+                dir.display(),
+                path.display()
+            ),
+        )),
+        (Some(l), r) => Err(FsError::new(
+            libc::EINVAL,
+            format!(
+                "data directory {} belongs to store {l}, but the metadata store holds {}: start the server with the metadata \
+                 store this directory was made with",
+                dir.display(),
+                r.map_or("no store".to_string(), |r| format!("store {r}"))
+            ),
+        )),
+    }
+}
+
 /// What a volume is, as the API reports it.
 pub use meta::VolumeRow as VolumeInfo;
 
@@ -361,7 +410,11 @@ impl Engine {
             .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", dir.display())))?;
         let meta: Box<dyn MetaStore> = match meta {
             None => Box::new(sqlite::SqliteMeta::open(&dir.join("meta.db"))?),
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Box::new(pg::PgMeta::open(url)?),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let meta = pg::PgMeta::open(url)?;
+                pair_stores(dir, &meta)?;
+                Box::new(meta)
+            }
             Some(other) => {
                 return Err(FsError::new(
                     libc::EINVAL,

@@ -92,6 +92,10 @@ CREATE TABLE IF NOT EXISTS replays (
     time BIGINT NOT NULL,
     PRIMARY KEY (session, seq)
 );
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
     token_sha256 TEXT NOT NULL UNIQUE,

@@ -522,6 +522,15 @@ impl MetaTxn for SqlTxn<'_> {
         Ok(self.0.first("SELECT through FROM changes_pruned WHERE vol = ?1", &[vol.into()], |r| r.uint(0))?.unwrap_or(0))
     }
 
+    fn get_setting(&mut self, key: &str) -> FsResult<Option<String>> {
+        self.0.first("SELECT value FROM settings WHERE key = ?1", &[key.into()], |r| r.text(0))
+    }
+
+    fn init_setting(&mut self, key: &str, value: &str) -> FsResult<String> {
+        self.0.exec("INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING", &[key.into(), value.into()])?;
+        self.get_setting(key)?.ok_or_else(|| FsError::new(libc::EIO, format!("metadata store: setting {key} vanished")))
+    }
+
     fn insert_tenant(&mut self, t: &TenantRow) -> FsResult<()> {
         self.0.exec(
             "INSERT INTO tenants (name, token_sha256, default_cap, created) VALUES (?1, ?2, ?3, ?4)",
