@@ -97,6 +97,17 @@ pub fn test_meta(dir: &Path) -> Option<String> {
     Some(format!("{base}{}schema={name}", if base.contains('?') { '&' } else { '?' }))
 }
 
+/// With `VOLUMEFS_TEST_BLOCKS` set (`file:///...` or `s3://bucket?...`), the block store of the
+/// server of test directory `dir`: a directory inside it, or a prefix of its own in the bucket.
+pub fn test_blocks(dir: &Path) -> Option<String> {
+    let base = std::env::var("VOLUMEFS_TEST_BLOCKS").ok().filter(|s| !s.is_empty())?;
+    if base.starts_with("file://") {
+        return Some(format!("file://{}", dir.join("blocks").display()));
+    }
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    Some(format!("{base}{}prefix={name}", if base.contains('?') { '&' } else { '?' }))
+}
+
 /// The mount points currently listed in `/proc/self/mountinfo`.
 pub fn mount_table() -> Vec<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
@@ -261,6 +272,9 @@ impl Cluster {
         let dir = unique_dir();
         if let Some(url) = test_meta(&dir) {
             server_args.extend(["--meta".to_string(), url]);
+        }
+        if let Some(url) = test_blocks(&dir) {
+            server_args.extend(["--blocks".to_string(), url]);
         }
         fs::create_dir(&dir).expect("create test dir");
         // Non-root callers of the permission tests must be able to traverse to the mounts.

@@ -90,6 +90,12 @@ pub struct ServerArgs {
     #[arg(long, value_name = "URL", env = "VOLUMEFS_META")]
     pub meta: Option<String>,
 
+    /// Keep file contents as immutable blocks in this object store (file:///DIR, or
+    /// s3://BUCKET?endpoint=URL[&region=R] with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) instead
+    /// of files in DIR; servers sharing one --meta and one --blocks serve the same volumes
+    #[arg(long, value_name = "URL", env = "VOLUMEFS_BLOCKS")]
+    pub blocks: Option<String>,
+
     /// Address the HTTP API listens on (port 0: any free port, see DIR/http-addr)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     pub http: String,

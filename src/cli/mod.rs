@@ -360,6 +360,7 @@ fn serve(a: ServerArgs) -> Result<(), String> {
     let server = crate::server::Server::open(crate::server::Config {
         data: data.clone(),
         meta: a.meta,
+        blocks: a.blocks,
         lease_ttl: std::time::Duration::from_secs(a.lease_ttl),
         images: a.images,
         upload_expiry: std::time::Duration::from_secs(a.upload_expiry),

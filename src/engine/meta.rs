@@ -196,6 +196,20 @@ pub struct ChangeRow {
     pub time: Timespec,
 }
 
+/// A piece of a file's data in a block store (see [`super::blocks`]): bytes `[off, off+len)`
+/// of the file are bytes `[block_off, block_off+len)` of block `block`, or zeros when `block` is
+/// `None` (a punched or zeroed range). Slices are never changed in place except to be cut short
+/// by a truncate; a later slice (greater `id`) lies over earlier ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceRow {
+    /// Chosen by the store on insert (ignored there); orders slices oldest first.
+    pub id: u64,
+    pub off: u64,
+    pub len: u64,
+    pub block: Option<String>,
+    pub block_off: u64,
+}
+
 /// A metadata backend.
 pub trait MetaStore: Send + Sync {
     /// Runs `f` in one transaction: committed if it returns `Ok`, rolled back otherwise.
@@ -236,6 +250,18 @@ pub trait MetaTxn {
     fn extents(&mut self, vol: VolId, ino: Ino, from: u64, to: u64) -> FsResult<Vec<(u64, u64)>>;
     /// Removes the ranges `old` (as `extents` returned them) and adds `new`.
     fn replace_extents(&mut self, vol: VolId, ino: Ino, old: &[(u64, u64)], new: &[(u64, u64)]) -> FsResult<()>;
+    /// The slices of a file that overlap `[from, to)`, oldest first.
+    fn slices(&mut self, vol: VolId, ino: Ino, from: u64, to: u64) -> FsResult<Vec<SliceRow>>;
+    fn insert_slice(&mut self, vol: VolId, ino: Ino, s: &SliceRow) -> FsResult<()>;
+    /// Cuts the file's slices at `size`: those past it go, one across it ends there.
+    fn truncate_slices(&mut self, vol: VolId, ino: Ino, size: u64) -> FsResult<()>;
+    /// Every block some slice of some volume refers to (what garbage collection keeps).
+    fn referenced_blocks(&mut self) -> FsResult<Vec<String>>;
+    /// The blocks the volume's slices refer to, with the inode of one slice for each.
+    fn volume_blocks(&mut self, vol: VolId) -> FsResult<Vec<(String, Ino)>>;
+    /// A new volume `name` with cap `cap` holding a copy of every row of volume `src` (inodes,
+    /// names, xattrs, stored ranges, slices: blocks are shared), usage and inode count included.
+    fn clone_volume(&mut self, src: VolId, name: &str, cap: u64, now: Timespec) -> FsResult<VolId>;
     /// Records the result of guest request `seq` of mount session `session` (see
     /// [`super::Engine::recording`]): the inode it made or changed and a number.
     fn insert_replay(&mut self, session: u64, seq: u64, rec: (u64, u64), now: Timespec) -> FsResult<()>;

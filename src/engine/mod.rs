@@ -27,6 +27,7 @@
 
 pub mod acl;
 pub mod blob;
+pub mod blocks;
 pub mod changelog;
 pub mod meta;
 pub mod pg;
@@ -41,7 +42,7 @@ use blob::BlobStore;
 use changelog::{ChangeLog, Event};
 pub use changelog::{ChangeNotifier, ChangeRetention};
 pub use meta::{Change, ChangeKind, Changes};
-use meta::{MetaStore, MetaTxn, VolId};
+use meta::{MetaStore, MetaTxn, SliceRow, VolId};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -86,7 +87,7 @@ struct OpenTable {
 
 pub struct Engine {
     meta: Box<dyn MetaStore>,
-    blobs: Box<dyn BlobStore>,
+    data: Data,
     /// Open handles per inode, across every session and API caller.
     open: Mutex<OpenTable>,
     /// Per volume, a counter moved by every operation that can take a name out of a subtree
@@ -309,18 +310,56 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Makes sure that the data under `dir` and the metadata in `meta` (a store outside `dir`) are
-/// the two halves of one store: each holds the same store id (`DIR/store-id`, setting
-/// `store_id`), given to both on first use. A server started with an empty data directory
-/// against a store that has files, or with another store's data directory, is refused: it would
+/// The half of a store that keeps file data, as [`pair_stores`] sees it: somewhere to keep the
+/// store id.
+trait DataId {
+    fn get_id(&self) -> FsResult<Option<String>>;
+    fn put_id(&self, id: &str) -> FsResult<()>;
+    fn describe(&self) -> String;
+}
+
+/// `DIR/store-id`, for file data under the data directory.
+struct LocalId(std::path::PathBuf);
+
+impl DataId for LocalId {
+    fn get_id(&self) -> FsResult<Option<String>> {
+        match std::fs::read_to_string(&self.0) {
+            Ok(s) => Ok(Some(s.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(FsError::new(libc::EIO, format!("cannot read {}: {e}", self.0.display()))),
+        }
+    }
+
+    fn put_id(&self, id: &str) -> FsResult<()> {
+        std::fs::write(&self.0, format!("{id}\n")).map_err(|e| FsError::new(libc::EIO, format!("cannot write {}: {e}", self.0.display())))
+    }
+
+    fn describe(&self) -> String {
+        format!("data directory {}", self.0.parent().unwrap_or(&self.0).display())
+    }
+}
+
+impl DataId for blocks::BlockStore {
+    fn get_id(&self) -> FsResult<Option<String>> {
+        self.get_meta("store-id")
+    }
+
+    fn put_id(&self, id: &str) -> FsResult<()> {
+        self.put_meta("store-id", id)
+    }
+
+    fn describe(&self) -> String {
+        format!("block store {}", self.url)
+    }
+}
+
+/// Makes sure that the metadata in `meta` and the file data in `data`, kept apart, are the two
+/// halves of one store: each holds the same store id (setting `store_id`; `DIR/store-id` or the
+/// block store's `store-id` object), given to both on first use. A server started with empty
+/// data against metadata that has files, or with another store's data, is refused: it would
 /// read every file as zeros.
-fn pair_stores(dir: &Path, meta: &dyn MetaStore) -> FsResult<()> {
-    let path = dir.join("store-id");
-    let local = match std::fs::read_to_string(&path) {
-        Ok(s) => Some(s.trim().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(FsError::new(libc::EIO, format!("cannot read {}: {e}", path.display()))),
-    };
+fn pair_stores(meta: &dyn MetaStore, data: &dyn DataId) -> FsResult<()> {
+    let local = data.get_id()?;
     let now = Timespec::now();
     let fresh = format!("{:x}{:08x}{:x}", now.sec, now.nsec, std::process::id());
     let mut remote = None;
@@ -333,25 +372,22 @@ fn pair_stores(dir: &Path, meta: &dyn MetaStore) -> FsResult<()> {
     })?;
     match (local, remote.flatten()) {
         (Some(l), Some(r)) if l == r => Ok(()),
-        (None, Some(r)) if r == fresh => {
-            std::fs::write(&path, format!("{r}\n")).map_err(|e| FsError::new(libc::EIO, format!("cannot write {}: {e}", path.display())))
-        }
         (None, None) => Err(FsError::new(libc::EIO, "metadata store: the store id was not recorded")),
+        (None, Some(r)) if r == fresh => data.put_id(&r),
         (None, Some(r)) => Err(FsError::new(
             libc::EINVAL,
             format!(
-                "the metadata store belongs to another data directory (store id {r}) and {} has none: start the server with \
-                 that store's data directory (if this is it, write the id to {})",
-                dir.display(),
-                path.display()
+                "the metadata store belongs to other data (store id {r}) and the {} has none: start the server with \
+                 that store's data (if this is it, give it the id {r})",
+                data.describe()
             ),
         )),
         (Some(l), r) => Err(FsError::new(
             libc::EINVAL,
             format!(
-                "data directory {} belongs to store {l}, but the metadata store holds {}: start the server with the metadata \
-                 store this directory was made with",
-                dir.display(),
+                "the {} belongs to store {l}, but the metadata store holds {}: start the server with the metadata \
+                 store this data was made with",
+                data.describe(),
                 r.map_or("no store".to_string(), |r| format!("store {r}"))
             ),
         )),
@@ -393,28 +429,38 @@ pub fn check_plain_name(what: &str, name: &str) -> FsResult<()> {
     }
 }
 
+/// Where file contents live.
+enum Data {
+    /// A byte store written in place ([`BlobStore`]): the embedded default.
+    Bytes(Box<dyn BlobStore>),
+    /// Immutable blocks, referred to by slice rows in the metadata ([`blocks`]).
+    Blocks(blocks::BlockStore),
+}
+
 impl Engine {
     pub fn new(meta: Box<dyn MetaStore>, blobs: Box<dyn BlobStore>) -> FsResult<Engine> {
-        Ok(Engine { meta, blobs, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default(), changelog: ChangeLog::default() })
+        Engine::with_data(meta, Data::Bytes(blobs))
+    }
+
+    fn with_data(meta: Box<dyn MetaStore>, data: Data) -> FsResult<Engine> {
+        Ok(Engine { meta, data, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default(), changelog: ChangeLog::default() })
     }
 
     /// The embedded default: SQLite metadata and local data files under one directory.
     pub fn open_dir(dir: &Path) -> FsResult<Engine> {
-        Engine::open_store(dir, None)
+        Engine::open_store(dir, None, None)
     }
 
-    /// File data under `dir`, metadata there too (SQLite, `meta` `None`) or in the PostgreSQL
-    /// database at `meta` (`postgres://...`, see [`pg`]).
-    pub fn open_store(dir: &Path, meta: Option<&str>) -> FsResult<Engine> {
+    /// Metadata in SQLite under `dir` (`meta` `None`) or in the PostgreSQL database at `meta`
+    /// (`postgres://...`, see [`pg`]); file data under `dir` (`blocks` `None`) or as blocks in
+    /// the object store at `blocks` (`file:///dir`, `s3://bucket?...`, see [`blocks`]).
+    pub fn open_store(dir: &Path, meta: Option<&str>, blocks: Option<&str>) -> FsResult<Engine> {
         std::fs::create_dir_all(dir)
             .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", dir.display())))?;
+        let local_meta = meta.is_none();
         let meta: Box<dyn MetaStore> = match meta {
             None => Box::new(sqlite::SqliteMeta::open(&dir.join("meta.db"))?),
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                let meta = pg::PgMeta::open(url)?;
-                pair_stores(dir, &meta)?;
-                Box::new(meta)
-            }
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Box::new(pg::PgMeta::open(url)?),
             Some(other) => {
                 return Err(FsError::new(
                     libc::EINVAL,
@@ -422,8 +468,136 @@ impl Engine {
                 ))
             }
         };
-        let blobs = small::SmallFirst::open(&dir.join("blobs"), &dir.join("blobs.db"))?;
-        Engine::new(meta, Box::new(blobs))
+        let data = match blocks {
+            None => Data::Bytes(Box::new(small::SmallFirst::open(&dir.join("blobs"), &dir.join("blobs.db"))?)),
+            Some(url) => Data::Blocks(blocks::BlockStore::open(url, blocks::CACHE_DEFAULT)?),
+        };
+        // Metadata and data kept apart must be the two halves of one store.
+        match (&data, local_meta) {
+            (Data::Bytes(_), true) => {}
+            (Data::Bytes(_), false) => pair_stores(&*meta, &LocalId(dir.join("store-id")))?,
+            (Data::Blocks(b), _) => pair_stores(&*meta, b)?,
+        }
+        Engine::with_data(meta, data)
+    }
+
+    /// Whether file data lives as shared blocks (clone, gc and fsck of blocks need them).
+    pub fn has_blocks(&self) -> bool {
+        matches!(self.data, Data::Blocks(_))
+    }
+
+    // ----- the data path, for either store ------------------------------------------------------
+
+    /// Before a write's transaction: block stores write the data as new blocks here.
+    fn stage(&self, data: &[u8]) -> FsResult<Vec<blocks::Staged>> {
+        match &self.data {
+            Data::Bytes(_) => Ok(Vec::new()),
+            Data::Blocks(b) => b.stage(data),
+        }
+    }
+
+    /// Inside a write's transaction: the byte store writes (data first, so that a failure rolls
+    /// the metadata back); a block store records the staged blocks as slices.
+    fn put_data(&self, t: &mut dyn MetaTxn, vol: VolId, ino: Ino, offset: u64, data: &[u8], staged: &[blocks::Staged]) -> FsResult<()> {
+        match &self.data {
+            Data::Bytes(b) => b.write(vol, ino, offset, data),
+            Data::Blocks(_) => {
+                for s in blocks::slices_of(offset, staged) {
+                    t.insert_slice(vol, ino, &s)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn truncate_data(&self, t: &mut dyn MetaTxn, vol: VolId, ino: Ino, size: u64) -> FsResult<()> {
+        match &self.data {
+            Data::Bytes(b) => b.truncate(vol, ino, size),
+            Data::Blocks(_) => t.truncate_slices(vol, ino, size),
+        }
+    }
+
+    fn zero_data(&self, t: &mut dyn MetaTxn, vol: VolId, ino: Ino, offset: u64, len: u64) -> FsResult<()> {
+        match &self.data {
+            Data::Bytes(b) => b.zero(vol, ino, offset, len),
+            Data::Blocks(_) => t.insert_slice(vol, ino, &blocks::zeros(offset, len)),
+        }
+    }
+
+    /// Reads file bytes outside any transaction (a block store finds its slices in one first).
+    fn get_data(&self, vol: VolId, ino: Ino, offset: u64, buf: &mut [u8]) -> FsResult<()> {
+        match &self.data {
+            Data::Bytes(b) => b.read(vol, ino, offset, buf),
+            Data::Blocks(b) => {
+                let end = offset + buf.len() as u64;
+                let slices = self.tx(|t| t.slices(vol, ino, offset, end))?;
+                b.read(&slices, offset, buf)
+            }
+        }
+    }
+
+    /// Copies `[src_off, src_off+len)` of `src` over `dst` at `dst_off` inside a transaction:
+    /// a block store shares the source's blocks (new slices, no data moved).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_data(
+        &self,
+        t: &mut dyn MetaTxn,
+        vol: VolId,
+        src: Ino,
+        src_off: u64,
+        dst: Ino,
+        dst_off: u64,
+        data: &[(u64, u64)],
+    ) -> FsResult<()> {
+        match &self.data {
+            Data::Bytes(b) => {
+                let longest = data.iter().map(|(s, e)| e - s).max().unwrap_or(0);
+                let mut buf = vec![0u8; (1u64 << 20).min(longest) as usize];
+                for &(s, e) in data {
+                    let mut at = s;
+                    while at < e {
+                        let k = ((e - at) as usize).min(buf.len());
+                        b.read(vol, src, at, &mut buf[..k])?;
+                        b.write(vol, dst, dst_off + (at - src_off), &buf[..k])?;
+                        at += k as u64;
+                    }
+                }
+                Ok(())
+            }
+            Data::Blocks(_) => {
+                for &(s, e) in data {
+                    for sl in t.slices(vol, src, s, e)? {
+                        let from = sl.off.max(s);
+                        let to = (sl.off + sl.len).min(e);
+                        let shifted = SliceRow {
+                            id: 0,
+                            off: dst_off + (from - src_off),
+                            len: to - from,
+                            block_off: sl.block_off + (from - sl.off),
+                            block: sl.block,
+                        };
+                        t.insert_slice(vol, dst, &shifted)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn remove_data(&self, vol: VolId, ino: Ino) -> FsResult<()> {
+        match &self.data {
+            Data::Bytes(b) => b.remove(vol, ino),
+            // The slices went with the inode's rows; the blocks are garbage collection's.
+            Data::Blocks(_) => Ok(()),
+        }
+    }
+
+    fn sync_data(&self, vol: VolId, ino: Ino) -> FsResult<()> {
+        match &self.data {
+            Data::Bytes(b) => b.sync(vol, ino),
+            // A block is durable before any slice refers to it.
+            Data::Blocks(_) => Ok(()),
+        }
     }
 
     /// Runs `f` in one metadata transaction. Nothing done here reaches the change log: files
@@ -558,7 +732,10 @@ impl Engine {
         open.counts.retain(|(v, _), _| *v != id);
         open.unlinked.retain(|(v, _)| *v != id);
         drop(open);
-        self.blobs.remove_volume(id)
+        match &self.data {
+            Data::Bytes(b) => b.remove_volume(id),
+            Data::Blocks(_) => Ok(()),
+        }
     }
 
     // ----- lookups and attributes -----------------------------------------------------------
@@ -775,9 +952,9 @@ impl Engine {
                 // Inside the transaction: if the data store fails, the size change is undone.
                 if size > old_size {
                     // Cut first so that bytes past the old size (left by a crash) read as zeros.
-                    self.blobs.truncate(vol, ino, old_size)?;
+                    self.truncate_data(t, vol, ino, old_size)?;
                 }
-                self.blobs.truncate(vol, ino, size)?;
+                self.truncate_data(t, vol, ino, size)?;
             }
             Ok(a)
         })
@@ -1057,7 +1234,7 @@ impl Engine {
             Ok(true)
         })?;
         if gone {
-            self.blobs.remove(vol, ino)?;
+            self.remove_data(vol, ino)?;
         }
         Ok(())
     }
@@ -1369,7 +1546,7 @@ impl Engine {
         }
         let n = (a.size - offset).min(size as u64) as usize;
         let mut buf = vec![0u8; n];
-        self.blobs.read(vol, ino, offset, &mut buf)?;
+        self.get_data(vol, ino, offset, &mut buf)?;
         Ok(buf)
     }
 
@@ -1378,6 +1555,7 @@ impl Engine {
     /// written at and the attributes after the write.
     pub fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<(u64, Attr)> {
         let now = Timespec::now();
+        let staged = self.stage(data)?;
         self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             regular(&a)?;
@@ -1395,7 +1573,7 @@ impl Engine {
                 drop_setid(&mut a);
             }
             // Data first, inside the transaction: if it fails, the size change is rolled back.
-            self.blobs.write(vol, ino, offset, data)?;
+            self.put_data(t, vol, ino, offset, data, &staged)?;
             t.put_inode(vol, &a)?;
             log.push(Event::Modify { node: a.kind, ino });
             Ok((offset, a))
@@ -1430,7 +1608,7 @@ impl Engine {
                     let freed = Self::deallocate(t, vol, &mut a, offset, end)?;
                     Self::charge(t, vol, freed, 0)?;
                     if offset < a.size {
-                        self.blobs.zero(vol, ino, offset, end.min(a.size) - offset)?;
+                        self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
                     }
                     a.mtime = now;
                 }
@@ -1438,7 +1616,7 @@ impl Engine {
                     let added = Self::allocate(t, vol, &mut a, offset, end)?;
                     Self::charge(t, vol, 0, added)?;
                     if offset < a.size {
-                        self.blobs.zero(vol, ino, offset, end.min(a.size) - offset)?;
+                        self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
                     }
                     a.mtime = now;
                 }
@@ -1451,7 +1629,7 @@ impl Engine {
             }
             if !keep && end > old_size {
                 // Bytes past the old end (left by a crash) must read as zeros.
-                self.blobs.truncate(vol, ino, old_size)?;
+                self.truncate_data(t, vol, ino, old_size)?;
                 a.size = end;
                 a.mtime = now;
             }
@@ -1527,23 +1705,14 @@ impl Engine {
             }
             Self::charge(t, vol, freed, added)?;
             if dst_off < d.size {
-                self.blobs.zero(vol, dst, dst_off, dst_end.min(d.size) - dst_off)?;
+                self.zero_data(t, vol, dst, dst_off, dst_end.min(d.size) - dst_off)?;
             }
             if dst_end > d.size {
                 // Bytes past the old end (left by a crash) must read as zeros.
-                self.blobs.truncate(vol, dst, d.size)?;
+                self.truncate_data(t, vol, dst, d.size)?;
                 d.size = dst_end;
             }
-            let mut buf = vec![0u8; (1u64 << 20).min(n) as usize];
-            for (s, e) in data {
-                let mut at = s;
-                while at < e {
-                    let k = ((e - at) as usize).min(buf.len());
-                    self.blobs.read(vol, src, at, &mut buf[..k])?;
-                    self.blobs.write(vol, dst, dst_off + (at - src_off), &buf[..k])?;
-                    at += k as u64;
-                }
-            }
+            self.copy_data(t, vol, src, src_off, dst, dst_off, &data)?;
             d.mtime = now;
             d.ctime = now;
             if !c.is_root() {
@@ -1583,7 +1752,7 @@ impl Engine {
     pub fn fsync(&self, vol: VolId, ino: Ino, datasync: bool) -> FsResult<()> {
         let a = self.getattr(vol, ino)?;
         if a.kind == Kind::File {
-            self.blobs.sync(vol, ino)?;
+            self.sync_data(vol, ino)?;
         }
         let _ = datasync;
         self.meta.sync()
@@ -1835,18 +2004,39 @@ impl Engine {
 /// `dir` gets a new, empty one.
 #[cfg(test)]
 pub(crate) fn test_engine(dir: &Path) -> Engine {
-    Engine::open_store(dir, test_store(dir).as_deref()).unwrap()
+    Engine::open_store(dir, test_store(dir).as_deref(), test_blocks(dir).as_deref()).unwrap()
+}
+
+/// A name of its own for the stores of test directory `dir` (the same for the same `dir` within
+/// this process, so that a restart reopens them).
+#[cfg(test)]
+fn test_name(dir: &Path) -> String {
+    static NAMES: Mutex<std::collections::BTreeMap<std::path::PathBuf, String>> = Mutex::new(std::collections::BTreeMap::new());
+    let mut names = NAMES.lock().unwrap();
+    let n = names.len();
+    names.entry(dir.to_path_buf()).or_insert_with(|| format!("t{}_{n}_{}", std::process::id(), Timespec::now().nsec)).clone()
+}
+
+#[cfg(test)]
+fn with_param(base: &str, param: &str) -> String {
+    format!("{base}{}{param}", if base.contains('?') { '&' } else { '?' })
 }
 
 #[cfg(test)]
 pub(crate) fn test_store(dir: &Path) -> Option<String> {
-    static SCHEMAS: Mutex<std::collections::BTreeMap<std::path::PathBuf, String>> = Mutex::new(std::collections::BTreeMap::new());
     let base = std::env::var("VOLUMEFS_TEST_PG").ok().filter(|s| !s.is_empty())?;
-    let mut schemas = SCHEMAS.lock().unwrap();
-    let n = schemas.len();
-    let schema =
-        schemas.entry(dir.to_path_buf()).or_insert_with(|| format!("t{}_{n}_{}", std::process::id(), Timespec::now().nsec)).clone();
-    Some(format!("{base}{}schema={schema}", if base.contains('?') { '&' } else { '?' }))
+    Some(with_param(&base, &format!("schema={}", test_name(dir))))
+}
+
+/// With `VOLUMEFS_TEST_BLOCKS` set (`file:///dir` or `s3://bucket?...`), where the test engine of
+/// `dir` keeps its blocks: a directory or a prefix of its own.
+#[cfg(test)]
+pub(crate) fn test_blocks(dir: &Path) -> Option<String> {
+    let base = std::env::var("VOLUMEFS_TEST_BLOCKS").ok().filter(|s| !s.is_empty())?;
+    if base.starts_with("file://") {
+        return Some(format!("file://{}", dir.join("blocks").display()));
+    }
+    Some(with_param(&base, &format!("prefix={}", test_name(dir))))
 }
 
 #[cfg(test)]

@@ -238,6 +238,7 @@ impl MetaTxn for SqlTxn<'_> {
             "DELETE FROM dentries WHERE vol = ?1",
             "DELETE FROM xattrs WHERE vol = ?1",
             "DELETE FROM extents WHERE vol = ?1",
+            "DELETE FROM slices WHERE vol = ?1",
             "DELETE FROM changes WHERE vol = ?1",
             "DELETE FROM changes_pruned WHERE vol = ?1",
             "DELETE FROM volumes WHERE id = ?1",
@@ -300,6 +301,7 @@ impl MetaTxn for SqlTxn<'_> {
         self.0.exec("UPDATE volumes SET inodes = inodes - ?2 WHERE id = ?1", &[vol.into(), n.into()])?;
         self.0.exec("DELETE FROM xattrs WHERE vol = ?1 AND ino = ?2", &p)?;
         self.0.exec("DELETE FROM extents WHERE vol = ?1 AND ino = ?2", &p)?;
+        self.0.exec("DELETE FROM slices WHERE vol = ?1 AND ino = ?2", &p)?;
         Ok(())
     }
 
@@ -365,6 +367,72 @@ impl MetaTxn for SqlTxn<'_> {
             )?;
         }
         Ok(())
+    }
+
+    fn slices(&mut self, vol: VolId, ino: Ino, from: u64, to: u64) -> FsResult<Vec<SliceRow>> {
+        self.0.all(
+            "SELECT id, off, len, block, block_off FROM slices WHERE vol = ?1 AND ino = ?2 AND off < ?4 AND off + len > ?3 ORDER BY id",
+            &[vol.into(), ino.into(), from.into(), to.into()],
+            |r| {
+                let block = r.opt_bytes(3)?.map(|b| String::from_utf8_lossy(&b).into_owned());
+                Ok(SliceRow { id: r.uint(0)?, off: r.uint(1)?, len: r.uint(2)?, block, block_off: r.uint(4)? })
+            },
+        )
+    }
+
+    fn insert_slice(&mut self, vol: VolId, ino: Ino, s: &SliceRow) -> FsResult<()> {
+        self.0.exec(
+            "INSERT INTO slices (vol, ino, off, len, block, block_off) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            &[vol.into(), ino.into(), s.off.into(), s.len.into(), s.block.as_deref().map(str::as_bytes).into(), s.block_off.into()],
+        )?;
+        Ok(())
+    }
+
+    fn truncate_slices(&mut self, vol: VolId, ino: Ino, size: u64) -> FsResult<()> {
+        self.0.exec("DELETE FROM slices WHERE vol = ?1 AND ino = ?2 AND off >= ?3", &[vol.into(), ino.into(), size.into()])?;
+        self.0.exec(
+            "UPDATE slices SET len = ?3 - off WHERE vol = ?1 AND ino = ?2 AND off < ?3 AND off + len > ?3",
+            &[vol.into(), ino.into(), size.into()],
+        )?;
+        Ok(())
+    }
+
+    fn referenced_blocks(&mut self) -> FsResult<Vec<String>> {
+        self.0.all("SELECT DISTINCT block FROM slices WHERE block IS NOT NULL", &[], |r| {
+            Ok(String::from_utf8_lossy(&r.bytes(0)?).into_owned())
+        })
+    }
+
+    fn volume_blocks(&mut self, vol: VolId) -> FsResult<Vec<(String, Ino)>> {
+        self.0.all("SELECT block, MIN(ino) FROM slices WHERE vol = ?1 AND block IS NOT NULL GROUP BY block", &[vol.into()], |r| {
+            Ok((String::from_utf8_lossy(&r.bytes(0)?).into_owned(), r.uint(1)?))
+        })
+    }
+
+    fn clone_volume(&mut self, src: VolId, name: &str, cap: u64, now: Timespec) -> FsResult<VolId> {
+        let id = self.0.int(
+            "INSERT INTO volumes (name, cap, used, next_ino, inodes, created)
+             SELECT ?2, ?3, used, next_ino, inodes, ?4 FROM volumes WHERE id = ?1 RETURNING id",
+            &[src.into(), name.into(), cap.into(), now.to_nanos().into()],
+        )?;
+        let p = [src.into(), id.into()];
+        self.0.exec(
+            "INSERT INTO inodes (vol, ino, kind, perm, nlink, uid, gid, size, alloc, xattrs, atime, mtime, ctime, rdev, target)
+             SELECT ?2, ino, kind, perm, nlink, uid, gid, size, alloc, xattrs, atime, mtime, ctime, rdev, target FROM inodes WHERE vol = ?1",
+            &p,
+        )?;
+        // In cookie order, so that listings keep their order in the copy.
+        self.0.exec(
+            "INSERT INTO dentries (vol, parent, name, ino, kind) SELECT ?2, parent, name, ino, kind FROM dentries WHERE vol = ?1 ORDER BY id",
+            &p,
+        )?;
+        self.0.exec("INSERT INTO xattrs (vol, ino, name, value) SELECT ?2, ino, name, value FROM xattrs WHERE vol = ?1", &p)?;
+        self.0.exec("INSERT INTO extents (vol, ino, start, stop) SELECT ?2, ino, start, stop FROM extents WHERE vol = ?1", &p)?;
+        self.0.exec(
+            "INSERT INTO slices (vol, ino, off, len, block, block_off) SELECT ?2, ino, off, len, block, block_off FROM slices WHERE vol = ?1 ORDER BY id",
+            &p,
+        )?;
+        Ok(id)
     }
 
     fn insert_replay(&mut self, session: u64, seq: u64, rec: (u64, u64), now: Timespec) -> FsResult<()> {

@@ -86,6 +86,17 @@ CREATE TABLE IF NOT EXISTS replays (
     time INTEGER NOT NULL,
     PRIMARY KEY (session, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slices (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vol INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    off INTEGER NOT NULL,
+    len INTEGER NOT NULL,
+    block BLOB,
+    block_off INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS slices_ino ON slices (vol, ino, id);
+CREATE INDEX IF NOT EXISTS slices_block ON slices (block);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL

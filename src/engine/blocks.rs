@@ -1,0 +1,409 @@
+//! File data as immutable blocks in an object store: the store that servers share.
+//!
+//! The layout follows JuiceFS's: a write becomes one or more new blocks (at most [`BLOCK_MAX`]
+//! bytes, each an object under `blocks/` with a random name, written once and never changed)
+//! and, in the metadata transaction of the write, a slice row per block saying which bytes of
+//! the file it holds ([`SliceRow`]). A later write lies over earlier ones (a read paints the
+//! slices oldest first); a truncate cuts slices short; a punched or zeroed range is a slice of
+//! zeros. So a block is written **before** the metadata that refers to it commits, and nothing
+//! but metadata changes inside a transaction (no data I/O there): a crash leaves at most blocks
+//! nothing refers to, which [`BlockStore::gc`] deletes once they are older than a grace period
+//! (a block written by a transaction still running is young).
+//!
+//! Blocks are shared freely: a volume clone copies slice rows, not blocks. A block goes only
+//! when no slice of any volume refers to it.
+//!
+//! Reads come from a memory cache of whole blocks (blocks never change, so it is never stale)
+//! and then the object store. The store is reached through the `object_store` crate: a local
+//! directory (`file:///path`, each block synced to disk before its slice commits) or any S3
+//! server (`s3://bucket?endpoint=...`).
+
+use super::meta::SliceRow;
+use crate::fs::{FsError, FsResult};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lru::LruCache;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The largest block: a longer write is cut into blocks of this size.
+pub const BLOCK_MAX: usize = 4 << 20;
+
+/// How many bytes of blocks the memory cache holds at most by default.
+pub const CACHE_DEFAULT: u64 = 256 << 20;
+
+pub struct BlockStore {
+    store: Arc<dyn ObjectStore>,
+    /// Where blocks live on this machine when the store is a local directory (synced there).
+    local: Option<std::path::PathBuf>,
+    rt: tokio::runtime::Runtime,
+    cache: Mutex<Cache>,
+    /// What this store is, for messages (`file:///...`, `s3://bucket`).
+    pub url: String,
+}
+
+struct Cache {
+    blocks: LruCache<String, Bytes>,
+    bytes: u64,
+    limit: u64,
+    hits: u64,
+    misses: u64,
+}
+
+/// What [`BlockStore::gc`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    /// Blocks in the store.
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Blocks some slice refers to.
+    pub referenced: u64,
+    /// Unreferenced blocks deleted, and their bytes.
+    pub deleted: u64,
+    pub deleted_bytes: u64,
+    /// Unreferenced blocks kept because they are younger than the grace period (a write may be
+    /// about to refer to them).
+    pub young: u64,
+}
+
+/// Counters of the block cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes: u64,
+}
+
+fn store_err(what: &str, e: impl std::fmt::Display) -> FsError {
+    FsError::new(libc::EIO, format!("block store: {what}: {e}"))
+}
+
+fn block_path(key: &str) -> ObjPath {
+    ObjPath::from(format!("blocks/{}/{key}", &key[..2.min(key.len())]))
+}
+
+/// A fresh block name: 128 random bits in hex.
+fn new_key() -> FsResult<String> {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(store_err("random block name", std::io::Error::last_os_error()));
+    }
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A block the write put in the store, for the transaction to refer to.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// Where in the written bytes the block starts, and its length.
+    pub at: u64,
+    pub len: u64,
+    pub key: String,
+}
+
+impl BlockStore {
+    /// Opens the store at `url`: `file:///abs/dir`, or `s3://bucket` with `endpoint=URL`,
+    /// `region=NAME`, `access_key_id=...`, `secret_access_key=...`, `prefix=PATH` (several stores
+    /// in one bucket) as query parameters (the
+    /// standard `AWS_*` variables fill what the URL leaves out).
+    pub fn open(url: &str, cache_bytes: u64) -> FsResult<BlockStore> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("block-store")
+            .enable_all()
+            .build()
+            .map_err(|e| store_err("start its runtime", e))?;
+        let (store, local, shown): (Arc<dyn ObjectStore>, _, _) = if let Some(dir) = url.strip_prefix("file://") {
+            if !dir.starts_with('/') {
+                return Err(FsError::new(libc::EINVAL, format!("invalid block store {url:?}: expected file:///absolute/path")));
+            }
+            std::fs::create_dir_all(dir).map_err(|e| store_err(&format!("create {dir}"), e))?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(|e| store_err(dir, e))?;
+            (Arc::new(fs), Some(std::path::PathBuf::from(dir)), url.to_string())
+        } else if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let bucket = bucket.trim_end_matches('/');
+            if bucket.is_empty() {
+                return Err(FsError::new(libc::EINVAL, format!("invalid block store {url:?}: no bucket (s3://BUCKET?endpoint=...)")));
+            }
+            let _guard = rt.enter();
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let mut prefix = None;
+            for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                b = match k {
+                    "prefix" => {
+                        prefix = Some(v.trim_matches('/').to_string());
+                        b
+                    }
+                    "endpoint" => b.with_endpoint(v).with_allow_http(v.starts_with("http://")),
+                    "region" => b.with_region(v),
+                    "access_key_id" => b.with_access_key_id(v),
+                    "secret_access_key" => b.with_secret_access_key(v),
+                    other => {
+                        return Err(FsError::new(
+                            libc::EINVAL,
+                            format!(
+                                "invalid block store {url:?}: unknown parameter {other:?} (endpoint, region, access_key_id, secret_access_key, prefix)"
+                            ),
+                        ))
+                    }
+                };
+            }
+            if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() && !query.contains("region=") {
+                b = b.with_region("us-east-1");
+            }
+            let s3 = b.build().map_err(|e| FsError::new(libc::EINVAL, format!("invalid block store {url:?}: {e}")))?;
+            match prefix.filter(|p| !p.is_empty()) {
+                // Several stores in one bucket, each under its own prefix.
+                Some(p) => (Arc::new(object_store::prefix::PrefixStore::new(s3, p.as_str())), None, format!("s3://{bucket}/{p}")),
+                None => (Arc::new(s3), None, format!("s3://{bucket}")),
+            }
+        } else {
+            return Err(FsError::new(
+                libc::EINVAL,
+                format!("unknown block store {url:?}: expected file:///dir or s3://bucket?endpoint=..."),
+            ));
+        };
+        let cache = Cache { blocks: LruCache::unbounded(), bytes: 0, limit: cache_bytes, hits: 0, misses: 0 };
+        Ok(BlockStore { store, local, rt, cache: Mutex::new(cache), url: shown })
+    }
+
+    /// Writes `data` as new blocks; returns them for the write's transaction to refer to.
+    pub fn stage(&self, data: &[u8]) -> FsResult<Vec<Staged>> {
+        let mut out = Vec::new();
+        for (i, chunk) in data.chunks(BLOCK_MAX).enumerate() {
+            let key = new_key()?;
+            let bytes = Bytes::copy_from_slice(chunk);
+            let path = block_path(&key);
+            self.rt.block_on(self.store.put(&path, PutPayload::from(bytes.clone()))).map_err(|e| store_err(&format!("write {path}"), e))?;
+            if let Some(dir) = &self.local {
+                // object_store writes and renames without a sync: a block must be on disk before
+                // the metadata that refers to it commits.
+                let file = dir.join(path.as_ref());
+                std::fs::File::open(&file).and_then(|f| f.sync_all()).map_err(|e| store_err(&format!("sync {}", file.display()), e))?;
+                if let Some(parent) = file.parent() {
+                    std::fs::File::open(parent).and_then(|f| f.sync_all()).map_err(|e| store_err("sync its directory", e))?;
+                }
+            }
+            self.remember(&key, bytes);
+            out.push(Staged { at: (i * BLOCK_MAX) as u64, len: chunk.len() as u64, key });
+        }
+        Ok(out)
+    }
+
+    fn remember(&self, key: &str, bytes: Bytes) {
+        let mut c = self.cache.lock().unwrap();
+        if bytes.len() as u64 > c.limit {
+            return;
+        }
+        c.bytes += bytes.len() as u64;
+        if let Some(old) = c.blocks.put(key.to_string(), bytes) {
+            c.bytes -= old.len() as u64;
+        }
+        while c.bytes > c.limit {
+            match c.blocks.pop_lru() {
+                Some((_, b)) => c.bytes -= b.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    fn block(&self, key: &str) -> FsResult<Bytes> {
+        {
+            let mut c = self.cache.lock().unwrap();
+            if let Some(b) = c.blocks.get(key).cloned() {
+                c.hits += 1;
+                return Ok(b);
+            }
+            c.misses += 1;
+        }
+        let path = block_path(key);
+        let bytes = self
+            .rt
+            .block_on(async { self.store.get(&path).await?.bytes().await })
+            .map_err(|e| store_err(&format!("read block {key} (is the store the one this metadata was written with?)"), e))?;
+        self.remember(key, bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Fills `buf` with the file's bytes from `offset`, painting `slices` (oldest first, as
+    /// [`super::meta::MetaTxn::slices`] returns them) over zeros.
+    pub fn read(&self, slices: &[SliceRow], offset: u64, buf: &mut [u8]) -> FsResult<()> {
+        buf.fill(0);
+        let end = offset + buf.len() as u64;
+        for s in slices {
+            let from = s.off.max(offset);
+            let to = (s.off + s.len).min(end);
+            if from >= to {
+                continue;
+            }
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            let Some(key) = &s.block else {
+                dst.fill(0);
+                continue;
+            };
+            let block = self.block(key)?;
+            let at = (s.block_off + (from - s.off)) as usize;
+            let have = block.len().saturating_sub(at).min(dst.len());
+            dst[..have].copy_from_slice(&block[at..at + have]);
+            dst[have..].fill(0);
+        }
+        Ok(())
+    }
+
+    /// Whether block `key` is in the store.
+    pub fn exists(&self, key: &str) -> FsResult<bool> {
+        match self.rt.block_on(self.store.head(&block_path(key))) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_err(&format!("look up block {key}"), e)),
+        }
+    }
+
+    /// Deletes the blocks not in `referenced` and older than `grace`.
+    pub fn gc(&self, referenced: &HashSet<String>, grace: Duration) -> FsResult<GcReport> {
+        let prefix = ObjPath::from("blocks");
+        let cutoff = chrono_now() - grace.as_secs_f64();
+        self.rt.block_on(async {
+            let mut report = GcReport::default();
+            let mut list = self.store.list(Some(&prefix));
+            let mut doomed = Vec::new();
+            while let Some(meta) = list.next().await {
+                let meta = meta.map_err(|e| store_err("list blocks", e))?;
+                let key = meta.location.filename().unwrap_or_default().to_string();
+                report.blocks += 1;
+                report.bytes += meta.size;
+                if referenced.contains(&key) {
+                    report.referenced += 1;
+                } else if (meta.last_modified.timestamp_millis() as f64 / 1000.0) > cutoff {
+                    report.young += 1;
+                } else {
+                    doomed.push((meta.location, meta.size));
+                }
+            }
+            for (path, size) in doomed {
+                match self.store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                        report.deleted += 1;
+                        report.deleted_bytes += size;
+                    }
+                    Err(e) => return Err(store_err(&format!("delete {path}"), e)),
+                }
+            }
+            Ok(report)
+        })
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        let c = self.cache.lock().unwrap();
+        CacheStats { hits: c.hits, misses: c.misses, bytes: c.bytes }
+    }
+
+    /// A small object of the store's own (`store-id`), or `None`.
+    pub fn get_meta(&self, name: &str) -> FsResult<Option<String>> {
+        let path = ObjPath::from(name);
+        match self.rt.block_on(async { self.store.get(&path).await?.bytes().await }) {
+            Ok(b) => Ok(Some(String::from_utf8_lossy(&b).trim().to_string())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err(&format!("read {name}"), e)),
+        }
+    }
+
+    pub fn put_meta(&self, name: &str, value: &str) -> FsResult<()> {
+        let path = ObjPath::from(name);
+        self.rt
+            .block_on(self.store.put(&path, PutPayload::from(Bytes::from(format!("{value}\n")))))
+            .map(|_| ())
+            .map_err(|e| store_err(&format!("write {name}"), e))
+    }
+}
+
+fn chrono_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The slices that a write of `len` bytes at `offset`, staged as `staged`, adds to its file.
+pub fn slices_of(offset: u64, staged: &[Staged]) -> Vec<SliceRow> {
+    staged.iter().map(|s| SliceRow { id: 0, off: offset + s.at, len: s.len, block: Some(s.key.clone()), block_off: 0 }).collect()
+}
+
+/// The slice that makes `[offset, offset+len)` read as zeros.
+pub fn zeros(offset: u64, len: u64) -> SliceRow {
+    SliceRow { id: 0, off: offset, len, block: None, block_off: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block store in a fresh directory, removed when the guard drops.
+    struct Dir(std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn store(cache: u64) -> (Dir, BlockStore) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let d = Dir(std::env::temp_dir().join(format!("volumefs-blocks-{}-{n}", std::process::id())));
+        let s = BlockStore::open(&format!("file://{}", d.0.display()), cache).unwrap();
+        (d, s)
+    }
+
+    fn read(s: &BlockStore, slices: &[SliceRow], off: u64, n: usize) -> Vec<u8> {
+        let mut buf = vec![0xEEu8; n];
+        s.read(slices, off, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn later_slices_lie_over_earlier_ones_and_zero_slices_clear() {
+        let (d, s) = store(CACHE_DEFAULT);
+        let a = s.stage(b"aaaaaaaa").unwrap();
+        let b = s.stage(b"bb").unwrap();
+        let mut slices = slices_of(0, &a);
+        slices.extend(slices_of(3, &b));
+        slices.push(zeros(6, 1));
+        assert_eq!(read(&s, &slices, 0, 10), b"aaabba\0a\0\0");
+        assert_eq!(read(&s, &slices, 4, 3), b"ba\0");
+        // Every block is a file of its own on disk, written once.
+        assert!(d.0.join("blocks").join(&a[0].key[..2]).join(&a[0].key).exists());
+        assert!(s.exists(&b[0].key).unwrap());
+        assert!(!s.exists("00000000000000000000000000000000").unwrap());
+    }
+
+    #[test]
+    fn a_long_write_is_cut_into_blocks_and_reads_back_from_the_store() {
+        let (_d, s) = store(0);
+        let data: Vec<u8> = (0..BLOCK_MAX + 1000).map(|i| (i % 251) as u8).collect();
+        let staged = s.stage(&data).unwrap();
+        assert_eq!(staged.len(), 2);
+        assert_eq!((staged[1].at, staged[1].len), (BLOCK_MAX as u64, 1000));
+        // No cache: every read goes to the store.
+        assert_eq!(read(&s, &slices_of(0, &staged), BLOCK_MAX as u64 - 10, 20), data[BLOCK_MAX - 10..BLOCK_MAX + 10].to_vec());
+        assert_eq!(s.cache_stats().bytes, 0);
+        assert_eq!(s.cache_stats().misses, 2);
+    }
+
+    #[test]
+    fn gc_deletes_only_old_unreferenced_blocks() {
+        let (_d, s) = store(CACHE_DEFAULT);
+        let keep = s.stage(b"keep").unwrap().remove(0).key;
+        let drop = s.stage(b"garbage").unwrap().remove(0).key;
+        let referenced: HashSet<String> = [keep.clone()].into();
+        let r = s.gc(&referenced, Duration::from_secs(3600)).unwrap();
+        assert_eq!((r.blocks, r.referenced, r.young, r.deleted), (2, 1, 1, 0));
+        let r = s.gc(&referenced, Duration::ZERO).unwrap();
+        assert_eq!((r.blocks, r.referenced, r.young, r.deleted, r.deleted_bytes), (2, 1, 0, 1, 7));
+        assert!(s.exists(&keep).unwrap());
+        assert!(!s.exists(&drop).unwrap());
+    }
+}
