@@ -266,14 +266,15 @@ impl Cluster {
         Cluster::with_server_args(&[])
     }
 
-    /// Like [`Cluster::new`], with extra `volumefs server` arguments, e.g. `&["--lease-ttl", "2"]`.
+    /// Like [`Cluster::new`], with extra `volumefs server` arguments, e.g. `&["--lease-ttl", "2"]`
+    /// (`{dir}` in one stands for the test's directory).
     pub fn with_server_args(server_args: &[&str]) -> Cluster {
-        let mut server_args: Vec<String> = server_args.iter().map(|a| a.to_string()).collect();
         let dir = unique_dir();
+        let mut server_args: Vec<String> = server_args.iter().map(|a| a.replace("{dir}", &dir.to_string_lossy())).collect();
         if let Some(url) = test_meta(&dir) {
             server_args.extend(["--meta".to_string(), url]);
         }
-        if let Some(url) = test_blocks(&dir) {
+        if let Some(url) = test_blocks(&dir).filter(|_| !server_args.iter().any(|a| a == "--blocks")) {
             server_args.extend(["--blocks".to_string(), url]);
         }
         fs::create_dir(&dir).expect("create test dir");
@@ -526,9 +527,38 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// `volume fsck` of every volume; what it found wrong, by volume.
+    pub fn fsck_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let list = self.cli_output(&["volume", "list", "--json"]);
+        let names: Vec<String> = match serde_json::from_slice::<serde_json::Value>(&list.stdout) {
+            Ok(serde_json::Value::Array(vs)) => vs.iter().filter_map(|v| v["name"].as_str().map(str::to_string)).collect(),
+            _ => return vec![format!("volume list failed: {}", String::from_utf8_lossy(&list.stderr))],
+        };
+        for name in names {
+            let v = VolumeInfo { name, cap: 0, used: 0 };
+            let o = self.cli_output(&["volume", "fsck", &v.name, "--json"]);
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(r) => {
+                    for p in r["problems"].as_array().into_iter().flatten() {
+                        out.push(format!("{}: {}", v.name, p.as_str().unwrap_or_default()));
+                    }
+                }
+                Err(_) => out.push(format!("{}: fsck failed: {text}{}", v.name, String::from_utf8_lossy(&o.stderr))),
+            }
+        }
+        out
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.done.store(true, Ordering::SeqCst);
+        // Every test ends with every volume consistent (`volume fsck`), when it ends well and
+        // its server still runs: the agents go first, so nothing changes under the check.
+        let check = !thread::panicking() && matches!(self.server.try_wait(), Ok(None));
         // First: nothing under the directory may stay mounted, or the recursive delete below
         // would delete volume contents through a live mount (or hang on a dead one).
         for pid in self.agent_pids.lock().unwrap().iter() {
@@ -537,6 +567,7 @@ impl Drop for Cluster {
             }
         }
         lazy_unmount_under(&self.dir);
+        let problems = if check { self.fsck_problems() } else { Vec::new() };
         signal(&self.server, libc::SIGTERM);
         if wait_timeout(&mut self.server, STOP_TIMEOUT).is_none() {
             let _ = self.server.kill();
@@ -550,6 +581,7 @@ impl Drop for Cluster {
                 eprintln!("harness: cannot remove {}: {e}", self.dir.display());
             }
         }
+        assert!(problems.is_empty(), "volume fsck after the test found problems:\n{}", problems.join("\n"));
     }
 }
 
@@ -925,7 +957,16 @@ impl Single {
     }
 
     pub fn with_cap(cap: Option<&str>) -> Single {
-        let c = Cluster::new();
+        Single::with(cap, &[])
+    }
+
+    /// With extra `volumefs server` arguments (see [`Cluster::with_server_args`]).
+    pub fn with_server_args(server_args: &[&str]) -> Single {
+        Single::with(None, server_args)
+    }
+
+    fn with(cap: Option<&str>, server_args: &[&str]) -> Single {
+        let c = Cluster::with_server_args(server_args);
         c.create_volume("vol", cap);
         let socket = c.sandbox("sb");
         let mnt = c.path("mnt");

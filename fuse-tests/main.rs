@@ -36,6 +36,7 @@ mod harness;
 mod api_cli;
 mod appends;
 mod attrs;
+mod blocks;
 mod crash;
 mod differential;
 mod files;

@@ -68,6 +68,19 @@ pub enum Command {
     #[command(subcommand)]
     Tenant(TenantCommand),
 
+    /// Deletes blocks no volume refers to (operator only; the server also runs it hourly)
+    ///
+    /// Only blocks older than the grace period go: a younger one may belong to a write whose
+    /// metadata has not committed yet. The embedded store has nothing to collect.
+    Gc {
+        /// Seconds an unreferenced block is kept
+        #[arg(long, value_name = "SECS", default_value_t = 3600)]
+        grace: u64,
+        /// Prints the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Prints a shell completion script
     ///
     /// For example: `volumefs completions bash > /etc/bash_completion.d/volumefs`,
@@ -167,6 +180,32 @@ pub enum VolumeCommand {
         json: bool,
         #[command(flatten)]
         fields: FieldsArg,
+    },
+
+    /// Makes a writable copy of a volume at once, sharing its blocks (needs a block store)
+    ///
+    /// The copy is every file as it is at one instant; it takes time proportional to the
+    /// number of files, not their size. Each copy has its own cap and usage from then on.
+    Clone {
+        /// The volume to copy
+        source: String,
+        /// The new volume's name
+        name: String,
+        /// The copy's capacity (default: the source's; only the operator sets caps)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        cap: Option<u64>,
+        /// Prints the new volume as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Checks a volume's consistency: names, link counts, inode count, blocks (exit 1 on problems)
+    Fsck {
+        /// The volume
+        name: String,
+        /// Prints the report as JSON
+        #[arg(long)]
+        json: bool,
     },
 
     /// Deletes a volume and everything in it

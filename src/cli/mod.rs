@@ -102,6 +102,23 @@ fn run(cli: Cli) -> Result<i32, String> {
         Command::Attach(a) => attach(&api, a)?,
         Command::Tenant(t) => tenant(&api, t)?,
         Command::Detach(a) => detach(&api, a)?,
+        Command::Gc { grace, json } => {
+            let r = api.call("POST", &format!("/v1/gc?grace={grace}"), None)?;
+            if json {
+                print_json(&r);
+            } else {
+                let n = |k: &str| r[k].as_u64().unwrap_or(0);
+                println!(
+                    "{} blocks ({}), {} referenced, {} too young to judge; deleted {} ({})",
+                    n("blocks"),
+                    human(n("bytes")),
+                    n("referenced"),
+                    n("young"),
+                    n("deleted"),
+                    human(n("deleted_bytes"))
+                );
+            }
+        }
         Command::Completions { shell } => clap_complete::generate(shell, &mut Cli::command(), "volumefs", &mut std::io::stdout()),
     }
     Ok(0)
@@ -141,6 +158,43 @@ fn volume(api: &Api, cmd: VolumeCommand) -> Result<i32, String> {
                 None => print_json(&v),
                 Some(f) => println!("{}", fields::object_json(&fields::select(&v, &f.names()), "")),
             }
+        }
+        VolumeCommand::Clone { source, name, cap, json } => {
+            let mut body = json!({"name": name});
+            if let Some(cap) = cap {
+                body["cap"] = json!(cap);
+            }
+            let v = api.call("POST", &format!("/v1/volumes/{}/clone", encode(&source)), Some(body))?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "cloned volume {source} as {name} ({}, {} used)",
+                    human(v["cap_bytes"].as_u64().unwrap_or(0)),
+                    human(v["used_bytes"].as_u64().unwrap_or(0))
+                );
+            }
+        }
+        VolumeCommand::Fsck { name, json } => {
+            let r = api.call("GET", &format!("/v1/volumes/{}/fsck", encode(&name)), None)?;
+            let problems = r["problems"].as_array().map(Vec::len).unwrap_or(0);
+            if json {
+                print_json(&r);
+            } else {
+                let n = |k: &str| r[k].as_u64().unwrap_or(0);
+                for p in r["problems"].as_array().into_iter().flatten() {
+                    println!("problem: {}", p.as_str().unwrap_or_default());
+                }
+                println!(
+                    "volume {name}: {} inodes, {} names, {} blocks, {} orphans: {}",
+                    n("inodes"),
+                    n("names"),
+                    n("blocks"),
+                    n("orphans"),
+                    if problems == 0 { "clean".to_string() } else { format!("{problems} problem{}", if problems == 1 { "" } else { "s" }) }
+                );
+            }
+            return Ok(if problems == 0 { 0 } else { 1 });
         }
         VolumeCommand::Delete { name, force } => {
             let q = if force { "?force=true" } else { "" };

@@ -33,7 +33,14 @@ use std::time::Duration;
 pub const BLOCK_MAX: usize = 4 << 20;
 
 /// How many bytes of blocks the memory cache holds at most by default.
-pub const CACHE_DEFAULT: u64 = 256 << 20;
+pub const CACHE_DEFAULT: u64 = 64 << 20;
+
+/// Blocks up to this size are cached as they are written (a small file is often read back
+/// soon); larger ones, streams mostly, only when read.
+const CACHE_ON_WRITE: usize = 256 << 10;
+
+/// Idle connections to an S3 server are closed after this long.
+const IDLE_CONNECTION: Duration = Duration::from_secs(10);
 
 pub struct BlockStore {
     store: Arc<dyn ObjectStore>,
@@ -131,7 +138,8 @@ impl BlockStore {
                 return Err(FsError::new(libc::EINVAL, format!("invalid block store {url:?}: no bucket (s3://BUCKET?endpoint=...)")));
             }
             let _guard = rt.enter();
-            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let client = object_store::ClientOptions::new().with_pool_idle_timeout(IDLE_CONNECTION).with_pool_max_idle_per_host(8);
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).with_client_options(client);
             let mut prefix = None;
             for kv in query.split('&').filter(|kv| !kv.is_empty()) {
                 let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -190,7 +198,9 @@ impl BlockStore {
                     std::fs::File::open(parent).and_then(|f| f.sync_all()).map_err(|e| store_err("sync its directory", e))?;
                 }
             }
-            self.remember(&key, bytes);
+            if bytes.len() <= CACHE_ON_WRITE {
+                self.remember(&key, bytes);
+            }
             out.push(Staged { at: (i * BLOCK_MAX) as u64, len: chunk.len() as u64, key });
         }
         Ok(out)
@@ -265,14 +275,15 @@ impl BlockStore {
         }
     }
 
-    /// Deletes the blocks not in `referenced` and older than `grace`.
-    pub fn gc(&self, referenced: &HashSet<String>, grace: Duration) -> FsResult<GcReport> {
+    /// Deletes the blocks older than `grace` that are in neither `referenced` nor what `again`
+    /// returns (the references read again after the listing).
+    pub fn gc(&self, referenced: &HashSet<String>, grace: Duration, again: &dyn Fn() -> FsResult<HashSet<String>>) -> FsResult<GcReport> {
         let prefix = ObjPath::from("blocks");
-        let cutoff = chrono_now() - grace.as_secs_f64();
+        let cutoff = unix_now() - grace.as_secs_f64();
+        let mut report = GcReport::default();
+        let mut doomed = Vec::new();
         self.rt.block_on(async {
-            let mut report = GcReport::default();
             let mut list = self.store.list(Some(&prefix));
-            let mut doomed = Vec::new();
             while let Some(meta) = list.next().await {
                 let meta = meta.map_err(|e| store_err("list blocks", e))?;
                 let key = meta.location.filename().unwrap_or_default().to_string();
@@ -283,20 +294,28 @@ impl BlockStore {
                 } else if (meta.last_modified.timestamp_millis() as f64 / 1000.0) > cutoff {
                     report.young += 1;
                 } else {
-                    doomed.push((meta.location, meta.size));
+                    doomed.push((key, meta.location, meta.size));
                 }
             }
-            for (path, size) in doomed {
-                match self.store.delete(&path).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {
-                        report.deleted += 1;
-                        report.deleted_bytes += size;
-                    }
-                    Err(e) => return Err(store_err(&format!("delete {path}"), e)),
-                }
+            Ok::<_, FsError>(())
+        })?;
+        // Outside the runtime: the metadata store may run one of its own.
+        let after = again()?;
+        for (key, path, size) in doomed {
+            if after.contains(&key) {
+                report.referenced += 1;
+                continue;
             }
-            Ok(report)
-        })
+            match self.rt.block_on(self.store.delete(&path)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                    self.cache.lock().unwrap().blocks.pop(&key);
+                    report.deleted += 1;
+                    report.deleted_bytes += size;
+                }
+                Err(e) => return Err(store_err(&format!("delete {path}"), e)),
+            }
+        }
+        Ok(report)
     }
 
     pub fn cache_stats(&self) -> CacheStats {
@@ -323,7 +342,7 @@ impl BlockStore {
     }
 }
 
-fn chrono_now() -> f64 {
+fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
@@ -399,9 +418,14 @@ mod tests {
         let keep = s.stage(b"keep").unwrap().remove(0).key;
         let drop = s.stage(b"garbage").unwrap().remove(0).key;
         let referenced: HashSet<String> = [keep.clone()].into();
-        let r = s.gc(&referenced, Duration::from_secs(3600)).unwrap();
+        let same = || Ok(referenced.clone());
+        let r = s.gc(&referenced, Duration::from_secs(3600), &same).unwrap();
         assert_eq!((r.blocks, r.referenced, r.young, r.deleted), (2, 1, 1, 0));
-        let r = s.gc(&referenced, Duration::ZERO).unwrap();
+        // A block referenced by the time the listing is done stays.
+        let now_both = || Ok([keep.clone(), drop.clone()].into());
+        let r = s.gc(&referenced, Duration::ZERO, &now_both).unwrap();
+        assert_eq!((r.referenced, r.deleted), (2, 0));
+        let r = s.gc(&referenced, Duration::ZERO, &same).unwrap();
         assert_eq!((r.blocks, r.referenced, r.young, r.deleted, r.deleted_bytes), (2, 1, 0, 1, 7));
         assert!(s.exists(&keep).unwrap());
         assert!(!s.exists(&drop).unwrap());

@@ -429,6 +429,20 @@ pub fn check_plain_name(what: &str, name: &str) -> FsResult<()> {
     }
 }
 
+/// What [`Engine::fsck`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FsckReport {
+    pub volume: String,
+    pub inodes: u64,
+    pub names: u64,
+    /// Blocks the volume refers to (0 without a block store).
+    pub blocks: u64,
+    /// Inodes without names, kept while open (freed at the next restart otherwise).
+    pub orphans: u64,
+    /// Empty when the volume is consistent.
+    pub problems: Vec<String>,
+}
+
 /// Where file contents live.
 enum Data {
     /// A byte store written in place ([`BlobStore`]): the embedded default.
@@ -676,6 +690,107 @@ impl Engine {
     }
 
     // ----- volumes -------------------------------------------------------------------------
+
+    /// A writable copy of volume `src` named `name`, with cap `cap` (the source's when `None`):
+    /// every name, attribute, xattr and byte as they are at one instant (one transaction), made
+    /// in time proportional to the metadata. The copies share blocks; each has its own cap and
+    /// usage (both start as the source's), and they diverge from there. Needs a block store.
+    pub fn clone_volume(&self, src: &str, name: &str, cap: Option<u64>) -> FsResult<VolumeInfo> {
+        check_object_name("volume", name)?;
+        if !self.has_blocks() {
+            return Err(FsError::new(
+                libc::EOPNOTSUPP,
+                "volume clone needs file data in a block store (volumefs server --blocks URL): the embedded store keeps a \
+                 file per inode, which a clone would have to copy",
+            ));
+        }
+        let now = Timespec::now();
+        let id = self.tx(|t| {
+            let s = t.volume_by_name(src)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("volume `{src}` not found")))?;
+            if t.volume_by_name(name)?.is_some() {
+                return Err(FsError::new(libc::EEXIST, format!("volume `{name}` already exists")));
+            }
+            let cap = cap.unwrap_or(s.cap);
+            if cap < s.used {
+                return Err(FsError::new(
+                    libc::EDQUOT,
+                    format!("a cap of {cap} bytes is below the {} bytes volume `{src}` uses: the copy would not fit", s.used),
+                ));
+            }
+            t.clone_volume(s.id, name, cap, now)
+        })?;
+        self.volume_by_id(id)
+    }
+
+    /// Deletes blocks that no slice of any volume refers to and that are older than `grace`
+    /// (younger ones may belong to a write whose transaction has not committed). The embedded
+    /// store has nothing to collect: a file's data goes with its inode.
+    pub fn gc(&self, grace: std::time::Duration) -> FsResult<blocks::GcReport> {
+        let Data::Blocks(b) = &self.data else { return Ok(blocks::GcReport::default()) };
+        // A block must be unreferenced both before and after the listing: a copy that shares a
+        // block runs in one short transaction, which one of the two snapshots sees.
+        let before: std::collections::HashSet<String> = self.tx(|t| t.referenced_blocks())?.into_iter().collect();
+        b.gc(&before, grace, &|| Ok(self.tx(|t| t.referenced_blocks())?.into_iter().collect()))
+    }
+
+    /// Checks volume `name`: every name points at an inode of the right kind inside a
+    /// directory; every inode has as many names as its link count (directories one), or none
+    /// and is an orphan; the volume's inode count; and, with a block store, that every block its
+    /// slices refer to is in the store.
+    pub fn fsck(&self, name: &str) -> FsResult<FsckReport> {
+        let (v, inodes, names, refs) = self.tx(|t| {
+            let v = t.volume_by_name(name)?.ok_or_else(|| FsError::new(libc::ENOENT, format!("volume `{name}` not found")))?;
+            Ok((v.clone(), t.all_inodes(v.id)?, t.all_dentries(v.id)?, t.volume_blocks(v.id)?))
+        })?;
+        let mut r = FsckReport { volume: name.to_string(), inodes: inodes.len() as u64, names: names.len() as u64, ..Default::default() };
+        let by_ino: HashMap<Ino, &Attr> = inodes.iter().map(|a| (a.ino, a)).collect();
+        let mut count: HashMap<Ino, u32> = HashMap::new();
+        for (parent, n, ino, kind) in &names {
+            let shown = lossy(n);
+            match by_ino.get(parent) {
+                Some(p) if p.kind == Kind::Dir => {}
+                Some(_) => r.problems.push(format!("name {shown:?} is in inode {parent}, which is not a directory")),
+                None => r.problems.push(format!("name {shown:?} is in directory {parent}, which does not exist")),
+            }
+            match by_ino.get(ino) {
+                Some(a) if a.kind == *kind => {}
+                Some(a) => r.problems.push(format!("name {shown:?} says inode {ino} is a {kind:?}; it is a {:?}", a.kind)),
+                None => r.problems.push(format!("name {shown:?} points at inode {ino}, which does not exist")),
+            }
+            *count.entry(*ino).or_default() += 1;
+        }
+        for a in &inodes {
+            let n = count.get(&a.ino).copied().unwrap_or(0);
+            if a.ino == ROOT_INO {
+                if a.kind != Kind::Dir {
+                    r.problems.push("the root is not a directory".into());
+                }
+                continue;
+            }
+            if n == 0 && a.nlink == 0 {
+                r.orphans += 1;
+            } else if a.kind == Kind::Dir && n != 1 {
+                r.problems.push(format!("directory inode {} has {n} names (directories have one)", a.ino));
+            } else if a.kind != Kind::Dir && n != a.nlink {
+                r.problems.push(format!("inode {} has {n} names but a link count of {}", a.ino, a.nlink));
+            }
+        }
+        if !by_ino.contains_key(&ROOT_INO) {
+            r.problems.push("the root directory is missing".into());
+        }
+        if v.inodes != inodes.len() as u64 {
+            r.problems.push(format!("the volume counts {} inodes; it has {}", v.inodes, inodes.len()));
+        }
+        if let Data::Blocks(b) = &self.data {
+            r.blocks = refs.len() as u64;
+            for (key, ino) in &refs {
+                if !b.exists(key)? {
+                    r.problems.push(format!("block {key} (of inode {ino}) is missing from {}", b.url));
+                }
+            }
+        }
+        Ok(r)
+    }
 
     pub fn create_volume(&self, name: &str, cap: u64) -> FsResult<VolumeInfo> {
         check_object_name("volume", name)?;

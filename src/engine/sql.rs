@@ -369,6 +369,16 @@ impl MetaTxn for SqlTxn<'_> {
         Ok(())
     }
 
+    fn all_inodes(&mut self, vol: VolId) -> FsResult<Vec<Attr>> {
+        self.0.all(concat!("SELECT ", attr_cols!(), " FROM inodes WHERE vol = ?1 ORDER BY ino"), &[vol.into()], row_attr)
+    }
+
+    fn all_dentries(&mut self, vol: VolId) -> FsResult<Vec<(Ino, Vec<u8>, Ino, Kind)>> {
+        self.0.all("SELECT parent, name, ino, kind FROM dentries WHERE vol = ?1 ORDER BY id", &[vol.into()], |r| {
+            Ok((r.uint(0)?, r.bytes(1)?, r.uint(2)?, kind(r.int(3)?)))
+        })
+    }
+
     fn slices(&mut self, vol: VolId, ino: Ino, from: u64, to: u64) -> FsResult<Vec<SliceRow>> {
         self.0.all(
             "SELECT id, off, len, block, block_off FROM slices WHERE vol = ?1 AND ino = ?2 AND off < ?4 AND off + len > ?3 ORDER BY id",

@@ -163,6 +163,9 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{v}", get(inspect_volume).patch(patch_volume).delete(delete_volume))
         .route("/v1/volumes/{v}/stat", get(stat))
+        .route("/v1/volumes/{v}/clone", post(clone_volume))
+        .route("/v1/volumes/{v}/fsck", get(fsck_volume))
+        .route("/v1/gc", post(gc))
         .route("/v1/volumes/{v}/mkdir", post(mkdir))
         .route("/v1/volumes/{v}/move", post(move_path))
         .route("/v1/volumes/{v}/signed-url", post(sign_url))
@@ -294,6 +297,9 @@ async fn authorize(State(server): Srv, mut req: Request, next: Next) -> Response
     };
     if req.uri().path().starts_with("/v1/tenants") {
         return ApiError::new(StatusCode::FORBIDDEN, "PermissionDenied", "only the operator manages tenants").into_response();
+    }
+    if req.uri().path() == "/v1/gc" {
+        return ApiError::new(StatusCode::FORBIDDEN, "PermissionDenied", "only the operator collects garbage").into_response();
     }
     // `/v1/volumes/NAME/…` and `/v1/sandboxes/NAME/…` name objects in the tenant's namespace.
     let mut segs: Vec<String> = req.uri().path().split('/').map(str::to_string).collect();
@@ -475,6 +481,35 @@ async fn create_volume(State(s): Srv, axum::Extension(p): Who, Json(b): Json<Val
     };
     let v = blocking(move || s.engine.create_volume(&name, cap)).await?;
     ok(StatusCode::CREATED, volume_json(&p, &v, Some(&[])))
+}
+
+async fn clone_volume(State(s): Srv, axum::Extension(p): Who, Path(v): Path<String>, Json(b): Json<Value>) -> ApiResult {
+    let name = body_name(&p, &b, "name", "volume")?;
+    let cap = cap_of(&b, "cap")?;
+    if let (Some(_), Principal::Tenant(t)) = (cap, &p) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "PermissionDenied",
+            format!("only the operator sets a volume's cap; a copy made by tenant `{}` gets the source's cap", t.name),
+        ));
+    }
+    let c = blocking(move || s.engine.clone_volume(&v, &name, cap)).await?;
+    ok(StatusCode::CREATED, volume_json(&p, &c, Some(&[])))
+}
+
+async fn fsck_volume(State(s): Srv, axum::Extension(p): Who, Path(v): Path<String>) -> ApiResult {
+    let mut r = blocking(move || s.engine.fsck(&v)).await?;
+    r.volume = p.shown(&r.volume).to_string();
+    ok(StatusCode::OK, serde_json::to_value(r).unwrap_or_default())
+}
+
+async fn gc(State(s): Srv, Query(q): Params) -> ApiResult {
+    let grace = match q.get("grace") {
+        Some(g) => g.parse::<u64>().map_err(|_| ApiError::bad(format!("grace must be a number of seconds, not {g:?}")))?,
+        None => 3600,
+    };
+    let r = blocking(move || s.engine.gc(std::time::Duration::from_secs(grace))).await?;
+    ok(StatusCode::OK, serde_json::to_value(r).unwrap_or_default())
 }
 
 async fn inspect_volume(State(s): Srv, axum::Extension(p): Who, Path(v): Path<String>, Query(q): Params) -> ApiResult {

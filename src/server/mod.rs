@@ -164,6 +164,28 @@ fn load_secret(dir: &Path, file: &str) -> FsResult<String> {
     Ok(token)
 }
 
+/// With a block store, garbage collection runs every hour (blocks unreferenced for an hour go):
+/// what deleted files, truncates, overwrites and crashed writes left behind.
+fn start_gc(server: &Arc<Server>) {
+    if !server.engine.has_blocks() {
+        return;
+    }
+    let weak = Arc::downgrade(server);
+    std::thread::Builder::new()
+        .name("block-gc".into())
+        .spawn(move || loop {
+            std::thread::sleep(GC_EVERY);
+            let Some(server) = weak.upgrade() else { return };
+            match server.engine.gc(GC_EVERY) {
+                Ok(r) => tracing::info!(blocks = r.blocks, deleted = r.deleted, freed = r.deleted_bytes, "block garbage collected"),
+                Err(e) => tracing::error!("block garbage collection: {e}"),
+            }
+        })
+        .expect("spawn the block gc thread");
+}
+
+const GC_EVERY: Duration = Duration::from_secs(3600);
+
 /// Files unlinked while open outlive a restart (a reconnecting guest reopens its handles); once
 /// the guests have had a lease TTL to come back, the orphans nobody reopened are freed.
 fn start_orphan_reclaim(server: &Arc<Server>) {
@@ -273,6 +295,7 @@ impl Server {
         }
         session::start_reaper(&server);
         start_orphan_reclaim(&server);
+        start_gc(&server);
         tus::start_expiry(&server);
         tracing::info!(data = %server.config.data.display(), pid = std::process::id(), "server started");
         Ok(server)
