@@ -271,7 +271,7 @@ impl Cluster {
     pub fn with_server_args(server_args: &[&str]) -> Cluster {
         let dir = unique_dir();
         let mut server_args: Vec<String> = server_args.iter().map(|a| a.replace("{dir}", &dir.to_string_lossy())).collect();
-        if let Some(url) = test_meta(&dir) {
+        if let Some(url) = test_meta(&dir).filter(|_| !server_args.iter().any(|a| a == "--meta")) {
             server_args.extend(["--meta".to_string(), url]);
         }
         if let Some(url) = test_blocks(&dir).filter(|_| !server_args.iter().any(|a| a == "--blocks")) {

@@ -47,6 +47,7 @@ mod locks;
 mod namespace;
 mod posix;
 mod protocol;
+mod scale;
 mod sharing;
 mod tools;
 mod vm;

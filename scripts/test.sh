@@ -5,7 +5,8 @@
 #
 # Tier 1: engine and protocol (cargo test --lib), no root needed.
 # Tier 2: fuse-tests/, real FUSE mounts through the real server over unix sockets (root).
-# Tier 2b: tiers 1 and 2 again with metadata on PostgreSQL 15 (scripts/postgres.sh; root).
+# Tier 2b: tiers 1 and 2 again with metadata on PostgreSQL 15 and blocks on SeaweedFS S3
+#          (scripts/postgres.sh, scripts/seaweedfs.sh; root).
 # Tier 3: fuse-tests/vm.rs, real microVMs (QEMU, software CPU) booting the guest image, with
 #         vsock through vhost-device-vsock (root; installed here when missing).
 # Tier 4: sdk/python/tests, the Python SDK against the real server (pytest; its FUSE guest and
@@ -77,19 +78,25 @@ log "tests"
 # The FUSE suite starts a server and agents per test; two at a time suits a 2-core machine.
 # The microVM tier runs after it, one VM test at a time: a software-emulated guest wants a core.
 cargo test --locked -- --test-threads=2 --skip vm::
-log "the engine and FUSE tiers again, with metadata on PostgreSQL"
-# One set of semantics: the engine's tests, the reference model, and the whole FUSE suite
-# (control plane included) run on PostgreSQL 15 too, each test in a schema of its own.
+log "the engine and FUSE tiers again: metadata on PostgreSQL, file data as blocks in S3"
+# One set of semantics: the engine's tests, the reference model and the whole FUSE suite
+# (control plane included) run on (PostgreSQL 15, SeaweedFS S3) too, each test in a schema and
+# under a bucket prefix of its own, and on (PostgreSQL, local blocks) for the engine.
 if [ "$(id -u)" = 0 ]; then
     pgdir=$(mktemp -d /tmp/volumefs-pg.XXXXXX)
-    trap 'scripts/postgres.sh stop "$pgdir" || true; rm -rf "$pgdir"' EXIT
+    s3dir=$(mktemp -d /tmp/volumefs-s3.XXXXXX)
+    trap 'scripts/postgres.sh stop "$pgdir" || true; scripts/seaweedfs.sh stop "$s3dir" || true; rm -rf "$pgdir" "$s3dir"' EXIT
+    export AWS_ACCESS_KEY_ID=vfs AWS_SECRET_ACCESS_KEY=vfs-secret
     VOLUMEFS_TEST_PG=$(scripts/postgres.sh start "$pgdir")
     export VOLUMEFS_TEST_PG
+    VOLUMEFS_TEST_BLOCKS=file:///per-test cargo test --locked --lib engine:: -- --test-threads=2
+    VOLUMEFS_TEST_BLOCKS=$(scripts/seaweedfs.sh start "$s3dir")
+    export VOLUMEFS_TEST_BLOCKS
     cargo test --locked --lib engine:: -- --test-threads=2
     cargo test --locked --test fuse -- --test-threads=2 --skip vm::
-    unset VOLUMEFS_TEST_PG
+    unset VOLUMEFS_TEST_PG VOLUMEFS_TEST_BLOCKS
 else
-    echo "*** not root: the PostgreSQL tier is SKIPPED (PostgreSQL must be started as its own user)" >&2
+    echo "*** not root: the PostgreSQL + S3 tier is SKIPPED (PostgreSQL must be started as its own user)" >&2
 fi
 
 log "microVM tier"

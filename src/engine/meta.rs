@@ -252,8 +252,8 @@ pub trait MetaTxn {
     fn replace_extents(&mut self, vol: VolId, ino: Ino, old: &[(u64, u64)], new: &[(u64, u64)]) -> FsResult<()>;
     /// Every inode of the volume (for fsck).
     fn all_inodes(&mut self, vol: VolId) -> FsResult<Vec<Attr>>;
-    /// Every name of the volume: (directory, name, inode, kind) (for fsck).
-    fn all_dentries(&mut self, vol: VolId) -> FsResult<Vec<(Ino, Vec<u8>, Ino, Kind)>>;
+    /// Every name of the volume with the directory that holds it (for fsck).
+    fn all_dentries(&mut self, vol: VolId) -> FsResult<Vec<(Ino, DentryRow)>>;
     /// The slices of a file that overlap `[from, to)`, oldest first.
     fn slices(&mut self, vol: VolId, ino: Ino, from: u64, to: u64) -> FsResult<Vec<SliceRow>>;
     fn insert_slice(&mut self, vol: VolId, ino: Ino, s: &SliceRow) -> FsResult<()>;

@@ -42,7 +42,7 @@ use blob::BlobStore;
 use changelog::{ChangeLog, Event};
 pub use changelog::{ChangeNotifier, ChangeRetention};
 pub use meta::{Change, ChangeKind, Changes};
-use meta::{MetaStore, MetaTxn, SliceRow, VolId};
+use meta::{DentryRow, MetaStore, MetaTxn, SliceRow, VolId};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -96,6 +96,10 @@ pub struct Engine {
     scope_epochs: Mutex<HashMap<VolId, u64>>,
     /// Every mutation is recorded in the volume's change log (see [`changelog`]).
     changelog: ChangeLog,
+    /// The metadata lives outside this server (PostgreSQL), so other servers may change any
+    /// volume: nothing this server remembers about a volume between requests is trusted
+    /// (see [`Engine::shared`]). Moves with every [`Engine::scope_epoch`] call when set.
+    shared: Option<std::sync::atomic::AtomicU64>,
 }
 
 /// Told the attributes of every inode that a mutation on its thread changes, inside the
@@ -448,7 +452,7 @@ enum Data {
     /// A byte store written in place ([`BlobStore`]): the embedded default.
     Bytes(Box<dyn BlobStore>),
     /// Immutable blocks, referred to by slice rows in the metadata ([`blocks`]).
-    Blocks(blocks::BlockStore),
+    Blocks(Box<blocks::BlockStore>),
 }
 
 impl Engine {
@@ -457,7 +461,14 @@ impl Engine {
     }
 
     fn with_data(meta: Box<dyn MetaStore>, data: Data) -> FsResult<Engine> {
-        Ok(Engine { meta, data, open: Mutex::new(OpenTable::default()), scope_epochs: Mutex::default(), changelog: ChangeLog::default() })
+        Ok(Engine {
+            meta,
+            data,
+            shared: None,
+            open: Mutex::new(OpenTable::default()),
+            scope_epochs: Mutex::default(),
+            changelog: ChangeLog::default(),
+        })
     }
 
     /// The embedded default: SQLite metadata and local data files under one directory.
@@ -484,15 +495,25 @@ impl Engine {
         };
         let data = match blocks {
             None => Data::Bytes(Box::new(small::SmallFirst::open(&dir.join("blobs"), &dir.join("blobs.db"))?)),
-            Some(url) => Data::Blocks(blocks::BlockStore::open(url, blocks::CACHE_DEFAULT)?),
+            Some(url) => Data::Blocks(Box::new(blocks::BlockStore::open(url, blocks::CACHE_DEFAULT)?)),
         };
         // Metadata and data kept apart must be the two halves of one store.
         match (&data, local_meta) {
             (Data::Bytes(_), true) => {}
             (Data::Bytes(_), false) => pair_stores(&*meta, &LocalId(dir.join("store-id")))?,
-            (Data::Blocks(b), _) => pair_stores(&*meta, b)?,
+            (Data::Blocks(b), _) => pair_stores(&*meta, &**b)?,
         }
-        Engine::with_data(meta, data)
+        let mut e = Engine::with_data(meta, data)?;
+        if !local_meta {
+            e.shared = Some(std::sync::atomic::AtomicU64::new(0));
+        }
+        Ok(e)
+    }
+
+    /// Whether other servers may change this engine's volumes (its metadata is in a store they
+    /// share): then a session cannot rely on pushes alone to hear of changes.
+    pub fn shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// Whether file data lives as shared blocks (clone, gc and fsck of blocks need them).
@@ -745,7 +766,7 @@ impl Engine {
         let mut r = FsckReport { volume: name.to_string(), inodes: inodes.len() as u64, names: names.len() as u64, ..Default::default() };
         let by_ino: HashMap<Ino, &Attr> = inodes.iter().map(|a| (a.ino, a)).collect();
         let mut count: HashMap<Ino, u32> = HashMap::new();
-        for (parent, n, ino, kind) in &names {
+        for (parent, DentryRow { name: n, ino, kind, .. }) in &names {
             let shown = lossy(n);
             match by_ino.get(parent) {
                 Some(p) if p.kind == Kind::Dir => {}
@@ -940,7 +961,13 @@ impl Engine {
     /// The volume's scope epoch. A result of [`Engine::within`] obtained after reading epoch
     /// `e` stays true while the epoch is still `e`: the epoch moves before and after every
     /// operation that can move a name out of a subtree, so no such change can slip between.
+    ///
+    /// With a shared store another server's rename moves no epoch here, so every call returns a
+    /// new epoch and every scope is checked at each use.
     pub fn scope_epoch(&self, vol: VolId) -> u64 {
+        if let Some(ticker) = &self.shared {
+            return ticker.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        }
         self.scope_epochs.lock().unwrap().get(&vol).copied().unwrap_or(0)
     }
 

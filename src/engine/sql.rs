@@ -373,9 +373,9 @@ impl MetaTxn for SqlTxn<'_> {
         self.0.all(concat!("SELECT ", attr_cols!(), " FROM inodes WHERE vol = ?1 ORDER BY ino"), &[vol.into()], row_attr)
     }
 
-    fn all_dentries(&mut self, vol: VolId) -> FsResult<Vec<(Ino, Vec<u8>, Ino, Kind)>> {
-        self.0.all("SELECT parent, name, ino, kind FROM dentries WHERE vol = ?1 ORDER BY id", &[vol.into()], |r| {
-            Ok((r.uint(0)?, r.bytes(1)?, r.uint(2)?, kind(r.int(3)?)))
+    fn all_dentries(&mut self, vol: VolId) -> FsResult<Vec<(Ino, DentryRow)>> {
+        self.0.all("SELECT parent, id, name, ino, kind FROM dentries WHERE vol = ?1 ORDER BY id", &[vol.into()], |r| {
+            Ok((r.uint(0)?, DentryRow { cookie: r.uint(1)?, name: r.bytes(2)?, ino: r.uint(3)?, kind: kind(r.int(4)?) }))
         })
     }
 

@@ -783,6 +783,11 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             s.room_for_handle()?;
             let a = e.open(v, real, *flags, c)?;
+            if e.shared() {
+                // Changes made through other servers reach this guest by no push: at each open
+                // the file's cached pages and attributes go first (close-to-open across servers).
+                s.push(Notice::InvalInode { ino: *ino });
+            }
             let fh = s.add_handle(real, writable, false);
             let limit = (*prefetch).min(PREFETCH_MAX);
             if a.kind != Kind::File || limit == 0 || a.size > limit as u64 {

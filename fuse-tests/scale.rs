@@ -1,0 +1,115 @@
+//! Several servers, one store: two servers sharing one PostgreSQL and one block store serve the
+//! same volume to sandboxes attached to each. Needs PostgreSQL (`VOLUMEFS_TEST_PG`, set by the
+//! PostgreSQL + S3 tier of scripts/test.sh); blocks go to that tier's S3 bucket, or to a local
+//! directory both servers share.
+
+use crate::harness::*;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Removes the shared block directory when the test ends.
+struct Shared(PathBuf);
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The `--meta` and `--blocks` of a store of its own, for servers to share; `None` (the test
+/// skips) without PostgreSQL.
+fn shared_store(name: &str) -> Option<(String, String, Shared)> {
+    let pg = std::env::var("VOLUMEFS_TEST_PG").ok().filter(|s| !s.is_empty())?;
+    let unique = format!(
+        "{name}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+    );
+    let meta = format!("{pg}{}schema={unique}", if pg.contains('?') { '&' } else { '?' });
+    let dir = PathBuf::from(format!("/tmp/vfs-shared-{unique}"));
+    let blocks = match std::env::var("VOLUMEFS_TEST_BLOCKS") {
+        Ok(b) if b.starts_with("s3://") => format!("{b}{}prefix={unique}", if b.contains('?') { '&' } else { '?' }),
+        _ => format!("file://{}", dir.display()),
+    };
+    Some((meta, blocks, Shared(dir)))
+}
+
+fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut r = Rng(seed | 1);
+    (0..n).map(|_| r.next() as u8).collect()
+}
+
+#[test]
+fn two_servers_one_store_serve_the_same_volume() {
+    require_fuse!();
+    let Some((meta, blocks, _shared)) = shared_store("two") else {
+        eprintln!("SKIPPED: needs PostgreSQL (VOLUMEFS_TEST_PG; scripts/test.sh starts one as root)");
+        return;
+    };
+    let args = ["--meta", meta.as_str(), "--blocks", blocks.as_str()];
+    let mut c1 = Cluster::with_server_args(&args);
+    let c2 = Cluster::with_server_args(&args);
+    c1.create_volume("shared", Some("256MiB"));
+    assert!(c2.volume("shared").is_some(), "a volume made through one server is there through the other");
+    let (s1, s2) = (c1.sandbox("sb-one"), c2.sandbox("sb-two"));
+    let (m1, m2) = (c1.path("m1"), c2.path("m2"));
+    c1.attach("sb-one", "shared", &m1, &[]);
+    c2.attach("sb-two", "shared", &m2, &[]);
+    let a1 = c1.start_agent(&s1, &[&m1]);
+    let a2 = c2.start_agent(&s2, &[&m2]);
+
+    // A write through a sandbox on one server reads back exactly through the other.
+    let data = pattern(5 << 20, 11);
+    fs::write(m1.join("f"), &data).unwrap();
+    assert_bytes_eq("read through the other server", &fs::read(m2.join("f")).unwrap(), &data);
+    // Sandbox one reads it too: its kernel now holds the file's pages.
+    assert_bytes_eq("read through the first server", &fs::read(m1.join("f")).unwrap(), &data);
+
+    // And back: a change made on the second is seen by the first at its next open (its cached
+    // pages of the file go at the open), though no push crosses between servers.
+    let f = fs::OpenOptions::new().write(true).open(m2.join("f")).unwrap();
+    f.write_all_at(b"changed on two", 4096).unwrap();
+    drop(f);
+    let mut want = data.clone();
+    want[4096..4096 + 14].copy_from_slice(b"changed on two");
+    assert_bytes_eq("read back on one", &fs::read(m1.join("f")).unwrap(), &want);
+    fs::create_dir(m2.join("made-on-two")).unwrap();
+    assert!(eventually(Duration::from_secs(5), || m1.join("made-on-two").is_dir()).is_some(), "a new name shows on one");
+
+    // Server one dies (-9) in the middle of a stream of writes: every byte fsync'd before is
+    // there, through server two.
+    let mut log = fs::OpenOptions::new().create(true).write(true).truncate(true).open(m1.join("log")).unwrap();
+    let synced = pattern(3 << 20, 5);
+    log.write_all(&synced).unwrap();
+    log.sync_all().unwrap();
+    let writer = {
+        let path = m1.join("log");
+        std::thread::spawn(move || {
+            let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
+            f.seek(SeekFrom::End(0)).unwrap();
+            for _ in 0..256 {
+                if f.write_all(&[b'x'; 64 << 10]).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    c1.kill_server();
+    let seen = fs::read(m2.join("log")).unwrap();
+    assert!(seen.len() >= synced.len(), "the log lost fsync'd bytes: {} < {}", seen.len(), synced.len());
+    assert_bytes_eq("fsync'd bytes through the surviving server", &seen[..synced.len()], &synced);
+    assert!(seen[synced.len()..].iter().all(|b| *b == b'x'), "what came after is what was written");
+    // Server one comes back and its sandbox's writer carries on where it was held.
+    c1.start_server();
+    writer.join().expect("the writer on the restarted server");
+    drop(log);
+    let total = fs::read(m2.join("log")).unwrap();
+    assert_bytes_eq("the log's fsync'd start", &total[..synced.len()], &synced);
+    drop(a1);
+    drop(a2);
+    assert!(c1.fsck_problems().is_empty(), "{:?}", c1.fsck_problems());
+}
