@@ -113,3 +113,87 @@ fn two_servers_one_store_serve_the_same_volume() {
     drop(a2);
     assert!(c1.fsck_problems().is_empty(), "{:?}", c1.fsck_problems());
 }
+
+/// fcntl(F_SETLK) on `f`: `typ` over `[start, start+len)`.
+fn setlk(f: &fs::File, typ: i32, start: i64, len: i64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a zeroed flock is valid; the fields are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = len;
+    // SAFETY: fcntl on a descriptor we own with a valid flock.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn flock_nb(f: &fs::File) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn locks_exclude_across_servers_and_a_dead_servers_locks_expire() {
+    require_fuse!();
+    let Some((meta, blocks, _shared)) = shared_store("locks") else {
+        eprintln!("SKIPPED: needs PostgreSQL (VOLUMEFS_TEST_PG; scripts/test.sh starts one as root)");
+        return;
+    };
+    let args = ["--meta", meta.as_str(), "--blocks", blocks.as_str(), "--lease-ttl", "3"];
+    let mut c1 = Cluster::with_server_args(&args);
+    let c2 = Cluster::with_server_args(&args);
+    c1.create_volume("shared", None);
+    let (s1, s2) = (c1.sandbox("sb-one"), c2.sandbox("sb-two"));
+    let (m1, m2) = (c1.path("m1"), c2.path("m2"));
+    c1.attach("sb-one", "shared", &m1, &[]);
+    c2.attach("sb-two", "shared", &m2, &[]);
+    let a1 = c1.start_agent(&s1, &[&m1]);
+    let a2 = c2.start_agent(&s2, &[&m2]);
+    fs::write(m1.join("lockme"), b"data").unwrap();
+    let rw = |p: &std::path::Path| fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let f1 = rw(&m1.join("lockme"));
+    let f2 = rw(&m2.join("lockme"));
+
+    // fcntl: a write lock through one server excludes through the other; other bytes are free.
+    setlk(&f1, libc::F_WRLCK, 0, 100).unwrap();
+    assert_errno("a conflicting lock through the other server", setlk(&f2, libc::F_WRLCK, 50, 10), libc::EAGAIN);
+    assert_errno("a read lock too", setlk(&f2, libc::F_RDLCK, 0, 1), libc::EAGAIN);
+    setlk(&f2, libc::F_RDLCK, 200, 100).unwrap();
+    assert_errno("and the other way round", setlk(&f1, libc::F_WRLCK, 250, 1), libc::EAGAIN);
+    setlk(&f1, libc::F_UNLCK, 0, 100).unwrap();
+    setlk(&f2, libc::F_WRLCK, 50, 10).expect("free once released through the first server");
+    setlk(&f2, libc::F_UNLCK, 0, 0).unwrap();
+
+    // flock: the same, whole file.
+    let g1 = rw(&m1.join("lockme"));
+    let g2 = rw(&m2.join("lockme"));
+    flock_nb(&g1).unwrap();
+    assert_errno("flock through the other server", flock_nb(&g2), libc::EWOULDBLOCK);
+    drop(g1);
+    assert!(eventually(Duration::from_secs(5), || flock_nb(&g2).is_ok()).is_some(), "free once the first closes");
+    drop(g2);
+
+    // A server that dies holds nothing once its heartbeat is a lease TTL old.
+    // (The flock's release reaches the store just after the close returns.)
+    assert!(eventually(Duration::from_secs(5), || setlk(&f1, libc::F_WRLCK, 1000, 100).is_ok()).is_some());
+    c1.kill_server();
+    assert_errno("held while the server may live", setlk(&f2, libc::F_WRLCK, 1000, 10), libc::EAGAIN);
+    assert!(
+        eventually(Duration::from_secs(15), || setlk(&f2, libc::F_WRLCK, 1000, 10).is_ok()).is_some(),
+        "the dead server's lock expired"
+    );
+    c1.start_server();
+    drop(f1);
+    drop(f2);
+    drop(a1);
+    drop(a2);
+}

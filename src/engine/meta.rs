@@ -210,6 +210,17 @@ pub struct SliceRow {
     pub block_off: u64,
 }
 
+/// A byte-range lock held through a server, as servers sharing a store publish them (see
+/// `server::locks`). `end` is inclusive; `u64::MAX` (to the end of file) is stored clamped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockRow {
+    pub owner: u64,
+    pub start: u64,
+    pub end: u64,
+    pub typ: i32,
+    pub pid: u32,
+}
+
 /// A metadata backend.
 pub trait MetaStore: Send + Sync {
     /// Runs `f` in one transaction: committed if it returns `Ok`, rolled back otherwise.
@@ -308,6 +319,29 @@ pub trait MetaTxn {
     fn prune_changes(&mut self, vol: VolId, keep: u64) -> FsResult<u64>;
     /// The largest id that pruning has removed from the volume's log (0 if none).
     fn changes_pruned_through(&mut self, vol: VolId) -> FsResult<u64>;
+
+    /// Records that server `server` is alive at `now`.
+    fn heartbeat(&mut self, server: &str, now: Timespec) -> FsResult<()>;
+    /// Forgets the servers not seen since `before` and the locks held through them; returns how
+    /// many servers went.
+    fn sweep_servers(&mut self, before: Timespec) -> FsResult<u64>;
+    /// The first lock on the file held through a server other than `server` and seen since
+    /// `alive` that conflicts with `[start, end]` of type `typ` (any lock conflicts with a
+    /// write lock; read locks share).
+    fn lock_conflict(
+        &mut self,
+        server: &str,
+        alive: Timespec,
+        vol: VolId,
+        ino: Ino,
+        start: u64,
+        end: u64,
+        typ: i32,
+    ) -> FsResult<Option<LockRow>>;
+    /// Replaces the locks on the file held through `server` with `held`.
+    fn put_server_locks(&mut self, server: &str, vol: VolId, ino: Ino, held: &[LockRow]) -> FsResult<()>;
+    /// Removes every lock held through `server` (it starts afresh).
+    fn drop_server_locks(&mut self, server: &str) -> FsResult<()>;
 
     /// A store-wide setting (see [`super::Engine::open_store`]'s pairing of stores).
     fn get_setting(&mut self, key: &str) -> FsResult<Option<String>>;

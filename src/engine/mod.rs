@@ -516,6 +516,56 @@ impl Engine {
         self.shared.is_some()
     }
 
+    // ----- locks across servers (see server::locks) ------------------------------------------
+
+    /// Server `server` is alive; servers not seen for `ttl` are forgotten with their locks.
+    pub fn server_heartbeat(&self, server: &str, ttl: std::time::Duration) -> FsResult<u64> {
+        let now = Timespec::now();
+        let before = Timespec { sec: now.sec - ttl.as_secs() as i64, nsec: now.nsec };
+        self.tx(|t| {
+            t.heartbeat(server, now)?;
+            t.sweep_servers(before)
+        })
+    }
+
+    /// In one transaction: the first lock held through another live server (seen within `ttl`)
+    /// that conflicts with `check`, or else this server's locks on the file become `held`.
+    pub fn publish_locks(
+        &self,
+        server: &str,
+        ttl: std::time::Duration,
+        vol: VolId,
+        ino: Ino,
+        held: &[meta::LockRow],
+        check: Option<&meta::LockRow>,
+    ) -> FsResult<Option<meta::LockRow>> {
+        let now = Timespec::now();
+        let alive = Timespec { sec: now.sec - ttl.as_secs() as i64, nsec: now.nsec };
+        self.tx(|t| {
+            if let Some(l) = check {
+                if let Some(c) = t.lock_conflict(server, alive, vol, ino, l.start, l.end, l.typ)? {
+                    return Ok(Some(c));
+                }
+            }
+            t.put_server_locks(server, vol, ino, held)?;
+            Ok(None)
+        })
+    }
+
+    /// The first lock held through another live server that conflicts with `l` (F_GETLK).
+    pub fn remote_lock(
+        &self,
+        server: &str,
+        ttl: std::time::Duration,
+        vol: VolId,
+        ino: Ino,
+        l: &meta::LockRow,
+    ) -> FsResult<Option<meta::LockRow>> {
+        let now = Timespec::now();
+        let alive = Timespec { sec: now.sec - ttl.as_secs() as i64, nsec: now.nsec };
+        self.tx(|t| t.lock_conflict(server, alive, vol, ino, l.start, l.end, l.typ))
+    }
+
     /// Whether file data lives as shared blocks (clone, gc and fsck of blocks need them).
     pub fn has_blocks(&self) -> bool {
         matches!(self.data, Data::Blocks(_))

@@ -103,6 +103,21 @@ CREATE TABLE IF NOT EXISTS slices (
 );
 CREATE INDEX IF NOT EXISTS slices_ino ON slices (vol, ino, id);
 CREATE INDEX IF NOT EXISTS slices_block ON slices (block);
+CREATE TABLE IF NOT EXISTS servers (
+    id TEXT PRIMARY KEY,
+    seen BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS locks (
+    server TEXT NOT NULL,
+    vol BIGINT NOT NULL,
+    ino BIGINT NOT NULL,
+    owner BIGINT NOT NULL,
+    start BIGINT NOT NULL,
+    stop BIGINT NOT NULL,
+    typ BIGINT NOT NULL,
+    pid BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS locks_file ON locks (vol, ino);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL

@@ -208,6 +208,18 @@ fn row_sandbox(r: &dyn SqlRow) -> FsResult<SandboxRow> {
     Ok(SandboxRow { name: r.text(0)?, created: Timespec::from_nanos(r.int(1)?) })
 }
 
+fn row_lock(r: &dyn SqlRow) -> FsResult<LockRow> {
+    let end = r.uint(2)?;
+    Ok(LockRow {
+        owner: r.uint(0)?,
+        start: r.uint(1)?,
+        // Stored clamped to the largest signed value: that is "to the end of file".
+        end: if end >= i64::MAX as u64 { u64::MAX } else { end },
+        typ: r.int(3)? as i32,
+        pid: r.int(4)? as u32,
+    })
+}
+
 fn row_dentry(r: &dyn SqlRow) -> FsResult<DentryRow> {
     Ok(DentryRow { cookie: r.uint(0)?, name: r.bytes(1)?, ino: r.uint(2)?, kind: kind(r.int(3)?) })
 }
@@ -598,6 +610,72 @@ impl MetaTxn for SqlTxn<'_> {
 
     fn changes_pruned_through(&mut self, vol: VolId) -> FsResult<u64> {
         Ok(self.0.first("SELECT through FROM changes_pruned WHERE vol = ?1", &[vol.into()], |r| r.uint(0))?.unwrap_or(0))
+    }
+
+    fn heartbeat(&mut self, server: &str, now: Timespec) -> FsResult<()> {
+        self.0.exec(
+            "INSERT INTO servers (id, seen) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET seen = excluded.seen",
+            &[server.into(), now.to_nanos().into()],
+        )?;
+        Ok(())
+    }
+
+    fn sweep_servers(&mut self, before: Timespec) -> FsResult<u64> {
+        self.0.exec("DELETE FROM locks WHERE server IN (SELECT id FROM servers WHERE seen < ?1)", &[before.to_nanos().into()])?;
+        self.0.exec("DELETE FROM servers WHERE seen < ?1", &[before.to_nanos().into()])
+    }
+
+    fn lock_conflict(
+        &mut self,
+        server: &str,
+        alive: Timespec,
+        vol: VolId,
+        ino: Ino,
+        start: u64,
+        end: u64,
+        typ: i32,
+    ) -> FsResult<Option<LockRow>> {
+        self.0.first(
+            "SELECT l.owner, l.start, l.stop, l.typ, l.pid FROM locks l JOIN servers s ON s.id = l.server
+             WHERE l.vol = ?1 AND l.ino = ?2 AND l.server <> ?3 AND s.seen >= ?4 AND l.start <= ?6 AND ?5 <= l.stop
+               AND (l.typ = ?8 OR ?7 = ?8) ORDER BY l.start LIMIT 1",
+            &[
+                vol.into(),
+                ino.into(),
+                server.into(),
+                alive.to_nanos().into(),
+                start.into(),
+                end.into(),
+                (typ as i64).into(),
+                (libc::F_WRLCK as i64).into(),
+            ],
+            row_lock,
+        )
+    }
+
+    fn put_server_locks(&mut self, server: &str, vol: VolId, ino: Ino, held: &[LockRow]) -> FsResult<()> {
+        self.0.exec("DELETE FROM locks WHERE server = ?1 AND vol = ?2 AND ino = ?3", &[server.into(), vol.into(), ino.into()])?;
+        for l in held {
+            self.0.exec(
+                "INSERT INTO locks (server, vol, ino, owner, start, stop, typ, pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                &[
+                    server.into(),
+                    vol.into(),
+                    ino.into(),
+                    l.owner.into(),
+                    l.start.into(),
+                    l.end.into(),
+                    (l.typ as i64).into(),
+                    (l.pid as i64).into(),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn drop_server_locks(&mut self, server: &str) -> FsResult<()> {
+        self.0.exec("DELETE FROM locks WHERE server = ?1", &[server.into()])?;
+        Ok(())
     }
 
     fn get_setting(&mut self, key: &str) -> FsResult<Option<String>> {

@@ -97,6 +97,21 @@ CREATE TABLE IF NOT EXISTS slices (
 );
 CREATE INDEX IF NOT EXISTS slices_ino ON slices (vol, ino, id);
 CREATE INDEX IF NOT EXISTS slices_block ON slices (block);
+CREATE TABLE IF NOT EXISTS servers (
+    id TEXT PRIMARY KEY,
+    seen INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS locks (
+    server TEXT NOT NULL,
+    vol INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    owner INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    stop INTEGER NOT NULL,
+    typ INTEGER NOT NULL,
+    pid INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS locks_file ON locks (vol, ino);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL

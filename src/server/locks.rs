@@ -12,7 +12,8 @@
 //! sessions, which the caller tells with a push. Interest is one-shot: the guest registers it
 //! again if its retry conflicts again.
 
-use crate::engine::meta::VolId;
+use crate::engine::meta::{LockRow, VolId};
+use crate::engine::Engine;
 use crate::fs::{FsError, FsResult, Ino};
 use crate::proto::Lock;
 use std::collections::{HashMap, HashSet};
@@ -93,27 +94,60 @@ pub struct LockTable {
     tables: Mutex<Tables>,
 }
 
+/// The other servers sharing this server's store (see [`Engine::shared`]): each server
+/// publishes the locks held through it, in the store, in the same transaction as it checks the
+/// others' (serializable: two servers cannot both win one range). A server not seen for `ttl`
+/// (its heartbeat stopped: it died) no longer holds anything. Waiters across servers hear no
+/// push: their guests retry on their timer.
+pub struct Remote<'a> {
+    pub engine: &'a Engine,
+    /// This server's id in the store (new at each start).
+    pub server: &'a str,
+    pub ttl: std::time::Duration,
+}
+
+fn row(h: &Held) -> LockRow {
+    LockRow { owner: h.owner, start: h.start, end: h.end, typ: h.typ, pid: h.pid }
+}
+
+impl Remote<'_> {
+    /// Publishes the locks now held on a file; a failure is logged (the next change of the
+    /// file's locks publishes them again, and a dead server's go with it).
+    fn publish(&self, vol: VolId, ino: Ino, held: Option<&Vec<Held>>) {
+        let rows: Vec<LockRow> = held.map(|h| h.iter().map(row).collect()).unwrap_or_default();
+        if let Err(e) = self.engine.publish_locks(self.server, self.ttl, vol, ino, &rows, None) {
+            tracing::error!(vol, ino, "publishing locks to the shared store: {e}");
+        }
+    }
+}
+
 impl LockTable {
     /// The first lock of another owner that conflicts with `l`.
-    pub fn test(&self, vol: VolId, ino: Ino, session: u64, l: &Lock) -> Lock {
+    pub fn test(&self, vol: VolId, ino: Ino, session: u64, l: &Lock, remote: Option<&Remote>) -> FsResult<Lock> {
         let t = self.tables.lock().unwrap();
-        match t.files.get(&(vol, ino)).and_then(|v| v.iter().find(|h| h.conflicts(session, l))) {
-            Some(h) => Lock { owner: h.owner, start: h.start, end: h.end, typ: h.typ, pid: h.pid },
-            None => Lock { typ: libc::F_UNLCK, ..l.clone() },
+        if let Some(h) = t.files.get(&(vol, ino)).and_then(|v| v.iter().find(|h| h.conflicts(session, l))) {
+            return Ok(Lock { owner: h.owner, start: h.start, end: h.end, typ: h.typ, pid: h.pid });
         }
+        if let (Some(r), true) = (remote, l.typ != libc::F_UNLCK) {
+            let want = LockRow { owner: l.owner, start: l.start, end: l.end, typ: l.typ, pid: l.pid };
+            if let Some(h) = r.engine.remote_lock(r.server, r.ttl, vol, ino, &want)? {
+                return Ok(Lock { owner: h.owner, start: h.start, end: h.end, typ: h.typ, pid: h.pid });
+            }
+        }
+        Ok(Lock { typ: libc::F_UNLCK, ..l.clone() })
     }
 
     /// Takes (`F_RDLCK`/`F_WRLCK`) or releases (`F_UNLCK`) a range; `EAGAIN` on conflict.
     /// Returns the sessions to tell that bytes were freed (see [`LockTable::set_or_wait`]).
-    pub fn set(&self, vol: VolId, ino: Ino, session: u64, l: &Lock) -> FsResult<Vec<u64>> {
-        self.set_or_wait(vol, ino, session, l, false)
+    pub fn set(&self, vol: VolId, ino: Ino, session: u64, l: &Lock, remote: Option<&Remote>) -> FsResult<Vec<u64>> {
+        self.set_or_wait(vol, ino, session, l, false, remote)
     }
 
     /// [`LockTable::set`]; with `wait`, a conflict also records that `session` waits on the
     /// file, in the same critical section as the check, so no release in between is missed.
     /// On success, returns the sessions waiting on the file if this freed bytes there (an
     /// unlock or a downgrade of a range the owner held).
-    pub fn set_or_wait(&self, vol: VolId, ino: Ino, session: u64, l: &Lock, wait: bool) -> FsResult<Vec<u64>> {
+    pub fn set_or_wait(&self, vol: VolId, ino: Ino, session: u64, l: &Lock, wait: bool, remote: Option<&Remote>) -> FsResult<Vec<u64>> {
         if l.start > l.end {
             return Err(FsError::new(libc::EINVAL, "lock range ends before it starts"));
         }
@@ -161,6 +195,20 @@ impl LockTable {
             }
             return Err(FsError::new(libc::ENOLCK, format!("this mount session holds {MAX_LOCKS_PER_SESSION} locks, the most allowed")));
         }
+        if let Some(r) = remote {
+            // The others' locks, checked and ours published in one transaction.
+            let rows: Vec<LockRow> = kept.iter().map(row).collect();
+            let want = (l.typ != libc::F_UNLCK).then_some(LockRow { owner: l.owner, start: l.start, end: l.end, typ: l.typ, pid: l.pid });
+            if let Some(h) = r.engine.publish_locks(r.server, r.ttl, vol, ino, &rows, want.as_ref())? {
+                if held.is_empty() {
+                    files.remove(&(vol, ino));
+                }
+                return Err(FsError::new(
+                    libc::EAGAIN,
+                    format!("bytes {}-{} are locked by another owner through another server (pid {})", h.start, h.end, h.pid),
+                ));
+            }
+        }
         *count = *count + after - before;
         if kept.is_empty() {
             files.remove(&(vol, ino));
@@ -172,7 +220,7 @@ impl LockTable {
 
     /// Drops every lock of one owner on one file (close of a descriptor, flock release);
     /// returns the sessions to tell if anything was freed.
-    pub fn release_owner(&self, vol: VolId, ino: Ino, session: u64, owner: u64) -> Vec<u64> {
+    pub fn release_owner(&self, vol: VolId, ino: Ino, session: u64, owner: u64, remote: Option<&Remote>) -> Vec<u64> {
         let mut t = self.tables.lock().unwrap();
         let Tables { files, per_session, .. } = &mut *t;
         let mut freed = false;
@@ -187,6 +235,9 @@ impl LockTable {
                 files.remove(&(vol, ino));
             }
         }
+        if let (Some(r), true) = (remote, freed) {
+            r.publish(vol, ino, files.get(&(vol, ino)));
+        }
         if freed {
             t.take_waiters((vol, ino))
         } else {
@@ -196,7 +247,7 @@ impl LockTable {
 
     /// Drops every lock a session holds, and its waits (its lease ended); returns, per file
     /// where locks were freed, the sessions to tell.
-    pub fn release_session(&self, session: u64) -> Freed {
+    pub fn release_session(&self, session: u64, remote: Option<&Remote>) -> Freed {
         let mut t = self.tables.lock().unwrap();
         let mut freed = Vec::new();
         t.files.retain(|key, held| {
@@ -207,6 +258,11 @@ impl LockTable {
             }
             !held.is_empty()
         });
+        if let Some(r) = remote {
+            for key in &freed {
+                r.publish(key.0, key.1, t.files.get(key));
+            }
+        }
         t.per_session.remove(&session);
         t.waiting.retain(|_, set| {
             set.remove(&session);
@@ -228,25 +284,25 @@ mod tests {
     #[test]
     fn posix_range_semantics() {
         let t = LockTable::default();
-        t.set(1, 5, 1, &lk(1, 0, 99, libc::F_WRLCK)).unwrap();
+        t.set(1, 5, 1, &lk(1, 0, 99, libc::F_WRLCK), None).unwrap();
         // Another session conflicts; a reader does too; disjoint ranges do not.
-        assert_eq!(t.set(1, 5, 2, &lk(1, 50, 60, libc::F_RDLCK)).unwrap_err().errno, libc::EAGAIN);
-        t.set(1, 5, 2, &lk(1, 100, 200, libc::F_WRLCK)).unwrap();
-        assert_eq!(t.test(1, 5, 2, &lk(1, 10, 10, libc::F_RDLCK)).typ, libc::F_WRLCK);
+        assert_eq!(t.set(1, 5, 2, &lk(1, 50, 60, libc::F_RDLCK), None).unwrap_err().errno, libc::EAGAIN);
+        t.set(1, 5, 2, &lk(1, 100, 200, libc::F_WRLCK), None).unwrap();
+        assert_eq!(t.test(1, 5, 2, &lk(1, 10, 10, libc::F_RDLCK), None).unwrap().typ, libc::F_WRLCK);
         // Unlocking the middle splits the range; the hole is free for others.
-        t.set(1, 5, 1, &lk(1, 40, 59, libc::F_UNLCK)).unwrap();
-        t.set(1, 5, 2, &lk(9, 45, 50, libc::F_WRLCK)).unwrap();
-        assert_eq!(t.set(1, 5, 2, &lk(9, 30, 30, libc::F_RDLCK)).unwrap_err().errno, libc::EAGAIN);
+        t.set(1, 5, 1, &lk(1, 40, 59, libc::F_UNLCK), None).unwrap();
+        t.set(1, 5, 2, &lk(9, 45, 50, libc::F_WRLCK), None).unwrap();
+        assert_eq!(t.set(1, 5, 2, &lk(9, 30, 30, libc::F_RDLCK), None).unwrap_err().errno, libc::EAGAIN);
         // Downgrade to shared lets other readers in, not writers.
-        t.set(1, 5, 1, &lk(1, 0, 39, libc::F_RDLCK)).unwrap();
-        t.set(1, 5, 3, &lk(4, 0, 10, libc::F_RDLCK)).unwrap();
-        assert_eq!(t.set(1, 5, 3, &lk(5, 0, 10, libc::F_WRLCK)).unwrap_err().errno, libc::EAGAIN);
+        t.set(1, 5, 1, &lk(1, 0, 39, libc::F_RDLCK), None).unwrap();
+        t.set(1, 5, 3, &lk(4, 0, 10, libc::F_RDLCK), None).unwrap();
+        assert_eq!(t.set(1, 5, 3, &lk(5, 0, 10, libc::F_WRLCK), None).unwrap_err().errno, libc::EAGAIN);
         // A session that ends drops its locks.
-        t.release_session(1);
-        t.release_session(3);
-        t.set(1, 5, 3, &lk(5, 0, 10, libc::F_WRLCK)).unwrap();
-        t.release_owner(1, 5, 3, 5);
-        assert_eq!(t.test(1, 5, 7, &lk(1, 0, 10, libc::F_WRLCK)).typ, libc::F_UNLCK);
+        t.release_session(1, None);
+        t.release_session(3, None);
+        t.set(1, 5, 3, &lk(5, 0, 10, libc::F_WRLCK), None).unwrap();
+        t.release_owner(1, 5, 3, 5, None);
+        assert_eq!(t.test(1, 5, 7, &lk(1, 0, 10, libc::F_WRLCK), None).unwrap().typ, libc::F_UNLCK);
     }
 
     /// A conflicting request that will wait is told once when the holder frees bytes (unlock,
@@ -254,26 +310,26 @@ mod tests {
     #[test]
     fn waiters_are_told_when_bytes_are_freed() {
         let t = LockTable::default();
-        t.set(1, 5, 1, &lk(1, 0, 99, libc::F_WRLCK)).unwrap();
-        assert_eq!(t.set_or_wait(1, 5, 2, &lk(1, 0, 0, libc::F_WRLCK), true).unwrap_err().errno, libc::EAGAIN);
-        assert_eq!(t.set_or_wait(1, 5, 3, &lk(1, 0, 0, libc::F_RDLCK), false).unwrap_err().errno, libc::EAGAIN);
-        assert!(t.set(1, 5, 1, &lk(1, 200, 300, libc::F_WRLCK)).unwrap().is_empty(), "taking more frees nothing");
-        assert_eq!(t.set(1, 5, 1, &lk(1, 0, 99, libc::F_RDLCK)).unwrap(), vec![2], "a downgrade tells the waiter, only it");
-        assert!(t.set(1, 5, 1, &lk(1, 0, 99, libc::F_UNLCK)).unwrap().is_empty(), "interest is one-shot");
-        assert_eq!(t.set_or_wait(1, 5, 2, &lk(1, 200, 200, libc::F_WRLCK), true).unwrap_err().errno, libc::EAGAIN);
-        assert_eq!(t.release_owner(1, 5, 1, 1), vec![2], "close tells the waiter");
-        t.set(1, 6, 1, &lk(1, 0, 0, libc::F_WRLCK)).unwrap();
-        assert!(t.set_or_wait(1, 6, 2, &lk(2, 0, 0, libc::F_WRLCK), true).is_err());
-        assert_eq!(t.release_session(1), vec![((1, 6), vec![2])], "session end tells the waiter");
+        t.set(1, 5, 1, &lk(1, 0, 99, libc::F_WRLCK), None).unwrap();
+        assert_eq!(t.set_or_wait(1, 5, 2, &lk(1, 0, 0, libc::F_WRLCK), true, None).unwrap_err().errno, libc::EAGAIN);
+        assert_eq!(t.set_or_wait(1, 5, 3, &lk(1, 0, 0, libc::F_RDLCK), false, None).unwrap_err().errno, libc::EAGAIN);
+        assert!(t.set(1, 5, 1, &lk(1, 200, 300, libc::F_WRLCK), None).unwrap().is_empty(), "taking more frees nothing");
+        assert_eq!(t.set(1, 5, 1, &lk(1, 0, 99, libc::F_RDLCK), None).unwrap(), vec![2], "a downgrade tells the waiter, only it");
+        assert!(t.set(1, 5, 1, &lk(1, 0, 99, libc::F_UNLCK), None).unwrap().is_empty(), "interest is one-shot");
+        assert_eq!(t.set_or_wait(1, 5, 2, &lk(1, 200, 200, libc::F_WRLCK), true, None).unwrap_err().errno, libc::EAGAIN);
+        assert_eq!(t.release_owner(1, 5, 1, 1, None), vec![2], "close tells the waiter");
+        t.set(1, 6, 1, &lk(1, 0, 0, libc::F_WRLCK), None).unwrap();
+        assert!(t.set_or_wait(1, 6, 2, &lk(2, 0, 0, libc::F_WRLCK), true, None).is_err());
+        assert_eq!(t.release_session(1, None), vec![((1, 6), vec![2])], "session end tells the waiter");
         // A session waits on at most MAX_WAITS_PER_SESSION files; its end drops its interest.
         for i in 0..MAX_WAITS_PER_SESSION as u64 + 10 {
-            t.set(1, 100 + i, 7, &lk(1, 0, 0, libc::F_WRLCK)).unwrap();
-            assert!(t.set_or_wait(1, 100 + i, 8, &lk(1, 0, 0, libc::F_WRLCK), true).is_err());
+            t.set(1, 100 + i, 7, &lk(1, 0, 0, libc::F_WRLCK), None).unwrap();
+            assert!(t.set_or_wait(1, 100 + i, 8, &lk(1, 0, 0, libc::F_WRLCK), true, None).is_err());
         }
         assert_eq!(t.tables.lock().unwrap().waiting.len(), MAX_WAITS_PER_SESSION);
-        t.release_session(8);
+        t.release_session(8, None);
         assert!(t.tables.lock().unwrap().waiting.is_empty());
-        assert!(t.release_session(7).is_empty());
+        assert!(t.release_session(7, None).is_empty());
     }
 
     /// A session may hold MAX_LOCKS_PER_SESSION ranges; one more is ENOLCK and changes nothing,
@@ -282,21 +338,21 @@ mod tests {
     fn locks_per_session_are_bounded() {
         let t = LockTable::default();
         for i in 0..MAX_LOCKS_PER_SESSION as u64 {
-            t.set(1, 5 + i % 3, 1, &lk(1, i * 10, i * 10, libc::F_WRLCK)).unwrap();
+            t.set(1, 5 + i % 3, 1, &lk(1, i * 10, i * 10, libc::F_WRLCK), None).unwrap();
         }
         let over = lk(1, 1_000_000, 1_000_000, libc::F_WRLCK);
-        assert_eq!(t.set(1, 5, 1, &over).unwrap_err().errno, libc::ENOLCK);
-        assert_eq!(t.test(1, 5, 2, &over).typ, libc::F_UNLCK, "the refused lock was not taken");
+        assert_eq!(t.set(1, 5, 1, &over, None).unwrap_err().errno, libc::ENOLCK);
+        assert_eq!(t.test(1, 5, 2, &over, None).unwrap().typ, libc::F_UNLCK, "the refused lock was not taken");
         // Another session is not affected.
-        t.set(1, 5, 2, &over).unwrap();
+        t.set(1, 5, 2, &over, None).unwrap();
         // Replacing one of its own ranges (same count) and unlocking still work.
-        t.set(1, 5, 1, &lk(1, 0, 0, libc::F_RDLCK)).unwrap();
-        t.set(1, 5, 1, &lk(1, 0, 0, libc::F_UNLCK)).unwrap();
-        t.set(1, 5, 1, &lk(1, 1, 1, libc::F_WRLCK)).unwrap();
-        assert_eq!(t.set(1, 5, 1, &lk(1, 2, 2, libc::F_WRLCK)).unwrap_err().errno, libc::ENOLCK);
-        t.release_owner(1, 6, 1, 1);
-        t.set(1, 5, 1, &lk(1, 2, 2, libc::F_WRLCK)).unwrap();
-        t.release_session(1);
-        t.set(1, 5, 1, &lk(1, 3, 3, libc::F_WRLCK)).unwrap();
+        t.set(1, 5, 1, &lk(1, 0, 0, libc::F_RDLCK), None).unwrap();
+        t.set(1, 5, 1, &lk(1, 0, 0, libc::F_UNLCK), None).unwrap();
+        t.set(1, 5, 1, &lk(1, 1, 1, libc::F_WRLCK), None).unwrap();
+        assert_eq!(t.set(1, 5, 1, &lk(1, 2, 2, libc::F_WRLCK), None).unwrap_err().errno, libc::ENOLCK);
+        t.release_owner(1, 6, 1, 1, None);
+        t.set(1, 5, 1, &lk(1, 2, 2, libc::F_WRLCK), None).unwrap();
+        t.release_session(1, None);
+        t.set(1, 5, 1, &lk(1, 3, 3, libc::F_WRLCK), None).unwrap();
     }
 }

@@ -123,6 +123,8 @@ pub struct Server {
     /// Resumable (tus) uploads in progress.
     pub uploads: tus::Uploads,
     pub locks: locks::LockTable,
+    /// This run's id among the servers sharing the store (their locks and heartbeats).
+    pub server_id: String,
     /// The lock grace period after a restart (see [`Grace`]).
     grace: Mutex<Grace>,
     sandboxes: Mutex<HashMap<String, Arc<SandboxRt>>>,
@@ -162,6 +164,37 @@ fn load_secret(dir: &Path, file: &str) -> FsResult<String> {
     f.write_all(token.as_bytes())?;
     f.sync_all()?;
     Ok(token)
+}
+
+impl Server {
+    /// The other servers sharing the store, for the lock table (`None` with an embedded store).
+    pub fn remote_locks(&self) -> Option<locks::Remote<'_>> {
+        self.engine.shared().then(|| locks::Remote { engine: &self.engine, server: &self.server_id, ttl: self.config.lease_ttl })
+    }
+}
+
+/// With a shared store, the server says it is alive every third of a lease TTL; servers silent
+/// for a whole TTL (dead) are forgotten with the locks held through them.
+fn start_heartbeat(server: &Arc<Server>) -> FsResult<()> {
+    if !server.engine.shared() {
+        return Ok(());
+    }
+    let ttl = server.config.lease_ttl;
+    server.engine.server_heartbeat(&server.server_id, ttl)?;
+    let weak = Arc::downgrade(server);
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || loop {
+            std::thread::sleep(ttl / 3);
+            let Some(server) = weak.upgrade() else { return };
+            match server.engine.server_heartbeat(&server.server_id, ttl) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(servers = n, "servers silent for a lease TTL forgotten, with their locks"),
+                Err(e) => tracing::error!("heartbeat to the shared store: {e}"),
+            }
+        })
+        .map_err(|e| FsError::new(libc::EIO, format!("spawn the heartbeat thread: {e}")))?;
+    Ok(())
 }
 
 /// With a block store, garbage collection runs every hour (blocks unreferenced for an hour go):
@@ -271,6 +304,7 @@ impl Server {
             url_key,
             uploads,
             locks: locks::LockTable::default(),
+            server_id: random_token()?[..16].to_string(),
             grace: Mutex::default(),
             sandboxes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -296,6 +330,7 @@ impl Server {
         session::start_reaper(&server);
         start_orphan_reclaim(&server);
         start_gc(&server);
+        start_heartbeat(&server)?;
         tus::start_expiry(&server);
         tracing::info!(data = %server.config.data.display(), pid = std::process::id(), "server started");
         Ok(server)
@@ -761,7 +796,7 @@ impl Server {
     pub fn forget_session(&self, s: &Arc<Session>) {
         self.sessions.lock().unwrap().remove(&s.id);
         let _ = self.engine.forget_replays(s.id);
-        self.lock_freed_all(self.locks.release_session(s.id));
+        self.lock_freed_all(self.locks.release_session(s.id, self.remote_locks().as_ref()));
     }
 
     /// Tells the sessions waiting for a lock on `ino` that bytes there were freed.
@@ -785,7 +820,7 @@ impl Server {
     pub fn end_session(&self, s: &Arc<Session>, state: AttachState, reason: &str) {
         tracing::info!(sandbox = %s.sandbox, session = s.id, state = state.name(), reason, "session ended");
         self.sessions.lock().unwrap().remove(&s.id);
-        self.lock_freed_all(self.locks.release_session(s.id));
+        self.lock_freed_all(self.locks.release_session(s.id, self.remote_locks().as_ref()));
         let _ = self.engine.forget_replays(s.id);
         s.close(&self.engine);
         let _ = self.engine.set_attachment_state(s.attachment, state, reason);

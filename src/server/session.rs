@@ -850,7 +850,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             let real = s.to_real(e, *ino)?;
             s.take_handle(*fh, real)?;
             if let Some(owner) = lock_owner {
-                server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *owner));
+                server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *owner, server.remote_locks().as_ref()));
             }
             e.release(v, real)?;
             (Reply::Empty, Changed::Nothing)
@@ -863,17 +863,19 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         }
         Op::Flush { ino, fh: _, lock_owner } => {
             let real = s.to_real(e, *ino)?;
-            server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *lock_owner));
+            server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *lock_owner, server.remote_locks().as_ref()));
             (Reply::Empty, Changed::Nothing)
         }
-        Op::GetLk { ino, lock } => (Reply::Lock(server.locks.test(v, s.to_real(e, *ino)?, s.id, lock)), Changed::Nothing),
+        Op::GetLk { ino, lock } => {
+            (Reply::Lock(server.locks.test(v, s.to_real(e, *ino)?, s.id, lock, server.remote_locks().as_ref())?), Changed::Nothing)
+        }
         Op::SetLk { ino, lock } | Op::SetLkW { ino, lock } => {
             let real = s.to_real(e, *ino)?;
             if lock.typ != libc::F_UNLCK && server.in_lock_grace() {
                 return Err(FsError::new(libc::EAGAIN, "the server restarted: locks held before are being reclaimed (grace period)"));
             }
             let wait = matches!(req.op, Op::SetLkW { .. });
-            server.lock_freed(real, &server.locks.set_or_wait(v, real, s.id, lock, wait)?);
+            server.lock_freed(real, &server.locks.set_or_wait(v, real, s.id, lock, wait, server.remote_locks().as_ref())?);
             (Reply::Empty, Changed::Nothing)
         }
         Op::ReclaimLocks { locks } => {
@@ -892,7 +894,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
                     if s.read_only && lock.typ == libc::F_WRLCK {
                         return Err(erofs(s));
                     }
-                    server.locks.set(v, real, s.id, lock).map(|_| ())
+                    server.locks.set(v, real, s.id, lock, server.remote_locks().as_ref()).map(|_| ())
                 });
                 if let Err(err) = taken {
                     tracing::warn!(sandbox = %s.sandbox, session = s.id, ino, start = lock.start, end = lock.end, pid = lock.pid, "lock not reclaimed after the restart (its holder is told on its next lock call): {err}");
@@ -906,14 +908,14 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::ReleaseLease => {
             tracing::info!(sandbox = %s.sandbox, session = s.id, "lease released by the guest");
             s.set_lease(LeaseState::Released);
-            server.lock_freed_all(server.locks.release_session(s.id));
+            server.lock_freed_all(server.locks.release_session(s.id, server.remote_locks().as_ref()));
             let _ = e.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)");
             (Reply::Empty, Changed::Nothing)
         }
         Op::Unmounted => {
             tracing::info!(sandbox = %s.sandbox, session = s.id, "the guest unmounted this volume: session ended");
             s.set_lease(LeaseState::Released);
-            server.locks.release_session(s.id);
+            server.locks.release_session(s.id, server.remote_locks().as_ref());
             // The kernel released every file before the unmount completed; whatever the guest
             // still claims to hold goes now. The session itself is dropped once the reply is out.
             s.release_handles(e);
