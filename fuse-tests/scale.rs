@@ -37,6 +37,34 @@ fn shared_store(name: &str) -> Option<(String, String, Shared)> {
     Some((meta, blocks, Shared(dir)))
 }
 
+/// Two servers on one store (`extra` arguments for both), volume `shared` made through the
+/// first, a sandbox on each with it mounted at `m1` and `m2`. The agents stop before the
+/// servers.
+struct Two {
+    a1: Option<Agent>,
+    a2: Option<Agent>,
+    m1: PathBuf,
+    m2: PathBuf,
+    c1: Cluster,
+    c2: Cluster,
+}
+
+fn two_servers(meta: &str, blocks: &str, extra: &[&str]) -> Two {
+    let mut args = vec!["--meta", meta, "--blocks", blocks];
+    args.extend_from_slice(extra);
+    let c1 = Cluster::with_server_args(&args);
+    let c2 = Cluster::with_server_args(&args);
+    c1.create_volume("shared", Some("256MiB"));
+    assert!(c2.volume("shared").is_some(), "a volume made through one server is there through the other");
+    let (s1, s2) = (c1.sandbox("sb-one"), c2.sandbox("sb-two"));
+    let (m1, m2) = (c1.path("m1"), c2.path("m2"));
+    c1.attach("sb-one", "shared", &m1, &[]);
+    c2.attach("sb-two", "shared", &m2, &[]);
+    let a1 = Some(c1.start_agent(&s1, &[&m1]));
+    let a2 = Some(c2.start_agent(&s2, &[&m2]));
+    Two { a1, a2, m1, m2, c1, c2 }
+}
+
 fn pattern(n: usize, seed: u64) -> Vec<u8> {
     let mut r = Rng(seed | 1);
     (0..n).map(|_| r.next() as u8).collect()
@@ -49,17 +77,8 @@ fn two_servers_one_store_serve_the_same_volume() {
         eprintln!("SKIPPED: needs PostgreSQL (VOLUMEFS_TEST_PG; scripts/test.sh starts one as root)");
         return;
     };
-    let args = ["--meta", meta.as_str(), "--blocks", blocks.as_str()];
-    let mut c1 = Cluster::with_server_args(&args);
-    let c2 = Cluster::with_server_args(&args);
-    c1.create_volume("shared", Some("256MiB"));
-    assert!(c2.volume("shared").is_some(), "a volume made through one server is there through the other");
-    let (s1, s2) = (c1.sandbox("sb-one"), c2.sandbox("sb-two"));
-    let (m1, m2) = (c1.path("m1"), c2.path("m2"));
-    c1.attach("sb-one", "shared", &m1, &[]);
-    c2.attach("sb-two", "shared", &m2, &[]);
-    let a1 = c1.start_agent(&s1, &[&m1]);
-    let a2 = c2.start_agent(&s2, &[&m2]);
+    let mut t = two_servers(&meta, &blocks, &[]);
+    let (m1, m2) = (t.m1.clone(), t.m2.clone());
 
     // A write through a sandbox on one server reads back exactly through the other.
     let data = pattern(5 << 20, 11);
@@ -78,6 +97,19 @@ fn two_servers_one_store_serve_the_same_volume() {
     assert_bytes_eq("read back on one", &fs::read(m1.join("f")).unwrap(), &want);
     fs::create_dir(m2.join("made-on-two")).unwrap();
     assert!(eventually(Duration::from_secs(5), || m1.join("made-on-two").is_dir()).is_some(), "a new name shows on one");
+
+    // What one's guest holds for a minute (attributes, names) is pushed out within seconds when
+    // the other server changes it: servers announce their commits to each other.
+    let len = fs::metadata(m1.join("f")).unwrap().len();
+    let mut g = fs::OpenOptions::new().append(true).open(m2.join("f")).unwrap();
+    g.write_all(b"more").unwrap();
+    drop(g);
+    assert!(
+        eventually(Duration::from_secs(5), || fs::metadata(m1.join("f")).map(|m| m.len()).ok() == Some(len + 4)).is_some(),
+        "one's cached size of f was not updated"
+    );
+    fs::remove_dir(m2.join("made-on-two")).unwrap();
+    assert!(eventually(Duration::from_secs(5), || !m1.join("made-on-two").exists()).is_some(), "one still sees a removed name");
 
     // Server one dies (-9) in the middle of a stream of writes: every byte fsync'd before is
     // there, through server two.
@@ -98,20 +130,20 @@ fn two_servers_one_store_serve_the_same_volume() {
         })
     };
     std::thread::sleep(Duration::from_millis(150));
-    c1.kill_server();
+    t.c1.kill_server();
     let seen = fs::read(m2.join("log")).unwrap();
     assert!(seen.len() >= synced.len(), "the log lost fsync'd bytes: {} < {}", seen.len(), synced.len());
     assert_bytes_eq("fsync'd bytes through the surviving server", &seen[..synced.len()], &synced);
     assert!(seen[synced.len()..].iter().all(|b| *b == b'x'), "what came after is what was written");
     // Server one comes back and its sandbox's writer carries on where it was held.
-    c1.start_server();
+    t.c1.start_server();
     writer.join().expect("the writer on the restarted server");
     drop(log);
     let total = fs::read(m2.join("log")).unwrap();
     assert_bytes_eq("the log's fsync'd start", &total[..synced.len()], &synced);
-    drop(a1);
-    drop(a2);
-    assert!(c1.fsck_problems().is_empty(), "{:?}", c1.fsck_problems());
+    t.a1.take();
+    t.a2.take();
+    assert!(t.c2.fsck_problems().is_empty(), "{:?}", t.c2.fsck_problems());
 }
 
 /// fcntl(F_SETLK) on `f`: `typ` over `[start, start+len)`.
@@ -148,16 +180,8 @@ fn locks_exclude_across_servers_and_a_dead_servers_locks_expire() {
         eprintln!("SKIPPED: needs PostgreSQL (VOLUMEFS_TEST_PG; scripts/test.sh starts one as root)");
         return;
     };
-    let args = ["--meta", meta.as_str(), "--blocks", blocks.as_str(), "--lease-ttl", "3"];
-    let mut c1 = Cluster::with_server_args(&args);
-    let c2 = Cluster::with_server_args(&args);
-    c1.create_volume("shared", None);
-    let (s1, s2) = (c1.sandbox("sb-one"), c2.sandbox("sb-two"));
-    let (m1, m2) = (c1.path("m1"), c2.path("m2"));
-    c1.attach("sb-one", "shared", &m1, &[]);
-    c2.attach("sb-two", "shared", &m2, &[]);
-    let a1 = c1.start_agent(&s1, &[&m1]);
-    let a2 = c2.start_agent(&s2, &[&m2]);
+    let mut t = two_servers(&meta, &blocks, &["--lease-ttl", "3"]);
+    let (m1, m2) = (t.m1.clone(), t.m2.clone());
     fs::write(m1.join("lockme"), b"data").unwrap();
     let rw = |p: &std::path::Path| fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
     let f1 = rw(&m1.join("lockme"));
@@ -185,15 +209,15 @@ fn locks_exclude_across_servers_and_a_dead_servers_locks_expire() {
     // A server that dies holds nothing once its heartbeat is a lease TTL old.
     // (The flock's release reaches the store just after the close returns.)
     assert!(eventually(Duration::from_secs(5), || setlk(&f1, libc::F_WRLCK, 1000, 100).is_ok()).is_some());
-    c1.kill_server();
+    t.c1.kill_server();
     assert_errno("held while the server may live", setlk(&f2, libc::F_WRLCK, 1000, 10), libc::EAGAIN);
     assert!(
         eventually(Duration::from_secs(15), || setlk(&f2, libc::F_WRLCK, 1000, 10).is_ok()).is_some(),
         "the dead server's lock expired"
     );
-    c1.start_server();
+    t.c1.start_server();
     drop(f1);
     drop(f2);
-    drop(a1);
-    drop(a2);
+    t.a1.take();
+    t.a2.take();
 }

@@ -173,6 +173,60 @@ impl Event {
     }
 }
 
+/// What other servers sharing the store are told of a transaction's changes (see
+/// [`parse_announcement`]): `ORIGIN VOL` then `i<ino>` for each inode whose data or
+/// attributes changed and `e<dir>:<hex name>` for each name made, removed or moved. Names are
+/// at most 255 bytes and a transaction changes a handful, so this stays far under PostgreSQL's
+/// 8000 bytes.
+pub(super) fn announcement(origin: &str, vol: VolId, events: &[Event]) -> String {
+    let mut s = format!("{origin} {vol}");
+    let hex = |n: &[u8]| n.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    for ev in events {
+        match ev {
+            Event::Name { ino, dir, name, .. } => s += &format!(" i{ino} i{dir} e{dir}:{}", hex(name)),
+            Event::Move { ino, dir, name, new_dir, new_name, .. } => {
+                s += &format!(" i{ino} i{dir} i{new_dir} e{dir}:{} e{new_dir}:{}", hex(name), hex(new_name))
+            }
+            Event::Modify { ino, .. } => s += &format!(" i{ino}"),
+        }
+    }
+    s
+}
+
+/// A change another server announced: its origin, the volume, the inodes and the names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announced {
+    pub origin: String,
+    pub vol: VolId,
+    pub inodes: Vec<Ino>,
+    pub names: Vec<(Ino, Vec<u8>)>,
+}
+
+/// Reads an [`announcement`]; `None` for anything else (another version's, a stranger's).
+pub fn parse_announcement(s: &str) -> Option<Announced> {
+    let mut words = s.split(' ');
+    let origin = words.next()?.to_string();
+    let vol = words.next()?.parse().ok()?;
+    let mut a = Announced { origin, vol, inodes: Vec::new(), names: Vec::new() };
+    for w in words {
+        if let Some(i) = w.strip_prefix('i') {
+            a.inodes.push(i.parse().ok()?);
+        } else if let Some(e) = w.strip_prefix('e') {
+            let (dir, hex) = e.split_once(':')?;
+            if hex.len() % 2 != 0 {
+                return None;
+            }
+            let name = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect::<Option<Vec<u8>>>()?;
+            a.names.push((dir.parse().ok()?, name));
+        } else {
+            return None;
+        }
+    }
+    a.inodes.sort_unstable();
+    a.inodes.dedup();
+    Some(a)
+}
+
 /// The path of `ino` from the volume root through its oldest names, or `None` if some inode on
 /// the way has no name.
 fn path_of(t: &mut dyn MetaTxn, vol: VolId, ino: Ino) -> FsResult<Option<Vec<u8>>> {
@@ -255,6 +309,11 @@ impl Engine {
             let out = f(t, &mut events)?;
             super::record_replay(t, &out)?;
             super::tell_observer(t, vol, &events)?;
+            if let Some(origin) = self.origin() {
+                if !events.is_empty() {
+                    t.announce(&announcement(origin, vol, &events))?;
+                }
+            }
             let logged = if events.is_empty() { Logged::default() } else { self.log_events(t, vol, events)? };
             Ok((out, logged))
         })?;
@@ -386,5 +445,27 @@ impl Engine {
         st.seen.remove(&vol);
         drop(st);
         self.changelog.notifier.bump();
+    }
+}
+
+#[cfg(test)]
+mod announcement_tests {
+    use super::*;
+
+    #[test]
+    fn announcements_read_back_and_strangers_are_refused() {
+        let events = vec![
+            Event::name(ChangeKind::Create, Kind::File, 12, 1, b"a b\xff"),
+            Event::Move { node: Kind::Dir, ino: 13, dir: 1, name: b"x".to_vec(), new_dir: 12, new_name: b"y".to_vec() },
+            Event::Modify { node: Kind::File, ino: 12 },
+        ];
+        let s = announcement("srv1", 7, &events);
+        let a = parse_announcement(&s).unwrap();
+        assert_eq!((a.origin.as_str(), a.vol), ("srv1", 7));
+        assert_eq!(a.inodes, vec![1, 12, 13]);
+        assert_eq!(a.names, vec![(1, b"a b\xff".to_vec()), (1, b"x".to_vec()), (12, b"y".to_vec())]);
+        for bad in ["", "srv", "srv x", "srv 1 q3", "srv 1 e1:abc", "srv 1 e1:zz", "srv 1 ix"] {
+            assert_eq!(parse_announcement(bad), None, "{bad:?}");
+        }
     }
 }

@@ -228,6 +228,19 @@ pub trait MetaStore: Send + Sync {
 
     /// Makes every committed transaction durable (called by fsync).
     fn sync(&self) -> FsResult<()>;
+
+    /// A listener for what other servers sharing this store announce with
+    /// [`MetaTxn::announce`]; `None` for a store only this server uses.
+    fn listen(&self) -> FsResult<Option<Box<dyn Listener>>> {
+        Ok(None)
+    }
+}
+
+/// Announcements of other servers' changes, in commit order (see [`MetaStore::listen`]).
+pub trait Listener: Send {
+    /// Waits at most `timeout` for announcements; an error means the connection broke (some
+    /// may have been missed: make a new listener).
+    fn wait(&mut self, timeout: std::time::Duration) -> FsResult<Vec<String>>;
 }
 
 /// The primitives available inside a transaction.
@@ -326,22 +339,15 @@ pub trait MetaTxn {
     /// many servers went.
     fn sweep_servers(&mut self, before: Timespec) -> FsResult<u64>;
     /// The first lock on the file held through a server other than `server` and seen since
-    /// `alive` that conflicts with `[start, end]` of type `typ` (any lock conflicts with a
-    /// write lock; read locks share).
-    fn lock_conflict(
-        &mut self,
-        server: &str,
-        alive: Timespec,
-        vol: VolId,
-        ino: Ino,
-        start: u64,
-        end: u64,
-        typ: i32,
-    ) -> FsResult<Option<LockRow>>;
+    /// `alive` that conflicts with `want` (any lock conflicts with a write lock; read locks
+    /// share).
+    fn lock_conflict(&mut self, server: &str, alive: Timespec, vol: VolId, ino: Ino, want: &LockRow) -> FsResult<Option<LockRow>>;
     /// Replaces the locks on the file held through `server` with `held`.
     fn put_server_locks(&mut self, server: &str, vol: VolId, ino: Ino, held: &[LockRow]) -> FsResult<()>;
-    /// Removes every lock held through `server` (it starts afresh).
-    fn drop_server_locks(&mut self, server: &str) -> FsResult<()>;
+
+    /// Tells the other servers sharing the store `message`, when (and only if) this
+    /// transaction commits; nothing for a store only this server uses.
+    fn announce(&mut self, message: &str) -> FsResult<()>;
 
     /// A store-wide setting (see [`super::Engine::open_store`]'s pairing of stores).
     fn get_setting(&mut self, key: &str) -> FsResult<Option<String>>;

@@ -39,8 +39,8 @@ pub mod sqlite;
 use crate::fs::*;
 use acl::Acl;
 use blob::BlobStore;
+pub use changelog::{parse_announcement, Announced, ChangeNotifier, ChangeRetention};
 use changelog::{ChangeLog, Event};
-pub use changelog::{ChangeNotifier, ChangeRetention};
 pub use meta::{Change, ChangeKind, Changes};
 use meta::{DentryRow, MetaStore, MetaTxn, SliceRow, VolId};
 use std::collections::HashMap;
@@ -100,6 +100,9 @@ pub struct Engine {
     /// volume: nothing this server remembers about a volume between requests is trusted
     /// (see [`Engine::shared`]). Moves with every [`Engine::scope_epoch`] call when set.
     shared: Option<std::sync::atomic::AtomicU64>,
+    /// With a shared store, the id this server's announcements carry (see
+    /// [`Engine::set_origin`]).
+    origin: std::sync::OnceLock<String>,
 }
 
 /// Told the attributes of every inode that a mutation on its thread changes, inside the
@@ -465,6 +468,7 @@ impl Engine {
             meta,
             data,
             shared: None,
+            origin: std::sync::OnceLock::new(),
             open: Mutex::new(OpenTable::default()),
             scope_epochs: Mutex::default(),
             changelog: ChangeLog::default(),
@@ -510,6 +514,25 @@ impl Engine {
         Ok(e)
     }
 
+    /// With a shared store: from now on every change is announced to the other servers
+    /// (delivered when its transaction commits), tagged `id` so that this server can tell its
+    /// own announcements from theirs.
+    pub fn set_origin(&self, id: &str) {
+        if self.shared() {
+            let _ = self.origin.set(id.to_string());
+        }
+    }
+
+    fn origin(&self) -> Option<&str> {
+        self.origin.get().map(String::as_str)
+    }
+
+    /// A listener for the other servers' announcements ([`changelog::parse_announcement`]
+    /// reads them); `None` with a store only this server uses.
+    pub fn listen(&self) -> FsResult<Option<Box<dyn meta::Listener>>> {
+        self.meta.listen()
+    }
+
     /// Whether other servers may change this engine's volumes (its metadata is in a store they
     /// share): then a session cannot rely on pushes alone to hear of changes.
     pub fn shared(&self) -> bool {
@@ -543,7 +566,7 @@ impl Engine {
         let alive = Timespec { sec: now.sec - ttl.as_secs() as i64, nsec: now.nsec };
         self.tx(|t| {
             if let Some(l) = check {
-                if let Some(c) = t.lock_conflict(server, alive, vol, ino, l.start, l.end, l.typ)? {
+                if let Some(c) = t.lock_conflict(server, alive, vol, ino, l)? {
                     return Ok(Some(c));
                 }
             }
@@ -563,7 +586,15 @@ impl Engine {
     ) -> FsResult<Option<meta::LockRow>> {
         let now = Timespec::now();
         let alive = Timespec { sec: now.sec - ttl.as_secs() as i64, nsec: now.nsec };
-        self.tx(|t| t.lock_conflict(server, alive, vol, ino, l.start, l.end, l.typ))
+        self.tx(|t| t.lock_conflict(server, alive, vol, ino, l))
+    }
+
+    /// The block cache's counters, with a block store.
+    pub fn block_cache_stats(&self) -> Option<blocks::CacheStats> {
+        match &self.data {
+            Data::Bytes(_) => None,
+            Data::Blocks(b) => Some(b.cache_stats()),
+        }
     }
 
     /// Whether file data lives as shared blocks (clone, gc and fsck of blocks need them).

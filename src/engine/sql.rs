@@ -11,6 +11,145 @@
 use super::meta::*;
 use crate::fs::{Attr, FsError, FsResult, Ino, Kind, Timespec};
 
+/// The schema, in the words both stores share, with what each spells its own way left as
+/// `{int}` (a 64-bit integer), `{bytes}` (a byte string), `{id}` (an integer key the store
+/// chooses, never reused) and `{norowid}` (SQLite's clustered tables). Every statement is
+/// idempotent: it runs at every open, and that is how a store gains what a newer version adds.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS volumes (
+    id {id},
+    name TEXT NOT NULL UNIQUE,
+    cap {int} NOT NULL,
+    used {int} NOT NULL DEFAULT 0,
+    next_ino {int} NOT NULL DEFAULT 2,
+    inodes {int} NOT NULL DEFAULT 1,
+    created {int} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inodes (
+    vol {int} NOT NULL,
+    ino {int} NOT NULL,
+    kind {int} NOT NULL,
+    -- permission bits (0o7777), and above them (bit 16 up) the ACL marks of Attr::acl:
+    -- rows written before ACLs have none, so no migration was needed.
+    perm {int} NOT NULL,
+    nlink {int} NOT NULL,
+    uid {int} NOT NULL,
+    gid {int} NOT NULL,
+    size {int} NOT NULL,
+    alloc {int} NOT NULL DEFAULT 0,
+    xattrs {int} NOT NULL DEFAULT 0,
+    atime {int} NOT NULL,
+    mtime {int} NOT NULL,
+    ctime {int} NOT NULL,
+    rdev {int} NOT NULL,
+    target {bytes},
+    PRIMARY KEY (vol, ino)
+);
+CREATE INDEX IF NOT EXISTS inodes_orphans ON inodes (nlink) WHERE nlink = 0;
+CREATE TABLE IF NOT EXISTS dentries (
+    id {id},
+    vol {int} NOT NULL,
+    parent {int} NOT NULL,
+    name {bytes} NOT NULL,
+    ino {int} NOT NULL,
+    kind {int} NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS dentries_name ON dentries (vol, parent, name);
+CREATE INDEX IF NOT EXISTS dentries_ino ON dentries (vol, ino);
+CREATE TABLE IF NOT EXISTS xattrs (
+    vol {int} NOT NULL,
+    ino {int} NOT NULL,
+    name {bytes} NOT NULL,
+    value {bytes} NOT NULL,
+    PRIMARY KEY (vol, ino, name)
+);
+CREATE TABLE IF NOT EXISTS extents (
+    vol {int} NOT NULL,
+    ino {int} NOT NULL,
+    start {int} NOT NULL,
+    stop {int} NOT NULL,
+    PRIMARY KEY (vol, ino, start)
+){norowid};
+CREATE TABLE IF NOT EXISTS replays (
+    session {int} NOT NULL,
+    seq {int} NOT NULL,
+    a {int} NOT NULL,
+    b {int} NOT NULL,
+    time {int} NOT NULL,
+    PRIMARY KEY (session, seq)
+){norowid};
+CREATE TABLE IF NOT EXISTS slices (
+    id {id},
+    vol {int} NOT NULL,
+    ino {int} NOT NULL,
+    off {int} NOT NULL,
+    len {int} NOT NULL,
+    block {bytes},
+    block_off {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS slices_ino ON slices (vol, ino, id);
+CREATE INDEX IF NOT EXISTS slices_block ON slices (block);
+CREATE TABLE IF NOT EXISTS servers (
+    id TEXT PRIMARY KEY,
+    seen {int} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS locks (
+    server TEXT NOT NULL,
+    vol {int} NOT NULL,
+    ino {int} NOT NULL,
+    owner {int} NOT NULL,
+    start {int} NOT NULL,
+    stop {int} NOT NULL,
+    typ {int} NOT NULL,
+    pid {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS locks_file ON locks (vol, ino);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    default_cap {int} NOT NULL,
+    created {int} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    name TEXT PRIMARY KEY,
+    created {int} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attachments (
+    id {id},
+    sandbox TEXT NOT NULL,
+    vol {int} NOT NULL,
+    path TEXT NOT NULL,
+    read_only {int} NOT NULL,
+    subpath TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS changes (
+    id {id},
+    vol {int} NOT NULL,
+    kind {int} NOT NULL,
+    node {int} NOT NULL,
+    ino {int} NOT NULL,
+    path {bytes} NOT NULL,
+    from_path {bytes},
+    time {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_vol ON changes (vol, id);
+CREATE TABLE IF NOT EXISTS changes_pruned (
+    vol {int} PRIMARY KEY,
+    through {int} NOT NULL
+);
+";
+
+/// [`SCHEMA`] in one store's words.
+pub(super) fn schema(int: &str, bytes: &str, id: &str, norowid: &str) -> String {
+    SCHEMA.replace("{int}", int).replace("{bytes}", bytes).replace("{id}", id).replace("{norowid}", norowid)
+}
+
 /// A statement parameter.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Val<'a> {
@@ -79,6 +218,8 @@ pub(super) trait SqlConn {
     fn exec(&mut self, sql: &'static str, params: &[Val]) -> FsResult<u64>;
     /// Runs a query and hands each row to `each`, in order.
     fn query(&mut self, sql: &'static str, params: &[Val], each: &mut dyn FnMut(&dyn SqlRow) -> FsResult<()>) -> FsResult<()>;
+    /// [`MetaTxn::announce`]: a store shared by servers has a way; SQLite has none to need.
+    fn announce(&mut self, message: &str) -> FsResult<()>;
 }
 
 impl dyn SqlConn + '_ {
@@ -625,16 +766,7 @@ impl MetaTxn for SqlTxn<'_> {
         self.0.exec("DELETE FROM servers WHERE seen < ?1", &[before.to_nanos().into()])
     }
 
-    fn lock_conflict(
-        &mut self,
-        server: &str,
-        alive: Timespec,
-        vol: VolId,
-        ino: Ino,
-        start: u64,
-        end: u64,
-        typ: i32,
-    ) -> FsResult<Option<LockRow>> {
+    fn lock_conflict(&mut self, server: &str, alive: Timespec, vol: VolId, ino: Ino, want: &LockRow) -> FsResult<Option<LockRow>> {
         self.0.first(
             "SELECT l.owner, l.start, l.stop, l.typ, l.pid FROM locks l JOIN servers s ON s.id = l.server
              WHERE l.vol = ?1 AND l.ino = ?2 AND l.server <> ?3 AND s.seen >= ?4 AND l.start <= ?6 AND ?5 <= l.stop
@@ -644,9 +776,9 @@ impl MetaTxn for SqlTxn<'_> {
                 ino.into(),
                 server.into(),
                 alive.to_nanos().into(),
-                start.into(),
-                end.into(),
-                (typ as i64).into(),
+                want.start.into(),
+                want.end.into(),
+                (want.typ as i64).into(),
                 (libc::F_WRLCK as i64).into(),
             ],
             row_lock,
@@ -673,9 +805,8 @@ impl MetaTxn for SqlTxn<'_> {
         Ok(())
     }
 
-    fn drop_server_locks(&mut self, server: &str) -> FsResult<()> {
-        self.0.exec("DELETE FROM locks WHERE server = ?1", &[server.into()])?;
-        Ok(())
+    fn announce(&mut self, message: &str) -> FsResult<()> {
+        self.0.announce(message)
     }
 
     fn get_setting(&mut self, key: &str) -> FsResult<Option<String>> {

@@ -19,140 +19,6 @@ pub struct SqliteMeta {
     wal: PathBuf,
 }
 
-/// The schema, run at every open. Every statement is idempotent, and that is how the schema is
-/// upgraded: a data directory made by an older version gains the tables and indexes it lacks
-/// (the change log came that way). A change that is not purely additive (a new column, a new
-/// meaning) will need a versioned step (`PRAGMA user_version`).
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS volumes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    cap INTEGER NOT NULL,
-    used INTEGER NOT NULL DEFAULT 0,
-    next_ino INTEGER NOT NULL DEFAULT 2,
-    inodes INTEGER NOT NULL DEFAULT 1,
-    created INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS inodes (
-    vol INTEGER NOT NULL,
-    ino INTEGER NOT NULL,
-    kind INTEGER NOT NULL,
-    -- permission bits (0o7777), and above them (bit 16 up) the ACL marks of Attr::acl:
-    -- rows written before ACLs have none, so no migration was needed.
-    perm INTEGER NOT NULL,
-    nlink INTEGER NOT NULL,
-    uid INTEGER NOT NULL,
-    gid INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    alloc INTEGER NOT NULL DEFAULT 0,
-    xattrs INTEGER NOT NULL DEFAULT 0,
-    atime INTEGER NOT NULL,
-    mtime INTEGER NOT NULL,
-    ctime INTEGER NOT NULL,
-    rdev INTEGER NOT NULL,
-    target BLOB,
-    PRIMARY KEY (vol, ino)
-);
-CREATE INDEX IF NOT EXISTS inodes_orphans ON inodes (nlink) WHERE nlink = 0;
-CREATE TABLE IF NOT EXISTS dentries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    vol INTEGER NOT NULL,
-    parent INTEGER NOT NULL,
-    name BLOB NOT NULL,
-    ino INTEGER NOT NULL,
-    kind INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS dentries_name ON dentries (vol, parent, name);
-CREATE INDEX IF NOT EXISTS dentries_ino ON dentries (vol, ino);
-CREATE TABLE IF NOT EXISTS xattrs (
-    vol INTEGER NOT NULL,
-    ino INTEGER NOT NULL,
-    name BLOB NOT NULL,
-    value BLOB NOT NULL,
-    PRIMARY KEY (vol, ino, name)
-);
-CREATE TABLE IF NOT EXISTS extents (
-    vol INTEGER NOT NULL,
-    ino INTEGER NOT NULL,
-    start INTEGER NOT NULL,
-    stop INTEGER NOT NULL,
-    PRIMARY KEY (vol, ino, start)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS replays (
-    session INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    a INTEGER NOT NULL,
-    b INTEGER NOT NULL,
-    time INTEGER NOT NULL,
-    PRIMARY KEY (session, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS slices (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    vol INTEGER NOT NULL,
-    ino INTEGER NOT NULL,
-    off INTEGER NOT NULL,
-    len INTEGER NOT NULL,
-    block BLOB,
-    block_off INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS slices_ino ON slices (vol, ino, id);
-CREATE INDEX IF NOT EXISTS slices_block ON slices (block);
-CREATE TABLE IF NOT EXISTS servers (
-    id TEXT PRIMARY KEY,
-    seen INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS locks (
-    server TEXT NOT NULL,
-    vol INTEGER NOT NULL,
-    ino INTEGER NOT NULL,
-    owner INTEGER NOT NULL,
-    start INTEGER NOT NULL,
-    stop INTEGER NOT NULL,
-    typ INTEGER NOT NULL,
-    pid INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS locks_file ON locks (vol, ino);
-CREATE TABLE IF NOT EXISTS settings (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tenants (
-    name TEXT PRIMARY KEY,
-    token_sha256 TEXT NOT NULL UNIQUE,
-    default_cap INTEGER NOT NULL,
-    created INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sandboxes (
-    name TEXT PRIMARY KEY,
-    created INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS attachments (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    sandbox TEXT NOT NULL,
-    vol INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    read_only INTEGER NOT NULL,
-    subpath TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS changes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    vol INTEGER NOT NULL,
-    kind INTEGER NOT NULL,
-    node INTEGER NOT NULL,
-    ino INTEGER NOT NULL,
-    path BLOB NOT NULL,
-    from_path BLOB,
-    time INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS changes_vol ON changes (vol, id);
-CREATE TABLE IF NOT EXISTS changes_pruned (
-    vol INTEGER PRIMARY KEY,
-    through INTEGER NOT NULL
-);
-";
-
 fn db_err(e: rusqlite::Error) -> FsError {
     FsError::new(libc::EIO, format!("metadata store: {e}"))
 }
@@ -162,7 +28,8 @@ impl SqliteMeta {
         let conn = Connection::open(path).map_err(db_err)?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=OFF; PRAGMA busy_timeout=5000;")
             .map_err(db_err)?;
-        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        conn.execute_batch(&super::sql::schema("INTEGER", "BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT", " WITHOUT ROWID"))
+            .map_err(db_err)?;
         // Data directories from before files were charged for stored bytes (not apparent size)
         // gain `inodes.alloc`, and each file one stored range covering it, which is what it cost
         // then: usage stays the same.
@@ -255,6 +122,10 @@ impl SqlRow for Row<'_> {
 }
 
 impl SqlConn for SqliteConn<'_> {
+    fn announce(&mut self, _: &str) -> FsResult<()> {
+        Ok(())
+    }
+
     fn exec(&mut self, sql: &'static str, params: &[Val]) -> FsResult<u64> {
         let mut st = self.0.prepare_cached(sql).map_err(db_err)?;
         Ok(st.execute(rusqlite::params_from_iter(params)).map_err(db_err)? as u64)

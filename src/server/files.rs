@@ -517,7 +517,7 @@ impl Server {
         }
     }
 
-    fn invalidate_inode(&self, vol: VolId, ino: Ino) {
+    pub(super) fn invalidate_inode(&self, vol: VolId, ino: Ino) {
         for s in self.peers(vol, 0) {
             s.invalidate_inode(ino);
         }

@@ -101,6 +101,7 @@ impl From<FsError> for ApiError {
             libc::EACCES | libc::EPERM => (StatusCode::FORBIDDEN, "PermissionDenied"),
             libc::EDQUOT | libc::ENOSPC => (StatusCode::INSUFFICIENT_STORAGE, "VolumeFull"),
             libc::EFBIG => (StatusCode::PAYLOAD_TOO_LARGE, "TooLarge"),
+            libc::EOPNOTSUPP => (StatusCode::NOT_IMPLEMENTED, "NotSupported"),
             libc::EHOSTUNREACH | libc::ETIMEDOUT | libc::ENOTCONN => (StatusCode::BAD_GATEWAY, "Unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         };

@@ -197,6 +197,59 @@ fn start_heartbeat(server: &Arc<Server>) -> FsResult<()> {
     Ok(())
 }
 
+/// With a shared store, other servers' changes reach this server's sessions as its own do: a
+/// listener hears their announcements (sent at their commits, in commit order) and pushes the
+/// names and inodes they name to every session of the volume. A broken listening connection
+/// is replaced; what was announced meanwhile is missed, which only delays (guests' caches
+/// expire within the attribute TTL, and every open drops the file's cached pages).
+fn start_listener(server: &Arc<Server>) {
+    if !server.engine.shared() {
+        return;
+    }
+    let weak = Arc::downgrade(server);
+    std::thread::Builder::new()
+        .name("store-listener".into())
+        .spawn(move || loop {
+            let Some(s) = weak.upgrade() else { return };
+            let listener = s.engine.listen();
+            drop(s);
+            let mut l = match listener {
+                Ok(Some(l)) => l,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("listening to the shared store: {e}; trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            loop {
+                let got = l.wait(Duration::from_secs(1));
+                let Some(s) = weak.upgrade() else { return };
+                match got {
+                    Ok(messages) => {
+                        for m in messages {
+                            match crate::engine::parse_announcement(&m) {
+                                Some(a) if a.origin != s.server_id => {
+                                    s.invalidate(a.vol, &a.names);
+                                    for ino in a.inodes {
+                                        s.invalidate_inode(a.vol, ino);
+                                    }
+                                }
+                                Some(_) => {}
+                                None => tracing::warn!(message = %m, "an announcement this server does not understand"),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("listening to the shared store: {e}; reconnecting");
+                        break;
+                    }
+                }
+            }
+        })
+        .expect("spawn the store listener thread");
+}
+
 /// With a block store, garbage collection runs every hour (blocks unreferenced for an hour go):
 /// what deleted files, truncates, overwrites and crashed writes left behind.
 fn start_gc(server: &Arc<Server>) {
@@ -331,6 +384,8 @@ impl Server {
         start_orphan_reclaim(&server);
         start_gc(&server);
         start_heartbeat(&server)?;
+        server.engine.set_origin(&server.server_id);
+        start_listener(&server);
         tus::start_expiry(&server);
         tracing::info!(data = %server.config.data.display(), pid = std::process::id(), "server started");
         Ok(server)

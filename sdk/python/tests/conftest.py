@@ -50,19 +50,17 @@ class Server:
             return ""
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The real server on a fresh data directory and ``--http 127.0.0.1:0``; killed by its PID
-    at the end of the session."""
+def run_server(base: pathlib.Path, extra: List[str]) -> Iterator[Server]:
+    """A real server on a fresh data directory under ``base`` and ``--http 127.0.0.1:0``
+    (with ``extra`` arguments); killed by its PID when the generator closes."""
     binary = volumefs_bin()
     if not binary.exists():
         raise RuntimeError(f"no server binary at {binary}: build it (cargo build --bin volumefs) or set VOLUMEFS_BIN")
-    base = tmp_path_factory.mktemp("volumefs")
     data = base / "data"
     log = base / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(binary), "server", "--data", str(data), "--http", "127.0.0.1:0"],
+            [str(binary), "server", "--data", str(data), "--http", "127.0.0.1:0", *extra],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -96,6 +94,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real server on the embedded default store, for the whole session."""
+    yield from run_server(tmp_path_factory.mktemp("volumefs"), [])
+
+
+@pytest.fixture(scope="session")
+def block_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A second real server whose file data is blocks in a local directory (clone, gc)."""
+    base = tmp_path_factory.mktemp("volumefs-blocks")
+    yield from run_server(base, ["--blocks", f"file://{base / 'blocks'}"])
 
 
 @pytest.fixture

@@ -292,3 +292,18 @@ async def test_class_methods_use_the_default_async_client(server: Server, monkey
         await v.delete()
     finally:
         await aio.default_async_client().aclose()
+
+
+async def test_async_clone_fsck_and_gc(block_server: Server) -> None:
+    async with AsyncClient(block_server.url, block_server.token) as c:
+        src = await c.volumes.create(unique("asrc"), cap="16MiB")
+        await src.files.write("/f", b"one")
+        copy = await src.clone(unique("acopy"))
+        assert isinstance(copy, AsyncVolume) and await copy.files.read("/f") == b"one"
+        await copy.files.write("/f", b"two")
+        assert await src.files.read("/f") == b"one"
+        assert (await copy.fsck()).clean and (await src.fsck()).clean
+        await src.delete()
+        assert (await c.gc(grace=0)).deleted >= 1
+        assert await copy.files.read("/f") == b"two"
+        await copy.delete()

@@ -150,3 +150,44 @@ def test_unknown_routes_and_names_are_not_found(client: volumefs.Client) -> None
         client.volume(unique("none")).files.stat("/")
     with pytest.raises(volumefs.InvalidArgument):
         client.volume("").info()
+
+
+def test_clone_diverges_fsck_is_clean_and_gc_collects(block_server: Server) -> None:
+    with volumefs.Client(block_server.url, block_server.token) as c:
+        src = c.volumes.create(unique("src"), cap="64MiB")
+        src.files.write("/a.txt", "first")
+        src.files.write("/d/big.bin", b"\x07" * (3 << 20))
+        used = src.info().used_bytes
+
+        copy = src.clone(unique("copy"))
+        assert isinstance(copy, Volume) and copy.last_info is not None
+        assert (copy.last_info.used_bytes, copy.last_info.cap_bytes) == (used, 64 << 20)
+        assert copy.files.read("/a.txt") == b"first"
+        assert copy.files.read("/d/big.bin") == b"\x07" * (3 << 20)
+
+        copy.files.write("/a.txt", "changed")
+        copy.files.remove("/d/big.bin")
+        assert src.files.read("/a.txt") == b"first"
+        assert src.files.exists("/d/big.bin") and not copy.files.exists("/d/big.bin")
+        assert copy.info().used_bytes < used
+
+        with pytest.raises(volumefs.AlreadyExists):
+            src.clone(copy.name)
+        report = copy.fsck()
+        assert isinstance(report, volumefs.FsckReport) and report.clean, report
+        assert (report.volume, report.blocks) == (copy.name, 1)
+
+        src.delete()
+        gc = c.gc(grace=0)
+        assert isinstance(gc, volumefs.GcReport)
+        assert gc.deleted >= 2 and gc.deleted_bytes >= 3 << 20, gc
+        assert copy.files.read("/a.txt") == b"changed" and copy.fsck().clean
+        copy.delete()
+
+
+def test_clone_needs_a_block_store(client: volumefs.Client, vol: Volume) -> None:
+    with pytest.raises(volumefs.NotSupported) as e:
+        vol.clone(unique("copy"))
+    assert e.value.status == 501 and "block store" in str(e.value)
+    assert vol.fsck().clean and vol.fsck().blocks == 0
+    assert client.gc().deleted == 0

@@ -60,6 +60,7 @@ from .errors import (
     TooLarge,
     Unauthorized,
     Unavailable,
+    NotSupported,
     VolumeFull,
     VolumefsError,
 )
@@ -70,6 +71,8 @@ from .models import (
     Event,
     ExecResult,
     FileEntry,
+    FsckReport,
+    GcReport,
     Mount,
     ResultList,
     SandboxInfo,
@@ -107,6 +110,8 @@ __all__ = [
     "Event",
     "ExecResult",
     "FileEntry",
+    "FsckReport",
+    "GcReport",
     "ResultList",
     "SandboxInfo",
     "SearchHit",
@@ -133,5 +138,6 @@ __all__ = [
     "TooLarge",
     "Unauthorized",
     "Unavailable",
+    "NotSupported",
     "VolumeFull",
 ]

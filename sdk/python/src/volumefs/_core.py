@@ -23,6 +23,8 @@ from .models import (
     BatchResult,
     ExecResult,
     FileEntry,
+    FsckReport,
+    GcReport,
     ResultList,
     SandboxInfo,
     SearchHit,
@@ -157,6 +159,21 @@ def volume_list(fields: Fields = None) -> Req:
         params={"fields": f} if f else None,
         parse=lambda r: [VolumeInfo.from_json(v) for v in _json_body(r)],
     )
+
+
+def volume_clone(name: str, new: str, cap: Optional[Cap]) -> Req:
+    body: Dict[str, Any] = {"name": new}
+    if cap is not None:
+        body["cap"] = cap
+    return Req("POST", f"/v1/volumes/{seg(name)}/clone", json=body, parse=lambda r: VolumeInfo.from_json(_json_body(r)))
+
+
+def volume_fsck(name: str) -> Req:
+    return Req("GET", f"/v1/volumes/{seg(name)}/fsck", timeout=-1, parse=lambda r: FsckReport.from_json(_json_body(r)))
+
+
+def gc(grace: float) -> Req:
+    return Req("POST", "/v1/gc", params={"grace": str(int(grace))}, timeout=-1, parse=lambda r: GcReport.from_json(_json_body(r)))
 
 
 def volume_delete(name: str, force: bool) -> Req:

@@ -20,6 +20,8 @@ from . import errors
 from .client import PathLike, _int, _timeout, http_errors
 from .errors import Conflict, NotFound, Unavailable, VolumefsError
 from .models import (
+    FsckReport,
+    GcReport,
     Attachment,
     BatchResult,
     Event,
@@ -92,6 +94,13 @@ class AsyncClient:
     async def aclose(self) -> None:
         """Closes the client's connections."""
         await self._http.aclose()
+
+    async def gc(self, grace: float = 3600) -> GcReport:
+        """Deletes blocks no volume refers to that are older than ``grace`` seconds (operator
+        only; the server also does it hourly). A server without a block store has nothing to
+        collect and reports zeros."""
+        report: GcReport = await self._call(core.gc(grace))
+        return report
 
     def volume(self, name: str) -> "AsyncVolume":
         """The volume called ``name``, without asking the server (see ``volumes.get``)."""
@@ -205,6 +214,21 @@ class AsyncVolume:
         if not fields:
             self.last_info = info
         return info
+
+    async def clone(self, name: str, cap: Optional[core.Cap] = None) -> "AsyncVolume":
+        """A writable copy of this volume, made at once: every file as it is now, its blocks
+        shared (copy-on-write); the copy has its own cap (this volume's unless ``cap``, which
+        only the operator sets) and usage, and the two diverge from here. Needs a server that
+        keeps file data in a block store (``--blocks``); else
+        :class:`~volumefs.errors.NotSupported`."""
+        info = await self.client._call(core.volume_clone(self.name, name, cap))
+        return AsyncVolume(self.client, info.name or name, info)
+
+    async def fsck(self) -> FsckReport:
+        """Checks the volume's consistency (names, link counts, inode count, blocks); the
+        report's ``problems`` is empty when all is well."""
+        report: FsckReport = await self.client._call(core.volume_fsck(self.name))
+        return report
 
     async def delete(self, force: bool = False) -> None:
         """Deletes the volume (:class:`~volumefs.errors.Conflict` while attached, unless ``force``)."""

@@ -18,6 +18,8 @@ from . import _core as core
 from . import errors
 from .errors import Conflict, NotFound, Unavailable, VolumefsError
 from .models import (
+    FsckReport,
+    GcReport,
     Attachment,
     BatchResult,
     Event,
@@ -117,6 +119,13 @@ class Client:
     def close(self) -> None:
         """Closes the client's connections."""
         self._http.close()
+
+    def gc(self, grace: float = 3600) -> GcReport:
+        """Deletes blocks no volume refers to that are older than ``grace`` seconds (operator
+        only; the server also does it hourly). A server without a block store has nothing to
+        collect and reports zeros."""
+        report: GcReport = self._call(core.gc(grace))
+        return report
 
     def volume(self, name: str) -> "Volume":
         """The volume called ``name``, without asking the server (see ``volumes.get``)."""
@@ -229,6 +238,21 @@ class Volume:
         if not fields:
             self.last_info = info
         return info
+
+    def clone(self, name: str, cap: Optional[core.Cap] = None) -> "Volume":
+        """A writable copy of this volume, made at once: every file as it is now, its blocks
+        shared (copy-on-write); the copy has its own cap (this volume's unless ``cap``, which
+        only the operator sets) and usage, and the two diverge from here. Needs a server that
+        keeps file data in a block store (``--blocks``); else
+        :class:`~volumefs.errors.NotSupported`."""
+        info = self.client._call(core.volume_clone(self.name, name, cap))
+        return Volume(self.client, info.name or name, info)
+
+    def fsck(self) -> FsckReport:
+        """Checks the volume's consistency (names, link counts, inode count, blocks); the
+        report's ``problems`` is empty when all is well."""
+        report: FsckReport = self.client._call(core.volume_fsck(self.name))
+        return report
 
     def delete(self, force: bool = False) -> None:
         """Deletes the volume and everything in it. While it is attached this is a

@@ -31,6 +31,7 @@ __all__ = [
     "Unavailable",
     "Timeout",
     "Internal",
+    "NotSupported",
     "ProtocolError",
     "error_from_response",
 ]
@@ -180,6 +181,13 @@ class Internal(VolumefsError):
     default_code = "Internal"
 
 
+class NotSupported(VolumefsError):
+    """The server cannot do this in its configuration (501): e.g. cloning a volume needs a
+    server that keeps file data in a block store."""
+
+    default_code = "NotSupported"
+
+
 class ProtocolError(VolumefsError):
     """The server answered something the SDK does not understand."""
 
@@ -198,6 +206,7 @@ _BY_CODE: Dict[str, Type[VolumefsError]] = {
         NameTooLong,
         NotADirectory,
         IsADirectory,
+        NotSupported,
         InvalidRange,
         PermissionDenied,
         ReadOnly,

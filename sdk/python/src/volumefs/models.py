@@ -257,6 +257,51 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class FsckReport:
+    """What ``Volume.fsck()`` found: counts, and the problems (none when the volume is
+    consistent). ``blocks`` is 0 unless the server keeps file data in a block store."""
+
+    volume: str
+    inodes: int
+    names: int
+    blocks: int
+    orphans: int
+    problems: List[str]
+
+    @property
+    def clean(self) -> bool:
+        """Whether no problem was found."""
+        return not self.problems
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "FsckReport":
+        return cls(
+            volume=str(d.get("volume", "")),
+            inodes=int(d.get("inodes", 0)),
+            names=int(d.get("names", 0)),
+            blocks=int(d.get("blocks", 0)),
+            orphans=int(d.get("orphans", 0)),
+            problems=[str(p) for p in d.get("problems") or []],
+        )
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What ``Client.gc()`` found and did in the block store."""
+
+    blocks: int
+    bytes: int
+    referenced: int
+    deleted: int
+    deleted_bytes: int
+    young: int
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "GcReport":
+        return cls(**{k: int(d.get(k, 0)) for k in ("blocks", "bytes", "referenced", "deleted", "deleted_bytes", "young")})
+
+
+@dataclass(frozen=True)
 class BatchResult:
     """What a batch write or a directory upload wrote."""
 
