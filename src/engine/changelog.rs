@@ -304,10 +304,11 @@ impl Engine {
         vol: VolId,
         mut f: impl FnMut(&mut dyn MetaTxn, &mut Vec<Event>) -> FsResult<T>,
     ) -> FsResult<T> {
+        let tag = super::replay_tag();
         let (out, logged) = self.tx(|t| {
             let mut events = Vec::new();
             let out = f(t, &mut events)?;
-            super::record_replay(t, &out)?;
+            super::record_replay(t, tag, &out)?;
             super::tell_observer(t, vol, &events)?;
             if let Some(origin) = self.origin() {
                 if !events.is_empty() {
@@ -317,6 +318,10 @@ impl Engine {
             let logged = if events.is_empty() { Logged::default() } else { self.log_events(t, vol, events)? };
             Ok((out, logged))
         })?;
+        // Only the first mutation of a request records (and only once it committed).
+        if tag.is_some() {
+            super::consume_replay_tag();
+        }
         if logged.pruned || logged.added > 0 {
             let mut st = self.changelog.state.lock().unwrap();
             let n = st.since_prune.entry(vol).or_insert(0);
@@ -344,7 +349,9 @@ impl Engine {
                     };
                     ChangeRow { id: 0, kind: ChangeKind::Move, node, ino, path, from: Some(from), time }
                 }
-                Event::Modify { node, ino } => match t.last_change(vol)? {
+                // With a shared store another server's reader may have seen the last row: no
+                // folding there (a reader knows only what this server handed out).
+                Event::Modify { node, ino } => match if self.shared() { None } else { t.last_change(vol)? } {
                     Some(last) if last.kind == ChangeKind::Modify && last.ino == ino => {
                         // A run of changes to one inode (see the module docs): fold this one
                         // into the row, replacing it if a reader may have seen it.

@@ -280,6 +280,7 @@ pub trait MetaTxn {
     fn all_dentries(&mut self, vol: VolId) -> FsResult<Vec<(Ino, DentryRow)>>;
     /// The slices of a file that overlap `[from, to)`, oldest first.
     fn slices(&mut self, vol: VolId, ino: Ino, from: u64, to: u64) -> FsResult<Vec<SliceRow>>;
+    /// Adds a slice over the file's others; those it covers whole (never read again) go.
     fn insert_slice(&mut self, vol: VolId, ino: Ino, s: &SliceRow) -> FsResult<()>;
     /// Cuts the file's slices at `size`: those past it go, one across it ends there.
     fn truncate_slices(&mut self, vol: VolId, ino: Ino, size: u64) -> FsResult<()>;
@@ -344,6 +345,8 @@ pub trait MetaTxn {
     fn lock_conflict(&mut self, server: &str, alive: Timespec, vol: VolId, ino: Ino, want: &LockRow) -> FsResult<Option<LockRow>>;
     /// Replaces the locks on the file held through `server` with `held`.
     fn put_server_locks(&mut self, server: &str, vol: VolId, ino: Ino, held: &[LockRow]) -> FsResult<()>;
+    /// Removes every lock held through `server` (it restarted: its guests reclaim theirs).
+    fn drop_server_locks(&mut self, server: &str) -> FsResult<()>;
 
     /// Tells the other servers sharing the store `message`, when (and only if) this
     /// transaction commits; nothing for a store only this server uses.

@@ -183,8 +183,19 @@ fn observer() -> Option<Arc<dyn Observer>> {
     OBSERVER.with(|c| c.borrow().clone())
 }
 
-fn record_replay(t: &mut dyn MetaTxn, out: &impl Recorded) -> FsResult<()> {
-    let Some((session, seq)) = REPLAY_TAG.with(|c| c.take()) else { return Ok(()) };
+/// The request this thread's next mutation records its result under, if any (see
+/// [`Engine::recording`]). Read before the transaction and consumed only once it commits
+/// ([`consume_replay_tag`]): a transaction run again after a serialization failure records too.
+fn replay_tag() -> Option<(u64, u64)> {
+    REPLAY_TAG.with(|c| c.get())
+}
+
+fn consume_replay_tag() {
+    REPLAY_TAG.with(|c| c.set(None));
+}
+
+fn record_replay(t: &mut dyn MetaTxn, tag: Option<(u64, u64)>, out: &impl Recorded) -> FsResult<()> {
+    let Some((session, seq)) = tag else { return Ok(()) };
     t.insert_replay(session, seq, out.recorded(), Timespec::now())?;
     if seq.is_multiple_of(REPLAY_KEEP / 4) {
         t.prune_replays(session, seq.saturating_sub(REPLAY_KEEP))?;
@@ -315,6 +326,31 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("invalid size {s:?}: must be at least 1 byte"));
     }
     Ok(bytes as u64)
+}
+
+/// Makes sure the metadata was written with file data kept as `layout` ("files" or "blocks"):
+/// the layout is recorded at first open (a store from before the record, with bytes stored, was
+/// written as files). Reading one layout's metadata as the other would read every file as zeros.
+fn check_layout(meta: &dyn MetaStore, layout: &str) -> FsResult<()> {
+    let mut recorded = String::new();
+    meta.transact(&mut |t| {
+        recorded = match t.get_setting("data_layout")? {
+            Some(l) => l,
+            None => {
+                let old_files = t.list_volumes()?.iter().any(|v| v.used > 0);
+                t.init_setting("data_layout", if old_files { "files" } else { layout })?
+            }
+        };
+        Ok(())
+    })?;
+    if recorded == layout {
+        return Ok(());
+    }
+    let how = if recorded == "blocks" { "with --blocks URL" } else { "without --blocks" };
+    Err(FsError::new(
+        libc::EINVAL,
+        format!("this store keeps file data as {recorded}, not {layout}: start the server {how}, as it was made"),
+    ))
 }
 
 /// The half of a store that keeps file data, as [`pair_stores`] sees it: somewhere to keep the
@@ -501,6 +537,7 @@ impl Engine {
             None => Data::Bytes(Box::new(small::SmallFirst::open(&dir.join("blobs"), &dir.join("blobs.db"))?)),
             Some(url) => Data::Blocks(Box::new(blocks::BlockStore::open(url, blocks::CACHE_DEFAULT)?)),
         };
+        check_layout(&*meta, if matches!(data, Data::Blocks(_)) { "blocks" } else { "files" })?;
         // Metadata and data kept apart must be the two halves of one store.
         match (&data, local_meta) {
             (Data::Bytes(_), true) => {}
@@ -540,6 +577,12 @@ impl Engine {
     }
 
     // ----- locks across servers (see server::locks) ------------------------------------------
+
+    /// Server `server` starts: the locks published by its previous run go (its guests reclaim
+    /// theirs, checked against everyone else's).
+    pub fn server_started(&self, server: &str) -> FsResult<()> {
+        self.tx(|t| t.drop_server_locks(server))
+    }
 
     /// Server `server` is alive; servers not seen for `ttl` are forgotten with their locks.
     pub fn server_heartbeat(&self, server: &str, ttl: std::time::Duration) -> FsResult<u64> {

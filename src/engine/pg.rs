@@ -101,6 +101,14 @@ impl PgMeta {
         Ok(meta)
     }
 
+    /// The channel this store's servers announce their changes on: one per schema, since the
+    /// stores of one database must not hear each other.
+    fn channel(&self) -> String {
+        let mut c = format!("volumefs_changes_{}", self.schema.as_deref().unwrap_or("public"));
+        c.truncate(63); // PostgreSQL's longest identifier
+        c
+    }
+
     fn connect(&self) -> FsResult<PgConn> {
         let mut client =
             self.config.connect(NoTls).map_err(|e| FsError::new(libc::EIO, format!("cannot reach the metadata store: {e}")))?;
@@ -128,7 +136,7 @@ impl MetaStore for PgMeta {
             }
             let PgConn { client, stmts } = guard.as_mut().expect("connected above");
             let mut tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().map_err(pg_err)?;
-            let mut conn = PgTx { tx: &mut tx, stmts, retry: false };
+            let mut conn = PgTx { tx: &mut tx, channel: self.channel(), stmts, retry: false };
             let out = f(&mut SqlTxn(&mut conn));
             let mut retry = conn.retry;
             let out = out.and_then(|()| {
@@ -150,7 +158,7 @@ impl MetaStore for PgMeta {
     fn listen(&self) -> FsResult<Option<Box<dyn Listener>>> {
         let mut client =
             self.config.connect(NoTls).map_err(|e| FsError::new(libc::EIO, format!("cannot reach the metadata store: {e}")))?;
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).map_err(pg_err)?;
+        client.batch_execute(&format!("LISTEN {}", self.channel())).map_err(pg_err)?;
         Ok(Some(Box::new(PgListener { client })))
     }
 
@@ -194,6 +202,8 @@ impl Listener for PgListener {
 
 struct PgTx<'a, 'b> {
     tx: &'a mut Transaction<'b>,
+    /// Where announcements go ([`PgMeta::channel`]).
+    channel: String,
     stmts: &'a mut HashMap<&'static str, Statement>,
     /// Set when a statement failed in a way that running the transaction again can cure.
     retry: bool,
@@ -258,13 +268,11 @@ impl SqlRow for Row {
     }
 }
 
-/// The channel servers announce their changes on.
-const CHANNEL: &str = "volumefs_changes";
-
 impl SqlConn for PgTx<'_, '_> {
     fn announce(&mut self, message: &str) -> FsResult<()> {
         // Delivered at commit, in commit order; never if the transaction rolls back.
-        self.exec("SELECT pg_notify('volumefs_changes', ?1)", &[Val::Text(message)]).map(|_| ())
+        let channel = self.channel.clone();
+        self.exec("SELECT pg_notify(?1, ?2)", &[Val::Text(&channel), Val::Text(message)]).map(|_| ())
     }
 
     fn exec(&mut self, sql: &'static str, params: &[Val]) -> FsResult<u64> {

@@ -544,6 +544,12 @@ impl MetaTxn for SqlTxn<'_> {
     }
 
     fn insert_slice(&mut self, vol: VolId, ino: Ino, s: &SliceRow) -> FsResult<()> {
+        // Rewriting a range again and again must not grow the file's slices (and every read of
+        // it) without bound.
+        self.0.exec(
+            "DELETE FROM slices WHERE vol = ?1 AND ino = ?2 AND off >= ?3 AND off + len <= ?4",
+            &[vol.into(), ino.into(), s.off.into(), (s.off + s.len).into()],
+        )?;
         self.0.exec(
             "INSERT INTO slices (vol, ino, off, len, block, block_off) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             &[vol.into(), ino.into(), s.off.into(), s.len.into(), s.block.as_deref().map(str::as_bytes).into(), s.block_off.into()],
@@ -802,6 +808,11 @@ impl MetaTxn for SqlTxn<'_> {
                 ],
             )?;
         }
+        Ok(())
+    }
+
+    fn drop_server_locks(&mut self, server: &str) -> FsResult<()> {
+        self.0.exec("DELETE FROM locks WHERE server = ?1", &[server.into()])?;
         Ok(())
     }
 

@@ -180,6 +180,7 @@ fn start_heartbeat(server: &Arc<Server>) -> FsResult<()> {
         return Ok(());
     }
     let ttl = server.config.lease_ttl;
+    server.engine.server_started(&server.server_id)?;
     server.engine.server_heartbeat(&server.server_id, ttl)?;
     let weak = Arc::downgrade(server);
     std::thread::Builder::new()
@@ -349,6 +350,9 @@ impl Server {
         let token = load_secret(&config.data, "api-token")?;
         let url_key = load_secret(&config.data, "url-key")?;
         let uploads = tus::Uploads::open(&config.data, config.upload_expiry)?;
+        // Kept across restarts (DATA/server-id): the store's lock rows of the previous run are
+        // this server's own, dropped at start (see `start_heartbeat`).
+        let server_id = load_secret(&config.data, "server-id")?.chars().take(16).collect();
         let server = Arc::new(Server {
             _data_lock: data_lock,
             engine,
@@ -357,7 +361,7 @@ impl Server {
             url_key,
             uploads,
             locks: locks::LockTable::default(),
-            server_id: random_token()?[..16].to_string(),
+            server_id,
             grace: Mutex::default(),
             sandboxes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
