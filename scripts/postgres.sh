@@ -8,11 +8,11 @@
 #                                          its URL, postgres://postgres@127.0.0.1:PORT/volumefs
 #   scripts/postgres.sh stop DIR           stops it (fast shutdown)
 #
-# fsync is off: the cluster holds test data only. PORT defaults to 55432.
+# fsync is off: the cluster holds test data only. PORT defaults to a free one.
 set -euo pipefail
 cmd=${1:?usage: postgres.sh start|stop DIR [PORT]}
 dir=${2:?usage: postgres.sh start|stop DIR [PORT]}
-port=${3:-55432}
+port=${3:-$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
 bin=/usr/lib/postgresql/15/bin
 case "$cmd" in
 start)
