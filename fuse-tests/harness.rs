@@ -537,16 +537,15 @@ impl Cluster {
             _ => return vec![format!("volume list failed: {}", String::from_utf8_lossy(&list.stderr))],
         };
         for name in names {
-            let v = VolumeInfo { name, cap: 0, used: 0 };
-            let o = self.cli_output(&["volume", "fsck", &v.name, "--json"]);
+            let o = self.cli_output(&["volume", "fsck", &name, "--json"]);
             let text = String::from_utf8_lossy(&o.stdout).into_owned();
             match serde_json::from_str::<serde_json::Value>(&text) {
                 Ok(r) => {
                     for p in r["problems"].as_array().into_iter().flatten() {
-                        out.push(format!("{}: {}", v.name, p.as_str().unwrap_or_default()));
+                        out.push(format!("{name}: {}", p.as_str().unwrap_or_default()));
                     }
                 }
-                Err(_) => out.push(format!("{}: fsck failed: {text}{}", v.name, String::from_utf8_lossy(&o.stderr))),
+                Err(_) => out.push(format!("{name}: fsck failed: {text}{}", String::from_utf8_lossy(&o.stderr))),
             }
         }
         out

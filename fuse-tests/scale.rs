@@ -22,7 +22,10 @@ impl Drop for Shared {
 /// The `--meta` and `--blocks` of a store of its own, for servers to share; `None` (the test
 /// skips) without PostgreSQL.
 fn shared_store(name: &str) -> Option<(String, String, Shared)> {
-    let pg = std::env::var("VOLUMEFS_TEST_PG").ok().filter(|s| !s.is_empty())?;
+    let Some(pg) = std::env::var("VOLUMEFS_TEST_PG").ok().filter(|s| !s.is_empty()) else {
+        eprintln!("SKIPPED: needs PostgreSQL (VOLUMEFS_TEST_PG; scripts/test.sh starts one as root)");
+        return None;
+    };
     let unique = format!(
         "{name}_{}_{}",
         std::process::id(),
@@ -73,10 +76,7 @@ fn pattern(n: usize, seed: u64) -> Vec<u8> {
 #[test]
 fn two_servers_one_store_serve_the_same_volume() {
     require_fuse!();
-    let Some((meta, blocks, _shared)) = shared_store("two") else {
-        eprintln!("SKIPPED: needs PostgreSQL (VOLUMEFS_TEST_PG; scripts/test.sh starts one as root)");
-        return;
-    };
+    let Some((meta, blocks, _shared)) = shared_store("two") else { return };
     let mut t = two_servers(&meta, &blocks, &[]);
     let (m1, m2) = (t.m1.clone(), t.m2.clone());
 
@@ -176,10 +176,7 @@ fn flock_nb(f: &fs::File) -> std::io::Result<()> {
 #[test]
 fn locks_exclude_across_servers_and_a_dead_servers_locks_expire() {
     require_fuse!();
-    let Some((meta, blocks, _shared)) = shared_store("locks") else {
-        eprintln!("SKIPPED: needs PostgreSQL (VOLUMEFS_TEST_PG; scripts/test.sh starts one as root)");
-        return;
-    };
+    let Some((meta, blocks, _shared)) = shared_store("locks") else { return };
     let mut t = two_servers(&meta, &blocks, &["--lease-ttl", "3"]);
     let (m1, m2) = (t.m1.clone(), t.m2.clone());
     fs::write(m1.join("lockme"), b"data").unwrap();

@@ -495,10 +495,6 @@ enum Data {
 }
 
 impl Engine {
-    pub fn new(meta: Box<dyn MetaStore>, blobs: Box<dyn BlobStore>) -> FsResult<Engine> {
-        Engine::with_data(meta, Data::Bytes(blobs))
-    }
-
     fn with_data(meta: Box<dyn MetaStore>, data: Data) -> FsResult<Engine> {
         Ok(Engine {
             meta,

@@ -81,6 +81,9 @@ pub struct PgMeta {
     conn: Mutex<Option<PgConn>>,
     config: postgres::Config,
     schema: Option<String>,
+    /// The channel this store's servers announce their changes on: one per schema, since the
+    /// stores of one database must not hear each other.
+    channel: String,
 }
 
 struct PgConn {
@@ -95,18 +98,12 @@ impl PgMeta {
         let config = postgres::Config::from_str(&url).map_err(|e| {
             FsError::new(libc::EINVAL, format!("invalid PostgreSQL URL: {e} (expected postgres://user@host:port/database)"))
         })?;
-        let meta = PgMeta { conn: Mutex::new(None), config, schema };
+        let mut channel = format!("volumefs_changes_{}", schema.as_deref().unwrap_or("public"));
+        channel.truncate(63); // PostgreSQL's longest identifier
+        let meta = PgMeta { conn: Mutex::new(None), config, schema, channel };
         let conn = meta.connect()?;
         *meta.conn.lock().unwrap() = Some(conn);
         Ok(meta)
-    }
-
-    /// The channel this store's servers announce their changes on: one per schema, since the
-    /// stores of one database must not hear each other.
-    fn channel(&self) -> String {
-        let mut c = format!("volumefs_changes_{}", self.schema.as_deref().unwrap_or("public"));
-        c.truncate(63); // PostgreSQL's longest identifier
-        c
     }
 
     fn connect(&self) -> FsResult<PgConn> {
@@ -136,7 +133,7 @@ impl MetaStore for PgMeta {
             }
             let PgConn { client, stmts } = guard.as_mut().expect("connected above");
             let mut tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().map_err(pg_err)?;
-            let mut conn = PgTx { tx: &mut tx, channel: self.channel(), stmts, retry: false };
+            let mut conn = PgTx { tx: &mut tx, channel: &self.channel, stmts, retry: false };
             let out = f(&mut SqlTxn(&mut conn));
             let mut retry = conn.retry;
             let out = out.and_then(|()| {
@@ -158,7 +155,7 @@ impl MetaStore for PgMeta {
     fn listen(&self) -> FsResult<Option<Box<dyn Listener>>> {
         let mut client =
             self.config.connect(NoTls).map_err(|e| FsError::new(libc::EIO, format!("cannot reach the metadata store: {e}")))?;
-        client.batch_execute(&format!("LISTEN {}", self.channel())).map_err(pg_err)?;
+        client.batch_execute(&format!("LISTEN {}", self.channel)).map_err(pg_err)?;
         Ok(Some(Box::new(PgListener { client })))
     }
 
@@ -203,7 +200,7 @@ impl Listener for PgListener {
 struct PgTx<'a, 'b> {
     tx: &'a mut Transaction<'b>,
     /// Where announcements go ([`PgMeta::channel`]).
-    channel: String,
+    channel: &'a str,
     stmts: &'a mut HashMap<&'static str, Statement>,
     /// Set when a statement failed in a way that running the transaction again can cure.
     retry: bool,
@@ -271,8 +268,8 @@ impl SqlRow for Row {
 impl SqlConn for PgTx<'_, '_> {
     fn announce(&mut self, message: &str) -> FsResult<()> {
         // Delivered at commit, in commit order; never if the transaction rolls back.
-        let channel = self.channel.clone();
-        self.exec("SELECT pg_notify(?1, ?2)", &[Val::Text(&channel), Val::Text(message)]).map(|_| ())
+        let channel = self.channel;
+        self.exec("SELECT pg_notify(?1, ?2)", &[Val::Text(channel), Val::Text(message)]).map(|_| ())
     }
 
     fn exec(&mut self, sql: &'static str, params: &[Val]) -> FsResult<u64> {

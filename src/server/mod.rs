@@ -167,6 +167,21 @@ fn load_secret(dir: &Path, file: &str) -> FsResult<String> {
 }
 
 impl Server {
+    /// Another server's announcement of a change: pushed to this server's sessions of the
+    /// volume as a change of its own would be.
+    fn announced(&self, message: &str) {
+        match crate::engine::parse_announcement(message) {
+            Some(a) if a.origin != self.server_id => {
+                self.invalidate(a.vol, &a.names);
+                for ino in a.inodes {
+                    self.invalidate_inode(a.vol, ino);
+                }
+            }
+            Some(_) => {}
+            None => tracing::warn!(message, "an announcement this server does not understand"),
+        }
+    }
+
     /// The other servers sharing the store, for the lock table (`None` with an embedded store).
     pub fn remote_locks(&self) -> Option<locks::Remote<'_>> {
         self.engine.shared().then(|| locks::Remote { engine: &self.engine, server: &self.server_id, ttl: self.config.lease_ttl })
@@ -182,20 +197,25 @@ fn start_heartbeat(server: &Arc<Server>) -> FsResult<()> {
     let ttl = server.config.lease_ttl;
     server.engine.server_started(&server.server_id)?;
     server.engine.server_heartbeat(&server.server_id, ttl)?;
+    every(server, "heartbeat", ttl / 3, move |server| match server.engine.server_heartbeat(&server.server_id, ttl) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(servers = n, "servers silent for a lease TTL forgotten, with their locks"),
+        Err(e) => tracing::error!("heartbeat to the shared store: {e}"),
+    });
+    Ok(())
+}
+
+/// Runs `f` every `period` on a thread of its own, for as long as the server lives.
+fn every(server: &Arc<Server>, name: &str, period: Duration, f: impl Fn(&Server) + Send + 'static) {
     let weak = Arc::downgrade(server);
     std::thread::Builder::new()
-        .name("heartbeat".into())
+        .name(name.into())
         .spawn(move || loop {
-            std::thread::sleep(ttl / 3);
+            std::thread::sleep(period);
             let Some(server) = weak.upgrade() else { return };
-            match server.engine.server_heartbeat(&server.server_id, ttl) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(servers = n, "servers silent for a lease TTL forgotten, with their locks"),
-                Err(e) => tracing::error!("heartbeat to the shared store: {e}"),
-            }
+            f(&server);
         })
-        .map_err(|e| FsError::new(libc::EIO, format!("spawn the heartbeat thread: {e}")))?;
-    Ok(())
+        .unwrap_or_else(|e| panic!("spawn the {name} thread: {e}"));
 }
 
 /// With a shared store, other servers' changes reach this server's sessions as its own do: a
@@ -227,20 +247,7 @@ fn start_listener(server: &Arc<Server>) {
                 let got = l.wait(Duration::from_secs(1));
                 let Some(s) = weak.upgrade() else { return };
                 match got {
-                    Ok(messages) => {
-                        for m in messages {
-                            match crate::engine::parse_announcement(&m) {
-                                Some(a) if a.origin != s.server_id => {
-                                    s.invalidate(a.vol, &a.names);
-                                    for ino in a.inodes {
-                                        s.invalidate_inode(a.vol, ino);
-                                    }
-                                }
-                                Some(_) => {}
-                                None => tracing::warn!(message = %m, "an announcement this server does not understand"),
-                            }
-                        }
-                    }
+                    Ok(messages) => messages.iter().for_each(|m| s.announced(m)),
                     Err(e) => {
                         tracing::warn!("listening to the shared store: {e}; reconnecting");
                         break;
@@ -257,18 +264,10 @@ fn start_gc(server: &Arc<Server>) {
     if !server.engine.has_blocks() {
         return;
     }
-    let weak = Arc::downgrade(server);
-    std::thread::Builder::new()
-        .name("block-gc".into())
-        .spawn(move || loop {
-            std::thread::sleep(GC_EVERY);
-            let Some(server) = weak.upgrade() else { return };
-            match server.engine.gc(GC_EVERY) {
-                Ok(r) => tracing::info!(blocks = r.blocks, deleted = r.deleted, freed = r.deleted_bytes, "block garbage collected"),
-                Err(e) => tracing::error!("block garbage collection: {e}"),
-            }
-        })
-        .expect("spawn the block gc thread");
+    every(server, "block-gc", GC_EVERY, |server| match server.engine.gc(GC_EVERY) {
+        Ok(r) => tracing::info!(blocks = r.blocks, deleted = r.deleted, freed = r.deleted_bytes, "block garbage collected"),
+        Err(e) => tracing::error!("block garbage collection: {e}"),
+    });
 }
 
 const GC_EVERY: Duration = Duration::from_secs(3600);
