@@ -111,6 +111,33 @@ fn two_servers_one_store_serve_the_same_volume() {
     fs::remove_dir(m2.join("made-on-two")).unwrap();
     assert!(eventually(Duration::from_secs(5), || !m1.join("made-on-two").exists()).is_some(), "one still sees a removed name");
 
+    // A file open through a sandbox on one server outlives its unlink through the other: the
+    // handle reads (from the store: its cached pages are dropped first) and writes it, it
+    // counts against the cap while open, and its bytes are given back when it closes.
+    let held = pattern(4 << 20, 23);
+    fs::write(m1.join("held"), &held).unwrap();
+    let used = t.c1.volume_used("shared");
+    let mut h = fs::OpenOptions::new().read(true).write(true).open(m2.join("held")).unwrap();
+    fs::remove_file(m1.join("held")).unwrap();
+    assert!(eventually(Duration::from_secs(5), || !m2.join("held").exists()).is_some(), "the name is gone on two too");
+    h.write_all_at(b"still mine", 1 << 20).unwrap();
+    h.sync_all().unwrap();
+    let r = unsafe { libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(&h), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0);
+    let mut want = held.clone();
+    want[1 << 20..(1 << 20) + 10].copy_from_slice(b"still mine");
+    let mut got = vec![0; want.len()];
+    h.read_exact_at(&mut got, 0).expect("read an unlinked file through a handle on the other server");
+    assert_bytes_eq("the unlinked file through its handle", &got, &want);
+    assert!(t.c1.volume_used("shared") >= used, "the open file still counts");
+    h.flush().unwrap();
+    drop(h);
+    assert!(
+        eventually(Duration::from_secs(5), || t.c1.volume_used("shared") + (4 << 20) <= used).is_some(),
+        "the closed orphan's bytes are given back: {} of {used}",
+        t.c1.volume_used("shared")
+    );
+
     // Server one dies (-9) in the middle of a stream of writes: every byte fsync'd before is
     // there, through server two.
     let mut log = fs::OpenOptions::new().create(true).write(true).truncate(true).open(m1.join("log")).unwrap();

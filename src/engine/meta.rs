@@ -348,6 +348,16 @@ pub trait MetaTxn {
     /// Removes every lock held through `server` (it restarted: its guests reclaim theirs).
     fn drop_server_locks(&mut self, server: &str) -> FsResult<()>;
 
+    /// Server `server` holds inode `ino` open (one row however many handles: the count is
+    /// the server's own). With a shared store an inode without names is freed only once no
+    /// server holds it open.
+    fn put_open(&mut self, server: &str, vol: VolId, ino: Ino) -> FsResult<()>;
+    fn drop_open(&mut self, server: &str, vol: VolId, ino: Ino) -> FsResult<()>;
+    /// Whether any server holds the inode open.
+    fn held_open(&mut self, vol: VolId, ino: Ino) -> FsResult<bool>;
+    /// The inodes server `server` holds open.
+    fn opens_of(&mut self, server: &str) -> FsResult<Vec<(VolId, Ino)>>;
+
     /// Tells the other servers sharing the store `message`, when (and only if) this
     /// transaction commits; nothing for a store only this server uses.
     fn announce(&mut self, message: &str) -> FsResult<()>;

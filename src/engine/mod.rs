@@ -581,13 +581,18 @@ impl Engine {
     }
 
     /// Server `server` is alive; servers not seen for `ttl` are forgotten with their locks.
+    /// The orphans only the forgotten servers held open are freed.
     pub fn server_heartbeat(&self, server: &str, ttl: std::time::Duration) -> FsResult<u64> {
         let now = Timespec::now();
-        let before = Timespec { sec: now.sec - ttl.as_secs() as i64, nsec: now.nsec };
-        self.tx(|t| {
+        let before = now.minus(ttl);
+        let gone = self.tx(|t| {
             t.heartbeat(server, now)?;
             t.sweep_servers(before)
-        })
+        })?;
+        if gone > 0 {
+            self.purge_unheld_orphans()?;
+        }
+        Ok(gone)
     }
 
     /// In one transaction: the first lock held through another live server (seen within `ttl`)
@@ -602,7 +607,7 @@ impl Engine {
         check: Option<&meta::LockRow>,
     ) -> FsResult<Option<meta::LockRow>> {
         let now = Timespec::now();
-        let alive = Timespec { sec: now.sec - ttl.as_secs() as i64, nsec: now.nsec };
+        let alive = now.minus(ttl);
         self.tx(|t| {
             if let Some(l) = check {
                 if let Some(c) = t.lock_conflict(server, alive, vol, ino, l)? {
@@ -624,7 +629,7 @@ impl Engine {
         l: &meta::LockRow,
     ) -> FsResult<Option<meta::LockRow>> {
         let now = Timespec::now();
-        let alive = Timespec { sec: now.sec - ttl.as_secs() as i64, nsec: now.nsec };
+        let alive = now.minus(ttl);
         self.tx(|t| t.lock_conflict(server, alive, vol, ino, l))
     }
 
@@ -811,19 +816,35 @@ impl Engine {
     /// Forgets records older than `age` (sessions that never came back); returns how many.
     pub fn expire_replays(&self, age: std::time::Duration) -> FsResult<u64> {
         let now = Timespec::now();
-        let before = Timespec { sec: now.sec - age.as_secs() as i64, nsec: now.nsec };
+        let before = now.minus(age);
         self.tx(|t| t.expire_replays(before))
     }
 
     /// Frees every orphan (an inode without a name) that nobody holds open; returns how many.
     /// Orphans outlive a server restart so that guests can reopen them when they reconnect;
     /// the server calls this once that grace period is over.
+    /// With a shared store, orphans other servers hold open stay, and this server's handles
+    /// from before its restart that no guest took again are dropped first.
     pub fn reclaim_orphans(&self) -> FsResult<usize> {
+        if self.shared() {
+            self.tx(|t| {
+                for (vol, ino) in t.opens_of(self.holder())? {
+                    if !self.open.lock().unwrap().counts.contains_key(&(vol, ino)) {
+                        t.drop_open(self.holder(), vol, ino)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        self.purge_unheld_orphans()
+    }
+
+    /// Frees the orphans that nobody holds open (here, or with a shared store anywhere).
+    fn purge_unheld_orphans(&self) -> FsResult<usize> {
         let orphans = self.tx(|t| t.orphans())?;
         let mut freed = 0;
         for (vol, ino, _) in orphans {
-            if !self.open.lock().unwrap().counts.contains_key(&(vol, ino)) {
-                self.purge(vol, ino)?;
+            if !self.open.lock().unwrap().counts.contains_key(&(vol, ino)) && self.purge(vol, ino)? {
                 freed += 1;
             }
         }
@@ -1300,7 +1321,9 @@ impl Engine {
     // ----- creating names -------------------------------------------------------------------
 
     /// Creates a new inode named `name` in `parent`. The umask applies to `perm` unless `parent`
-    /// has a default ACL, which the new inode inherits instead (`posix_acl_create`).
+    /// has a default ACL, which the new inode inherits instead (`posix_acl_create`). With
+    /// `open`, the caller takes a handle on it (published with a shared store).
+    #[allow(clippy::too_many_arguments)]
     fn make(
         &self,
         vol: VolId,
@@ -1311,6 +1334,7 @@ impl Engine {
         umask: u32,
         rdev: u32,
         target: Option<&[u8]>,
+        open: bool,
         c: &Caller,
     ) -> FsResult<Attr> {
         check_name(name)?;
@@ -1359,6 +1383,10 @@ impl Engine {
                 acl: acl_mark,
             };
             t.put_inode(vol, &a)?;
+            if open && self.shared() {
+                // Published with the name: no other server can see the file unheld.
+                t.put_open(self.holder(), vol, ino)?;
+            }
             if let Some(target) = target {
                 t.set_target(vol, ino, target)?;
             }
@@ -1411,24 +1439,25 @@ impl Engine {
             Kind::CharDev | Kind::BlockDev if !c.is_root() => return Err(FsError::new(libc::EPERM, "only root may make device nodes")),
             _ => {}
         }
-        self.make(vol, parent, name, kind, mode, umask, rdev, None, c)
+        self.make(vol, parent, name, kind, mode, umask, rdev, None, false, c)
     }
 
     pub fn mkdir(&self, vol: VolId, parent: Ino, name: &[u8], mode: u32, umask: u32, c: &Caller) -> FsResult<Attr> {
-        self.make(vol, parent, name, Kind::Dir, mode, umask, 0, None, c)
+        self.make(vol, parent, name, Kind::Dir, mode, umask, 0, None, false, c)
     }
 
     pub fn symlink(&self, vol: VolId, parent: Ino, name: &[u8], target: &[u8], c: &Caller) -> FsResult<Attr> {
         if target.is_empty() || target.len() > SYMLINK_MAX || target.contains(&0) {
             return Err(FsError::new(libc::ENAMETOOLONG, format!("symlink target must be 1-{SYMLINK_MAX} bytes without NUL")));
         }
-        self.make(vol, parent, name, Kind::Symlink, 0o777, 0, 0, Some(target), c)
+        self.make(vol, parent, name, Kind::Symlink, 0o777, 0, 0, Some(target), false, c)
     }
 
     /// Creates and opens a regular file (the caller must `release` it).
     pub fn create(&self, vol: VolId, parent: Ino, name: &[u8], mode: u32, umask: u32, c: &Caller) -> FsResult<Attr> {
-        let a = self.make(vol, parent, name, Kind::File, mode, umask, 0, None, c)?;
-        self.hold(vol, a.ino);
+        let a = self.make(vol, parent, name, Kind::File, mode, umask, 0, None, true, c)?;
+        // Nobody else here can hold the new inode yet (its row went in with the name).
+        *self.open.lock().unwrap().counts.entry((vol, a.ino)).or_insert(0) += 1;
         Ok(a)
     }
 
@@ -1480,25 +1509,32 @@ impl Engine {
             open.unlinked.insert((vol, child.ino));
             return Ok(false);
         }
-        Ok(true)
+        drop(open);
+        // With a shared store, another server may hold it: the last release anywhere frees it.
+        Ok(!(self.shared() && t.held_open(vol, child.ino)?))
     }
 
     /// Deletes an inode that has neither names nor handles: its row, xattrs, data and usage.
-    fn purge(&self, vol: VolId, ino: Ino) -> FsResult<()> {
-        let gone = self.tx(|t| {
-            let Some(a) = t.get_inode(vol, ino)? else { return Ok(false) };
-            if a.nlink != 0 {
-                return Ok(false);
-            }
-            let xattrs: usize = t.list_xattrs(vol, ino)?.iter().map(|(n, l)| n.len() + l).sum();
-            t.add_used(vol, -((a.stored() + xattrs as u64) as i64))?;
-            t.delete_inode(vol, ino)?;
-            Ok(true)
-        })?;
+    /// Returns whether it went.
+    fn purge(&self, vol: VolId, ino: Ino) -> FsResult<bool> {
+        let gone = self.tx(|t| self.purge_in(t, vol, ino))?;
         if gone {
             self.remove_data(vol, ino)?;
         }
-        Ok(())
+        Ok(gone)
+    }
+
+    /// [`Engine::purge`]'s metadata half, inside `t`: nothing if the inode has a name again or
+    /// (with a shared store) a server holds it open. The caller removes the data after commit.
+    fn purge_in(&self, t: &mut dyn MetaTxn, vol: VolId, ino: Ino) -> FsResult<bool> {
+        let Some(a) = t.get_inode(vol, ino)? else { return Ok(false) };
+        if a.nlink != 0 || (self.shared() && t.held_open(vol, ino)?) {
+            return Ok(false);
+        }
+        let xattrs: usize = t.list_xattrs(vol, ino)?.iter().map(|(n, l)| n.len() + l).sum();
+        t.add_used(vol, -((a.stored() + xattrs as u64) as i64))?;
+        t.delete_inode(vol, ino)?;
+        Ok(true)
     }
 
     pub fn unlink(&self, vol: VolId, parent: Ino, name: &[u8], c: &Caller) -> FsResult<()> {
@@ -1731,9 +1767,33 @@ impl Engine {
 
     // ----- open files and data ---------------------------------------------------------------
 
-    /// Takes one more handle on an inode (open files keep unlinked inodes alive).
-    pub fn hold(&self, vol: VolId, ino: Ino) {
+    /// Takes one more handle on an inode (open files keep unlinked inodes alive). With a
+    /// shared store the handle is published in the store too (`open_files`: the inode is freed
+    /// only once no server holds it).
+    pub fn hold(&self, vol: VolId, ino: Ino) -> FsResult<()> {
         *self.open.lock().unwrap().counts.entry((vol, ino)).or_insert(0) += 1;
+        if self.shared() {
+            if let Err(e) = self.tx(|t| t.put_open(self.holder(), vol, ino)) {
+                let _ = self.release(vol, ino);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// One more handle on an inode this server already holds (a forked session's copy of its
+    /// parent's): nothing to publish.
+    pub fn hold_again(&self, vol: VolId, ino: Ino) {
+        let mut open = self.open.lock().unwrap();
+        let n = open.counts.entry((vol, ino)).or_insert(0);
+        debug_assert!(*n > 0, "hold_again of an inode not held");
+        *n += 1;
+    }
+
+    /// With a shared store, the name this engine's open handles are recorded under: its
+    /// server's id ([`Engine::set_origin`]), or "" for an engine without a server.
+    fn holder(&self) -> &str {
+        self.origin().unwrap_or("")
     }
 
     /// Checks access for `flags` (as open(2)) and takes a handle on the inode.
@@ -1751,6 +1811,13 @@ impl Engine {
             return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory")));
         }
         self.check(vol, &a, c, want)?;
+        if self.shared() {
+            // Counted before it is published, so that a release of another handle meanwhile
+            // cannot take the row away; published before the open answers, so that an unlink
+            // through another server from then on leaves the inode to this handle.
+            self.hold(vol, ino)?;
+            return Ok(a);
+        }
         let mut open = self.open.lock().unwrap();
         *open.counts.entry((vol, ino)).or_insert(0) += 1;
         if a.nlink == 0 {
@@ -1764,29 +1831,43 @@ impl Engine {
     pub fn opendir(&self, vol: VolId, ino: Ino, c: &Caller) -> FsResult<Attr> {
         let a = self.tx(|t| Self::dir(t, vol, ino))?;
         self.check(vol, &a, c, R)?;
-        self.hold(vol, ino);
+        self.hold(vol, ino)?;
         Ok(a)
     }
 
     /// Drops a handle taken by `open`, `opendir` or `create`; the last one of an unlinked inode
     /// frees it.
     pub fn release(&self, vol: VolId, ino: Ino) -> FsResult<()> {
-        let orphan = {
+        let (orphan, last) = {
             let mut open = self.open.lock().unwrap();
             match open.counts.get_mut(&(vol, ino)) {
                 Some(n) if *n > 1 => {
                     *n -= 1;
-                    false
+                    (false, false)
                 }
                 Some(_) => {
                     open.counts.remove(&(vol, ino));
-                    open.unlinked.remove(&(vol, ino))
+                    (open.unlinked.remove(&(vol, ino)), true)
                 }
-                None => false,
+                None => (false, false),
             }
         };
         if orphan {
             self.purge(vol, ino)?;
+        }
+        if last && self.shared() {
+            // This server's last handle: its row goes (unless a handle was taken again
+            // meanwhile), and the inode with it if it has no name and no server holds it.
+            let gone = self.tx(|t| {
+                if self.open.lock().unwrap().counts.contains_key(&(vol, ino)) {
+                    return Ok(false);
+                }
+                t.drop_open(self.holder(), vol, ino)?;
+                self.purge_in(t, vol, ino)
+            })?;
+            if gone {
+                self.remove_data(vol, ino)?;
+            }
         }
         Ok(())
     }

@@ -104,6 +104,13 @@ CREATE TABLE IF NOT EXISTS locks (
     pid {int} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS locks_file ON locks (vol, ino);
+CREATE TABLE IF NOT EXISTS open_files (
+    server TEXT NOT NULL,
+    vol {int} NOT NULL,
+    ino {int} NOT NULL,
+    PRIMARY KEY (server, vol, ino)
+);
+CREATE INDEX IF NOT EXISTS open_files_ino ON open_files (vol, ino);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -394,6 +401,8 @@ impl MetaTxn for SqlTxn<'_> {
             "DELETE FROM slices WHERE vol = ?1",
             "DELETE FROM changes WHERE vol = ?1",
             "DELETE FROM changes_pruned WHERE vol = ?1",
+            "DELETE FROM open_files WHERE vol = ?1",
+            "DELETE FROM locks WHERE vol = ?1",
             "DELETE FROM volumes WHERE id = ?1",
         ] {
             self.0.exec(sql, &[id.into()])?;
@@ -768,7 +777,13 @@ impl MetaTxn for SqlTxn<'_> {
     }
 
     fn sweep_servers(&mut self, before: Timespec) -> FsResult<u64> {
-        self.0.exec("DELETE FROM locks WHERE server IN (SELECT id FROM servers WHERE seen < ?1)", &[before.to_nanos().into()])?;
+        // Also the rows of a server that never said it was alive (it died before its first beat).
+        for sql in [
+            "DELETE FROM locks WHERE server NOT IN (SELECT id FROM servers WHERE seen >= ?1)",
+            "DELETE FROM open_files WHERE server NOT IN (SELECT id FROM servers WHERE seen >= ?1)",
+        ] {
+            self.0.exec(sql, &[before.to_nanos().into()])?;
+        }
         self.0.exec("DELETE FROM servers WHERE seen < ?1", &[before.to_nanos().into()])
     }
 
@@ -814,6 +829,27 @@ impl MetaTxn for SqlTxn<'_> {
     fn drop_server_locks(&mut self, server: &str) -> FsResult<()> {
         self.0.exec("DELETE FROM locks WHERE server = ?1", &[server.into()])?;
         Ok(())
+    }
+
+    fn put_open(&mut self, server: &str, vol: VolId, ino: Ino) -> FsResult<()> {
+        self.0.exec(
+            "INSERT INTO open_files (server, vol, ino) VALUES (?1, ?2, ?3) ON CONFLICT (server, vol, ino) DO NOTHING",
+            &[server.into(), vol.into(), ino.into()],
+        )?;
+        Ok(())
+    }
+
+    fn drop_open(&mut self, server: &str, vol: VolId, ino: Ino) -> FsResult<()> {
+        self.0.exec("DELETE FROM open_files WHERE server = ?1 AND vol = ?2 AND ino = ?3", &[server.into(), vol.into(), ino.into()])?;
+        Ok(())
+    }
+
+    fn held_open(&mut self, vol: VolId, ino: Ino) -> FsResult<bool> {
+        Ok(self.0.int("SELECT COUNT(*) FROM open_files WHERE vol = ?1 AND ino = ?2", &[vol.into(), ino.into()])? > 0)
+    }
+
+    fn opens_of(&mut self, server: &str) -> FsResult<Vec<(VolId, Ino)>> {
+        self.0.all("SELECT vol, ino FROM open_files WHERE server = ?1", &[server.into()], |r| Ok((r.int(0)?, r.uint(1)?)))
     }
 
     fn announce(&mut self, message: &str) -> FsResult<()> {

@@ -351,7 +351,10 @@ impl Server {
         let uploads = tus::Uploads::open(&config.data, config.upload_expiry)?;
         // Kept across restarts (DATA/server-id): the store's lock rows of the previous run are
         // this server's own, dropped at start (see `start_heartbeat`).
-        let server_id = load_secret(&config.data, "server-id")?.chars().take(16).collect();
+        let server_id: String = load_secret(&config.data, "server-id")?.chars().take(16).collect();
+        // Before any guest or API call: with a shared store, changes are announced under this
+        // id and open handles recorded under it.
+        engine.set_origin(&server_id);
         let server = Arc::new(Server {
             _data_lock: data_lock,
             engine,
@@ -387,7 +390,6 @@ impl Server {
         start_orphan_reclaim(&server);
         start_gc(&server);
         start_heartbeat(&server)?;
-        server.engine.set_origin(&server.server_id);
         start_listener(&server);
         tus::start_expiry(&server);
         tracing::info!(data = %server.config.data.display(), pid = std::process::id(), "server started");

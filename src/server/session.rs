@@ -298,7 +298,7 @@ impl Session {
             .unwrap()
             .iter()
             .map(|(fh, h)| {
-                engine.hold(self.vol, h.ino);
+                engine.hold_again(self.vol, h.ino);
                 (*fh, Handle { ino: h.ino, writable: h.writable, dir: h.dir })
             })
             .collect();
