@@ -334,6 +334,12 @@ impl Engine {
     }
 
     fn log_events(&self, t: &mut dyn MetaTxn, vol: VolId, events: Vec<Event>) -> FsResult<Logged> {
+        if self.shared() {
+            // Ids come from a sequence at insert, not at commit: without this, two servers'
+            // transactions on one volume could commit their ids out of order, and a reader
+            // that had the later one would never see the earlier.
+            t.lock_volume(vol)?;
+        }
         let time = Timespec::now();
         let mut logged = Logged::default();
         let mut dirs = DirPaths::default();

@@ -320,6 +320,11 @@ pub trait MetaTxn {
     fn list_xattrs(&mut self, vol: VolId, ino: Ino) -> FsResult<Vec<(Vec<u8>, usize)>>;
     fn remove_xattr(&mut self, vol: VolId, ino: Ino, name: &[u8]) -> FsResult<bool>;
 
+    /// Takes the volume's row until the transaction ends: transactions that take it commit one
+    /// after another (with a shared store, change ids are taken under it, so that one volume's
+    /// changes commit in id order and a reader that saw an id never misses a smaller one).
+    fn lock_volume(&mut self, vol: VolId) -> FsResult<()>;
+
     /// Appends a row to the volume's change log; returns its id, greater than any id the log
     /// ever handed out (for any volume, even one since deleted, even before a restart).
     fn insert_change(&mut self, vol: VolId, c: &ChangeRow) -> FsResult<u64>;

@@ -715,6 +715,13 @@ impl MetaTxn for SqlTxn<'_> {
         Ok(self.0.exec("DELETE FROM xattrs WHERE vol = ?1 AND ino = ?2 AND name = ?3", &[vol.into(), ino.into(), name.into()])? > 0)
     }
 
+    fn lock_volume(&mut self, vol: VolId) -> FsResult<()> {
+        // A write that changes nothing still takes the row (and conflicts with every other
+        // transaction that writes it: PostgreSQL runs one, the other waits and retries).
+        self.0.exec("UPDATE volumes SET used = used WHERE id = ?1", &[vol.into()])?;
+        Ok(())
+    }
+
     fn insert_change(&mut self, vol: VolId, c: &ChangeRow) -> FsResult<u64> {
         let id = self.0.int(
             "INSERT INTO changes (vol, kind, node, ino, path, from_path, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
