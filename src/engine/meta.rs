@@ -229,6 +229,13 @@ pub trait MetaStore: Send + Sync {
     /// Makes every committed transaction durable (called by fsync).
     fn sync(&self) -> FsResult<()>;
 
+    /// The same store on a connection of its own, for work that must not wait behind this
+    /// one's transactions (the heartbeat); `None` when there is nothing to gain (SQLite has
+    /// one writer).
+    fn side(&self) -> FsResult<Option<Box<dyn MetaStore>>> {
+        Ok(None)
+    }
+
     /// A listener for what other servers sharing this store announce with
     /// [`MetaTxn::announce`]; `None` for a store only this server uses.
     fn listen(&self) -> FsResult<Option<Box<dyn Listener>>> {
@@ -339,8 +346,12 @@ pub trait MetaTxn {
     /// The largest id that pruning has removed from the volume's log (0 if none).
     fn changes_pruned_through(&mut self, vol: VolId) -> FsResult<u64>;
 
-    /// Records that server `server` is alive at `now`.
-    fn heartbeat(&mut self, server: &str, now: Timespec) -> FsResult<()>;
+    /// Records that server `server` is alive at `now`; returns when it was last seen (`None`:
+    /// never, or forgotten since).
+    fn heartbeat(&mut self, server: &str, now: Timespec) -> FsResult<Option<Timespec>>;
+    /// The store's clock: every server's liveness is measured on it (servers' own clocks may
+    /// disagree).
+    fn store_time(&mut self) -> FsResult<Timespec>;
     /// Forgets the servers not seen since `before` and the locks held through them; returns how
     /// many servers went.
     fn sweep_servers(&mut self, before: Timespec) -> FsResult<u64>;

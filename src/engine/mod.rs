@@ -103,6 +103,17 @@ pub struct Engine {
     /// With a shared store, the id this server's announcements carry (see
     /// [`Engine::set_origin`]).
     origin: std::sync::OnceLock<String>,
+    /// With a shared store, the heartbeat's own connection (see [`Engine::server_heartbeat`]).
+    beat: std::sync::OnceLock<Box<dyn MetaStore>>,
+}
+
+/// What a heartbeat found (see [`Engine::server_heartbeat`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// Servers silent for a TTL, forgotten with their locks and handles.
+    pub forgotten: u64,
+    /// This server itself was silent for a TTL (or is new): its locks must be published again.
+    pub missed: bool,
 }
 
 /// Told the attributes of every inode that a mutation on its thread changes, inside the
@@ -501,6 +512,7 @@ impl Engine {
             data,
             shared: None,
             origin: std::sync::OnceLock::new(),
+            beat: std::sync::OnceLock::new(),
             open: Mutex::new(OpenTable::default()),
             scope_epochs: Mutex::default(),
             changelog: ChangeLog::default(),
@@ -581,18 +593,46 @@ impl Engine {
     }
 
     /// Server `server` is alive; servers not seen for `ttl` are forgotten with their locks.
-    /// The orphans only the forgotten servers held open are freed.
-    pub fn server_heartbeat(&self, server: &str, ttl: std::time::Duration) -> FsResult<u64> {
-        let now = Timespec::now();
-        let before = now.minus(ttl);
-        let gone = self.tx(|t| {
-            t.heartbeat(server, now)?;
-            t.sweep_servers(before)
+    /// The orphans only the forgotten servers held open are freed. Runs on a connection of
+    /// its own (a long transaction of this server's must not delay it past the others' patience)
+    /// and on the store's clock. If this server was silent for a TTL itself (the others may
+    /// have forgotten it), its open handles are published again and the caller must publish its
+    /// locks again ([`Beat::missed`]).
+    pub fn server_heartbeat(&self, server: &str, ttl: std::time::Duration) -> FsResult<Beat> {
+        let (forgotten, missed) = self.beat_tx(|t| {
+            let now = t.store_time()?;
+            let last = t.heartbeat(server, now)?;
+            Ok((t.sweep_servers(now.minus(ttl))?, last.is_none_or(|l| l < now.minus(ttl))))
         })?;
-        if gone > 0 {
+        if missed {
+            self.tx(|t| {
+                let held: Vec<(VolId, Ino)> = self.open.lock().unwrap().counts.keys().copied().collect();
+                held.into_iter().try_for_each(|(vol, ino)| t.put_open(self.holder(), vol, ino))
+            })?;
+        }
+        if forgotten > 0 {
             self.purge_unheld_orphans()?;
         }
-        Ok(gone)
+        Ok(Beat { forgotten, missed })
+    }
+
+    /// A transaction on the heartbeat's own connection (the main one where the store has no
+    /// second).
+    fn beat_tx<T>(&self, mut f: impl FnMut(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
+        if self.beat.get().is_none() {
+            match self.meta.side()? {
+                Some(side) => {
+                    let _ = self.beat.set(side);
+                }
+                None => return self.tx(f),
+            }
+        }
+        let mut out = None;
+        self.beat.get().expect("set above").transact(&mut |t| {
+            out = Some(f(t)?);
+            Ok(())
+        })?;
+        Ok(out.expect("committed transaction produced a value"))
     }
 
     /// In one transaction: the first lock held through another live server (seen within `ttl`)
@@ -606,9 +646,8 @@ impl Engine {
         held: &[meta::LockRow],
         check: Option<&meta::LockRow>,
     ) -> FsResult<Option<meta::LockRow>> {
-        let now = Timespec::now();
-        let alive = now.minus(ttl);
         self.tx(|t| {
+            let alive = t.store_time()?.minus(ttl);
             if let Some(l) = check {
                 if let Some(c) = t.lock_conflict(server, alive, vol, ino, l)? {
                     return Ok(Some(c));
@@ -628,9 +667,10 @@ impl Engine {
         ino: Ino,
         l: &meta::LockRow,
     ) -> FsResult<Option<meta::LockRow>> {
-        let now = Timespec::now();
-        let alive = now.minus(ttl);
-        self.tx(|t| t.lock_conflict(server, alive, vol, ino, l))
+        self.tx(|t| {
+            let alive = t.store_time()?.minus(ttl);
+            t.lock_conflict(server, alive, vol, ino, l)
+        })
     }
 
     /// The block cache's counters, with a block store.

@@ -152,6 +152,13 @@ impl MetaStore for PgMeta {
         }
     }
 
+    fn side(&self) -> FsResult<Option<Box<dyn MetaStore>>> {
+        let side =
+            PgMeta { conn: Mutex::new(None), config: self.config.clone(), schema: self.schema.clone(), channel: self.channel.clone() };
+        *side.conn.lock().unwrap() = Some(side.connect()?);
+        Ok(Some(Box::new(side)))
+    }
+
     fn listen(&self) -> FsResult<Option<Box<dyn Listener>>> {
         let mut client =
             self.config.connect(NoTls).map_err(|e| FsError::new(libc::EIO, format!("cannot reach the metadata store: {e}")))?;
@@ -266,6 +273,13 @@ impl SqlRow for Row {
 }
 
 impl SqlConn for PgTx<'_, '_> {
+    fn clock(&mut self) -> FsResult<Option<crate::fs::Timespec>> {
+        let row =
+            self.tx.query_one("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)", &[]).map_err(|e| self.fail(e))?;
+        let micros: i64 = row.try_get(0).map_err(|e| self.fail(e))?;
+        Ok(Some(crate::fs::Timespec::from_nanos(micros.saturating_mul(1000))))
+    }
+
     fn announce(&mut self, message: &str) -> FsResult<()> {
         // Delivered at commit, in commit order; never if the transaction rolls back.
         let channel = self.channel;

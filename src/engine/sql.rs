@@ -227,6 +227,9 @@ pub(super) trait SqlConn {
     fn query(&mut self, sql: &'static str, params: &[Val], each: &mut dyn FnMut(&dyn SqlRow) -> FsResult<()>) -> FsResult<()>;
     /// [`MetaTxn::announce`]: a store shared by servers has a way; SQLite has none to need.
     fn announce(&mut self, message: &str) -> FsResult<()>;
+    /// The store's clock, for a store that servers on several machines share (`None`: this
+    /// machine's clock is the store's).
+    fn clock(&mut self) -> FsResult<Option<Timespec>>;
 }
 
 impl dyn SqlConn + '_ {
@@ -775,12 +778,17 @@ impl MetaTxn for SqlTxn<'_> {
         Ok(self.0.first("SELECT through FROM changes_pruned WHERE vol = ?1", &[vol.into()], |r| r.uint(0))?.unwrap_or(0))
     }
 
-    fn heartbeat(&mut self, server: &str, now: Timespec) -> FsResult<()> {
+    fn heartbeat(&mut self, server: &str, now: Timespec) -> FsResult<Option<Timespec>> {
+        let before = self.0.first("SELECT seen FROM servers WHERE id = ?1", &[server.into()], |r| Ok(Timespec::from_nanos(r.int(0)?)))?;
         self.0.exec(
             "INSERT INTO servers (id, seen) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET seen = excluded.seen",
             &[server.into(), now.to_nanos().into()],
         )?;
-        Ok(())
+        Ok(before)
+    }
+
+    fn store_time(&mut self) -> FsResult<Timespec> {
+        Ok(self.0.clock()?.unwrap_or_else(Timespec::now))
     }
 
     fn sweep_servers(&mut self, before: Timespec) -> FsResult<u64> {

@@ -122,6 +122,10 @@ impl SqlRow for Row<'_> {
 }
 
 impl SqlConn for SqliteConn<'_> {
+    fn clock(&mut self) -> FsResult<Option<crate::fs::Timespec>> {
+        Ok(None)
+    }
+
     fn announce(&mut self, _: &str) -> FsResult<()> {
         Ok(())
     }

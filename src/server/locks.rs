@@ -101,7 +101,7 @@ pub struct LockTable {
 /// push: their guests retry on their timer.
 pub struct Remote<'a> {
     pub engine: &'a Engine,
-    /// This server's id in the store (new at each start).
+    /// This server's id in the store (kept across restarts: DATA/server-id).
     pub server: &'a str,
     pub ttl: std::time::Duration,
 }
@@ -122,6 +122,17 @@ impl Remote<'_> {
 }
 
 impl LockTable {
+    /// Publishes every lock held through this server again (after a heartbeat found that the
+    /// others may have forgotten this server).
+    pub fn republish(&self, remote: &Remote) {
+        // Under the table's lock, as every publication: a change meanwhile cannot be overwritten
+        // by an older picture.
+        let t = self.tables.lock().unwrap();
+        for ((vol, ino), held) in &t.files {
+            remote.publish(*vol, *ino, Some(held));
+        }
+    }
+
     /// The first lock of another owner that conflicts with `l`.
     pub fn test(&self, vol: VolId, ino: Ino, session: u64, l: &Lock, remote: Option<&Remote>) -> FsResult<Lock> {
         let t = self.tables.lock().unwrap();

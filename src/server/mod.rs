@@ -198,8 +198,20 @@ fn start_heartbeat(server: &Arc<Server>) -> FsResult<()> {
     server.engine.server_started(&server.server_id)?;
     server.engine.server_heartbeat(&server.server_id, ttl)?;
     every(server, "heartbeat", ttl / 3, move |server| match server.engine.server_heartbeat(&server.server_id, ttl) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(servers = n, "servers silent for a lease TTL forgotten, with their locks"),
+        Ok(beat) => {
+            if beat.forgotten > 0 {
+                tracing::info!(servers = beat.forgotten, "servers silent for a lease TTL forgotten, with their locks and open files");
+            }
+            if beat.missed {
+                // The others may have forgotten this server and its locks meanwhile (what they
+                // granted in between can conflict with ours: that is logged by the guests'
+                // next requests, not undone).
+                tracing::warn!("this server was silent for a lease TTL; publishing its locks and open files again");
+                if let Some(remote) = server.remote_locks() {
+                    server.locks.republish(&remote);
+                }
+            }
+        }
         Err(e) => tracing::error!("heartbeat to the shared store: {e}"),
     });
     Ok(())
