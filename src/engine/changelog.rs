@@ -175,7 +175,8 @@ impl Event {
 
 /// What other servers sharing the store are told of a transaction's changes (see
 /// [`parse_announcement`]): `ORIGIN VOL` then `i<ino>` for each inode whose data or
-/// attributes changed and `e<dir>:<hex name>` for each name made, removed or moved. Names are
+/// attributes changed and `e<dir>:<hex name>` for each name made, removed or moved (and, in
+/// an announcement of its own, `l<ino>` for a file whose locked bytes were freed). Names are
 /// at most 255 bytes and a transaction changes a handful, so this stays far under PostgreSQL's
 /// 8000 bytes.
 pub(super) fn announcement(origin: &str, vol: VolId, events: &[Event]) -> String {
@@ -193,13 +194,20 @@ pub(super) fn announcement(origin: &str, vol: VolId, events: &[Event]) -> String
     s
 }
 
-/// A change another server announced: its origin, the volume, the inodes and the names.
+/// The announcement that server `origin` freed locked bytes of file `ino`.
+pub(super) fn locks_freed(origin: &str, vol: VolId, ino: Ino) -> String {
+    format!("{origin} {vol} l{ino}")
+}
+
+/// A change another server announced: its origin, the volume, the inodes and the names, and
+/// the files where it freed locked bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announced {
     pub origin: String,
     pub vol: VolId,
     pub inodes: Vec<Ino>,
     pub names: Vec<(Ino, Vec<u8>)>,
+    pub locks: Vec<Ino>,
 }
 
 /// Reads an [`announcement`]; `None` for anything else (another version's, a stranger's).
@@ -207,10 +215,12 @@ pub fn parse_announcement(s: &str) -> Option<Announced> {
     let mut words = s.split(' ');
     let origin = words.next()?.to_string();
     let vol = words.next()?.parse().ok()?;
-    let mut a = Announced { origin, vol, inodes: Vec::new(), names: Vec::new() };
+    let mut a = Announced { origin, vol, inodes: Vec::new(), names: Vec::new(), locks: Vec::new() };
     for w in words {
         if let Some(i) = w.strip_prefix('i') {
             a.inodes.push(i.parse().ok()?);
+        } else if let Some(i) = w.strip_prefix('l') {
+            a.locks.push(i.parse().ok()?);
         } else if let Some(e) = w.strip_prefix('e') {
             let (dir, hex) = e.split_once(':')?;
             if hex.len() % 2 != 0 {
@@ -477,7 +487,9 @@ mod announcement_tests {
         assert_eq!((a.origin.as_str(), a.vol), ("srv1", 7));
         assert_eq!(a.inodes, vec![1, 12, 13]);
         assert_eq!(a.names, vec![(1, b"a b\xff".to_vec()), (1, b"x".to_vec()), (12, b"y".to_vec())]);
-        for bad in ["", "srv", "srv x", "srv 1 q3", "srv 1 e1:abc", "srv 1 e1:zz", "srv 1 ix"] {
+        let a = parse_announcement(&locks_freed("srv2", 3, 40)).unwrap();
+        assert_eq!((a.origin.as_str(), a.vol, a.locks, a.inodes.len()), ("srv2", 3, vec![40], 0));
+        for bad in ["", "srv", "srv x", "srv 1 q3", "srv 1 e1:abc", "srv 1 e1:zz", "srv 1 ix", "srv 1 l"] {
             assert_eq!(parse_announcement(bad), None, "{bad:?}");
         }
     }

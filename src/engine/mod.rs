@@ -637,6 +637,9 @@ impl Engine {
 
     /// In one transaction: the first lock held through another live server (seen within `ttl`)
     /// that conflicts with `check`, or else this server's locks on the file become `held`.
+    /// With `freed` (bytes were unlocked or downgraded), the other servers are told, so that
+    /// their guests waiting on the file try again ([`changelog::Announced::locks`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn publish_locks(
         &self,
         server: &str,
@@ -645,6 +648,7 @@ impl Engine {
         ino: Ino,
         held: &[meta::LockRow],
         check: Option<&meta::LockRow>,
+        freed: bool,
     ) -> FsResult<Option<meta::LockRow>> {
         self.tx(|t| {
             let alive = t.store_time()?.minus(ttl);
@@ -654,6 +658,9 @@ impl Engine {
                 }
             }
             t.put_server_locks(server, vol, ino, held)?;
+            if freed {
+                t.announce(&changelog::locks_freed(server, vol, ino))?;
+            }
             Ok(None)
         })
     }

@@ -97,8 +97,9 @@ pub struct LockTable {
 /// The other servers sharing this server's store (see [`Engine::shared`]): each server
 /// publishes the locks held through it, in the store, in the same transaction as it checks the
 /// others' (serializable: two servers cannot both win one range). A server not seen for `ttl`
-/// (its heartbeat stopped: it died) no longer holds anything. Waiters across servers hear no
-/// push: their guests retry on their timer.
+/// (its heartbeat stopped: it died) no longer holds anything. A guest waiting on a lock held
+/// through another server is pushed when that server announces that it freed bytes of the
+/// file (a dead server's locks expire unannounced: its guests retry on their timer).
 pub struct Remote<'a> {
     pub engine: &'a Engine,
     /// This server's id in the store (kept across restarts: DATA/server-id).
@@ -111,17 +112,24 @@ fn row(h: &Held) -> LockRow {
 }
 
 impl Remote<'_> {
-    /// Publishes the locks now held on a file; a failure is logged (the next change of the
+    /// Publishes the locks now held on a file (after bytes were freed: the other servers are
+    /// told); a failure is logged (the next change of the
     /// file's locks publishes them again, and a dead server's go with it).
     fn publish(&self, vol: VolId, ino: Ino, held: Option<&Vec<Held>>) {
         let rows: Vec<LockRow> = held.map(|h| h.iter().map(row).collect()).unwrap_or_default();
-        if let Err(e) = self.engine.publish_locks(self.server, self.ttl, vol, ino, &rows, None) {
+        if let Err(e) = self.engine.publish_locks(self.server, self.ttl, vol, ino, &rows, None, true) {
             tracing::error!(vol, ino, "publishing locks to the shared store: {e}");
         }
     }
 }
 
 impl LockTable {
+    /// The sessions waiting on a file where another server freed locked bytes (one-shot, as
+    /// every wait).
+    pub fn freed_elsewhere(&self, vol: VolId, ino: Ino) -> Vec<u64> {
+        self.tables.lock().unwrap().take_waiters((vol, ino))
+    }
+
     /// Publishes every lock held through this server again (after a heartbeat found that the
     /// others may have forgotten this server).
     pub fn republish(&self, remote: &Remote) {
@@ -210,9 +218,13 @@ impl LockTable {
             // The others' locks, checked and ours published in one transaction.
             let rows: Vec<LockRow> = kept.iter().map(row).collect();
             let want = (l.typ != libc::F_UNLCK).then_some(LockRow { owner: l.owner, start: l.start, end: l.end, typ: l.typ, pid: l.pid });
-            if let Some(h) = r.engine.publish_locks(r.server, r.ttl, vol, ino, &rows, want.as_ref())? {
+            if let Some(h) = r.engine.publish_locks(r.server, r.ttl, vol, ino, &rows, want.as_ref(), frees)? {
                 if held.is_empty() {
                     files.remove(&(vol, ino));
+                }
+                if wait {
+                    // Told when the other server frees bytes there (its announcement).
+                    t.add_waiter((vol, ino), session);
                 }
                 return Err(FsError::new(
                     libc::EAGAIN,

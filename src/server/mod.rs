@@ -176,6 +176,9 @@ impl Server {
                 for ino in a.inodes {
                     self.invalidate_inode(a.vol, ino);
                 }
+                for ino in a.locks {
+                    self.lock_freed(ino, &self.locks.freed_elsewhere(a.vol, ino));
+                }
             }
             Some(_) => {}
             None => tracing::warn!(message, "an announcement this server does not understand"),
