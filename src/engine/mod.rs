@@ -105,6 +105,9 @@ pub struct Engine {
     origin: std::sync::OnceLock<String>,
     /// With a shared store, the heartbeat's own connection (see [`Engine::server_heartbeat`]).
     beat: std::sync::OnceLock<Box<dyn MetaStore>>,
+    /// With a block store, the volumes where a write was refused for want of space lately:
+    /// their writes are checked before their blocks are uploaded (see [`Engine::write`]).
+    full: Mutex<std::collections::HashSet<VolId>>,
 }
 
 /// What a heartbeat found (see [`Engine::server_heartbeat`]).
@@ -513,6 +516,7 @@ impl Engine {
             shared: None,
             origin: std::sync::OnceLock::new(),
             beat: std::sync::OnceLock::new(),
+            full: Mutex::default(),
             open: Mutex::new(OpenTable::default()),
             scope_epochs: Mutex::default(),
             changelog: ChangeLog::default(),
@@ -1945,8 +1949,28 @@ impl Engine {
     /// written at and the attributes after the write.
     pub fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<(u64, Attr)> {
         let now = Timespec::now();
+        if self.has_blocks() && self.full.lock().unwrap().contains(&vol) {
+            // The volume refused a write lately: check this one fits before its blocks go up
+            // (a guest looping on a full volume would otherwise leave garbage at every try).
+            self.tx(|t| {
+                let a = Self::inode(t, vol, ino)?;
+                let start = if append { a.size } else { offset };
+                let end = start.saturating_add(data.len() as u64);
+                let (old, v) = (t.extents(vol, ino, start, end)?, t.volume_by_id(vol)?.ok_or_else(|| stale(ROOT_INO))?);
+                let lo = old.first().map_or(start, |r| r.0.min(start));
+                let hi = old.last().map_or(end, |r| r.1.max(end));
+                let grow = (hi - lo) - old.iter().map(|(s, e)| e - s).sum::<u64>();
+                match v.used.saturating_add(grow) > v.cap {
+                    true => Err(FsError::new(
+                        libc::EDQUOT,
+                        format!("volume `{}` is full: {} of {} bytes used, {grow} more needed", v.name, v.used, v.cap),
+                    )),
+                    false => Ok(()),
+                }
+            })?;
+        }
         let staged = self.stage(data)?;
-        self.mutate(vol, |t, log| {
+        let out = self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             regular(&a)?;
             let offset = if append { a.size } else { offset };
@@ -1967,7 +1991,15 @@ impl Engine {
             t.put_inode(vol, &a)?;
             log.push(Event::Modify { node: a.kind, ino });
             Ok((offset, a))
-        })
+        });
+        if self.has_blocks() {
+            match &out {
+                Err(e) if e.errno == libc::EDQUOT => self.full.lock().unwrap().insert(vol),
+                Ok(_) => self.full.lock().unwrap().remove(&vol),
+                Err(_) => false,
+            };
+        }
+        out
     }
 
     /// fallocate(2) on a regular file. Mode 0 stores (and charges) `[offset, offset+length)`,
