@@ -105,10 +105,28 @@ pub struct Engine {
     origin: std::sync::OnceLock<String>,
     /// With a shared store, the heartbeat's own connection (see [`Engine::server_heartbeat`]).
     beat: std::sync::OnceLock<Box<dyn MetaStore>>,
+    /// With a block store, writes to each file since it was last considered for compaction,
+    /// and the files due for it (see [`Engine::compact`]).
+    compaction: Mutex<Compaction>,
     /// With a block store, the volumes where a write was refused for want of space lately:
     /// their writes are checked before their blocks are uploaded (see [`Engine::write`]).
     full: Mutex<std::collections::HashSet<VolId>>,
 }
+
+/// Files written since they were last considered for compaction (see [`Engine::compact`]).
+#[derive(Default)]
+struct Compaction {
+    writes: HashMap<(VolId, Ino), u32>,
+    due: std::collections::BTreeSet<(VolId, Ino)>,
+}
+
+/// A file is considered for compaction after this many writes...
+const COMPACT_AFTER_WRITES: u32 = 64;
+/// ...and rewritten if it has more slices than this per [`blocks::BLOCK_MAX`] of its size.
+const COMPACT_SLICES_PER_BLOCK: usize = 4;
+/// Files whose writes are counted at once (past that the counts start again: memory stays
+/// bounded however many files a server writes).
+const COMPACT_TRACKED: usize = 1 << 16;
 
 /// What a heartbeat found (see [`Engine::server_heartbeat`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -517,6 +535,7 @@ impl Engine {
             origin: std::sync::OnceLock::new(),
             beat: std::sync::OnceLock::new(),
             full: Mutex::default(),
+            compaction: Mutex::default(),
             open: Mutex::new(OpenTable::default()),
             scope_epochs: Mutex::default(),
             changelog: ChangeLog::default(),
@@ -1998,8 +2017,83 @@ impl Engine {
                 Ok(_) => self.full.lock().unwrap().remove(&vol),
                 Err(_) => false,
             };
+            if out.is_ok() {
+                let mut c = self.compaction.lock().unwrap();
+                if c.writes.len() >= COMPACT_TRACKED {
+                    c.writes.clear();
+                }
+                let n = c.writes.entry((vol, ino)).or_insert(0);
+                *n += 1;
+                if *n >= COMPACT_AFTER_WRITES {
+                    c.writes.remove(&(vol, ino));
+                    c.due.insert((vol, ino));
+                }
+            }
         }
         out
+    }
+
+    /// The files written often enough since they were last considered to be worth a
+    /// [`Engine::compact`] (taken: each is returned once).
+    pub fn compaction_due(&self) -> Vec<(VolId, Ino)> {
+        std::mem::take(&mut self.compaction.lock().unwrap().due).into_iter().collect()
+    }
+
+    /// With a block store, rewrites file `ino` as whole blocks if its slices have piled up
+    /// (every write adds one: a file grown 4 KiB at a time is thousands of tiny blocks, and a
+    /// read of it as many fetches): each [`blocks::BLOCK_MAX`] of the file that has data
+    /// becomes one new block and one slice (a range that already is one whole slice is kept;
+    /// holes stay holes). The new blocks go up first; one transaction then swaps the slices,
+    /// only if the file's slices and size are still what was read (a write meanwhile wins and
+    /// the file is left for next time). The old blocks are garbage for [`Engine::gc`] (unless
+    /// a clone shares them). Returns the slices before and after, or `None` if there was
+    /// nothing to do. The bytes read are the same before and after.
+    pub fn compact(&self, vol: VolId, ino: Ino) -> FsResult<Option<(usize, usize)>> {
+        self.compact_over(vol, ino, COMPACT_SLICES_PER_BLOCK)
+    }
+
+    /// [`Engine::compact`] if the file has more than `per_block` slices per block of its size.
+    fn compact_over(&self, vol: VolId, ino: Ino, per_block: usize) -> FsResult<Option<(usize, usize)>> {
+        let Data::Blocks(b) = &self.data else { return Ok(None) };
+        let (size, before) = self.tx(|t| {
+            let a = Self::inode(t, vol, ino)?;
+            match a.kind == Kind::File && a.size > 0 {
+                true => Ok((a.size, t.slices(vol, ino, 0, a.size)?)),
+                false => Ok((0, Vec::new())),
+            }
+        })?;
+        let chunk = blocks::BLOCK_MAX as u64;
+        if before.len() <= (size.div_ceil(chunk) as usize) * per_block {
+            return Ok(None);
+        }
+        let mut new = Vec::new();
+        for off in (0..size).step_by(blocks::BLOCK_MAX) {
+            let len = (size - off).min(chunk);
+            let covering: Vec<&meta::SliceRow> = before.iter().filter(|s| s.off < off + len && s.off + s.len > off).collect();
+            match covering[..] {
+                [] => {}
+                [s] if s.off == off && s.len == len => new.push(meta::SliceRow { id: 0, ..s.clone() }),
+                _ if covering.iter().all(|s| s.block.is_none()) => {}
+                _ => {
+                    // From the first byte with data to the last: zeros around it need no block.
+                    let data = covering.iter().filter(|s| s.block.is_some());
+                    let lo = data.clone().map(|s| s.off).min().unwrap_or(off).max(off);
+                    let hi = data.map(|s| s.off + s.len).max().unwrap_or(off).min(off + len);
+                    let mut buf = vec![0u8; (hi - lo) as usize];
+                    b.read(&before, lo, &mut buf)?;
+                    new.extend(blocks::slices_of(lo, &b.stage(&buf)?));
+                }
+            }
+        }
+        let swapped = self.tx(|t| {
+            let unchanged = t.get_inode(vol, ino)?.is_some_and(|a| a.size == size) && t.slices(vol, ino, 0, size)? == before;
+            if unchanged {
+                t.truncate_slices(vol, ino, 0)?;
+                new.iter().try_for_each(|s| t.insert_slice(vol, ino, s))?;
+            }
+            Ok(unchanged)
+        })?;
+        Ok(swapped.then_some((before.len(), new.len())))
     }
 
     /// fallocate(2) on a regular file. Mode 0 stores (and charges) `[offset, offset+length)`,

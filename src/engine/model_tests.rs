@@ -1,6 +1,6 @@
 //! The engine against a reference model: proptest drives random sequences of operations
 //! (create, write at offsets, append, truncate, rename with flags, link, unlink with handles
-//! open, mkdir, rmdir, xattrs, restart) through the real engine (SQLite + local blobs) and
+//! open, mkdir, rmdir, xattrs, compaction, restart) through the real engine (SQLite + local blobs) and
 //! through a plain in-memory model of POSIX, and after every step compares the outcome (the
 //! errno, or success) and the whole visible state: the tree, each inode's kind, link count,
 //! size, bytes and xattrs, held orphans, and the volume's usage. A failure shrinks to a short
@@ -34,6 +34,9 @@ enum Step {
     RemoveXattr(Index, usize),
     Hold(Index),
     Release(Index),
+    /// A compaction of a file (a block store's background rewrite; nothing visible changes),
+    /// whatever its number of slices.
+    Compact(Index),
     Restart,
 }
 
@@ -66,6 +69,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (any::<Index>(), 0..XATTRS.len()).prop_map(|(f, x)| Step::RemoveXattr(f, x)),
         2 => any::<Index>().prop_map(Step::Hold),
         2 => any::<Index>().prop_map(Step::Release),
+        1 => any::<Index>().prop_map(Step::Compact),
         1 => Just(Step::Restart),
     ]
 }
@@ -475,6 +479,10 @@ fn apply(m: &mut Model, r: &mut Real, s: &Step) -> (Outcome, Outcome) {
                 m.nodes.remove(&f);
             }
             (Ok(()), got)
+        }
+        Step::Compact(f) => {
+            let Some(f) = pick(&files, f) else { return skip };
+            (Ok(()), errno_of(e.compact_over(v, f, 0)).map(|_| ()))
         }
         Step::Restart => {
             // Handles do not outlive the engine; orphans are reclaimed at the next start.

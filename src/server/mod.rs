@@ -283,7 +283,21 @@ fn start_gc(server: &Arc<Server>) {
         Ok(r) => tracing::info!(blocks = r.blocks, deleted = r.deleted, freed = r.deleted_bytes, "block garbage collected"),
         Err(e) => tracing::error!("block garbage collection: {e}"),
     });
+    // Files written in many small pieces are rewritten as whole blocks in the background.
+    every(server, "compaction", COMPACT_EVERY, |server| {
+        for (vol, ino) in server.engine.compaction_due() {
+            match server.engine.compact(vol, ino) {
+                Ok(Some((before, after))) => tracing::debug!(vol, ino, before, after, "file compacted"),
+                Ok(None) => {}
+                // Gone meanwhile: nothing to do.
+                Err(e) if e.errno == libc::ESTALE => {}
+                Err(e) => tracing::warn!(vol, ino, "compaction: {e}"),
+            }
+        }
+    });
 }
+
+const COMPACT_EVERY: Duration = Duration::from_secs(5);
 
 const GC_EVERY: Duration = Duration::from_secs(3600);
 
