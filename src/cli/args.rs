@@ -109,6 +109,11 @@ pub struct ServerArgs {
     #[arg(long, value_name = "URL", env = "VOLUMEFS_BLOCKS")]
     pub blocks: Option<String>,
 
+    /// With an S3 --blocks: how much of the blocks read to keep on local disk, in DIR/block-cache
+    /// (least recently used out first; 0: no disk cache)
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = crate::engine::parse_size)]
+    pub block_cache: u64,
+
     /// Address the HTTP API listens on (port 0: any free port, see DIR/http-addr)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     pub http: String,

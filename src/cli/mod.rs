@@ -415,6 +415,7 @@ fn serve(a: ServerArgs) -> Result<(), String> {
         data: data.clone(),
         meta: a.meta,
         blocks: a.blocks,
+        block_cache: a.block_cache,
         lease_ttl: std::time::Duration::from_secs(a.lease_ttl),
         images: a.images,
         upload_expiry: std::time::Duration::from_secs(a.upload_expiry),

@@ -13,8 +13,9 @@
 //! Blocks are shared freely: a volume clone copies slice rows, not blocks. A block goes only
 //! when no slice of any volume refers to it.
 //!
-//! Reads come from a memory cache of whole blocks (blocks never change, so it is never stale)
-//! and then the object store. The store is reached through the `object_store` crate: a local
+//! Reads come from a memory cache of whole blocks (blocks never change, so it is never stale),
+//! then (for a remote store) a bounded cache of blocks on local disk ([`DiskCache`]), and then
+//! the object store. The store is reached through the `object_store` crate: a local
 //! directory (`file:///path`, each block synced to disk before its slice commits) or any S3
 //! server (`s3://bucket?endpoint=...`).
 
@@ -42,8 +43,117 @@ const CACHE_ON_WRITE: usize = 256 << 10;
 /// Idle connections to an S3 server are closed after this long.
 const IDLE_CONNECTION: Duration = Duration::from_secs(10);
 
+/// The default size of the on-disk block cache of a remote store.
+pub const DISK_CACHE_DEFAULT: u64 = 1 << 30;
+
+/// Blocks fetched from a remote store, kept as files in a local directory up to a size the
+/// operator sets, least recently used out first. Each file is synced before it is renamed into
+/// place, so after a crash a cached block is whole or absent; what the directory holds at start
+/// is taken up again (oldest first in the LRU order).
+pub struct DiskCache {
+    dir: std::path::PathBuf,
+    limit: u64,
+    state: Mutex<DiskState>,
+}
+
+struct DiskState {
+    /// Block name → its size.
+    lru: LruCache<String, u64>,
+    bytes: u64,
+    hits: u64,
+    misses: u64,
+}
+
+impl DiskCache {
+    pub fn open(dir: &std::path::Path, limit: u64) -> FsResult<DiskCache> {
+        std::fs::create_dir_all(dir).map_err(|e| store_err(&format!("create the block cache {}", dir.display()), e))?;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| store_err(&format!("read the block cache {}", dir.display()), e))?.flatten() {
+            let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
+            match entry.metadata() {
+                // A leftover of a fill that did not finish.
+                Ok(_) if name.ends_with(".tmp") => drop(std::fs::remove_file(&path)),
+                Ok(m) if m.is_file() => found.push((m.modified().ok(), name, m.len())),
+                _ => {}
+            }
+        }
+        found.sort();
+        let mut state = DiskState { lru: LruCache::unbounded(), bytes: 0, hits: 0, misses: 0 };
+        for (_, name, len) in found {
+            state.bytes += len;
+            state.lru.put(name, len);
+        }
+        let cache = DiskCache { dir: dir.to_path_buf(), limit, state: Mutex::new(state) };
+        cache.trim(&mut cache.state.lock().unwrap());
+        Ok(cache)
+    }
+
+    fn trim(&self, st: &mut DiskState) {
+        while st.bytes > self.limit {
+            let Some((key, len)) = st.lru.pop_lru() else { break };
+            st.bytes -= len;
+            let _ = std::fs::remove_file(self.dir.join(&key));
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Bytes> {
+        let mut st = self.state.lock().unwrap();
+        if st.lru.get(key).is_none() {
+            st.misses += 1;
+            return None;
+        }
+        match std::fs::read(self.dir.join(key)) {
+            Ok(b) => {
+                st.hits += 1;
+                Some(Bytes::from(b))
+            }
+            Err(_) => {
+                // Removed behind our back: forget it.
+                if let Some(len) = st.lru.pop(key) {
+                    st.bytes -= len;
+                }
+                st.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Keeps a copy of block `key`; a failure (a full disk) only means it is not cached.
+    fn put(&self, key: &str, bytes: &[u8]) {
+        use std::io::Write;
+        if bytes.len() as u64 > self.limit {
+            return;
+        }
+        let (tmp, path) = (self.dir.join(format!("{key}.tmp")), self.dir.join(key));
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        if written.and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            return;
+        }
+        let mut st = self.state.lock().unwrap();
+        st.bytes += bytes.len() as u64;
+        if let Some(old) = st.lru.put(key.to_string(), bytes.len() as u64) {
+            st.bytes -= old;
+        }
+        self.trim(&mut st);
+    }
+
+    fn forget(&self, key: &str) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(len) = st.lru.pop(key) {
+            st.bytes -= len;
+            let _ = std::fs::remove_file(self.dir.join(key));
+        }
+    }
+}
+
 pub struct BlockStore {
     store: Arc<dyn ObjectStore>,
+    /// Blocks of a remote store on local disk (`None` for a local directory: it is one).
+    disk: Option<DiskCache>,
     /// Where blocks live on this machine when the store is a local directory (synced there).
     local: Option<std::path::PathBuf>,
     rt: tokio::runtime::Runtime,
@@ -82,6 +192,10 @@ pub struct CacheStats {
     pub hits: u64,
     pub misses: u64,
     pub bytes: u64,
+    /// The on-disk cache's (zeros without one): what the memory cache missed.
+    pub disk_hits: u64,
+    pub disk_misses: u64,
+    pub disk_bytes: u64,
 }
 
 fn store_err(what: &str, e: impl std::fmt::Display) -> FsError {
@@ -117,7 +231,9 @@ impl BlockStore {
     /// `region=NAME`, `access_key_id=...`, `secret_access_key=...`, `prefix=PATH` (several stores
     /// in one bucket) as query parameters (the
     /// standard `AWS_*` variables fill what the URL leaves out).
-    pub fn open(url: &str, cache_bytes: u64) -> FsResult<BlockStore> {
+    /// Blocks fetched are kept in `disk` (directory and size; `None` or size 0: no disk cache;
+    /// worth it for a remote store only).
+    pub fn open(url: &str, cache_bytes: u64, disk: Option<(&std::path::Path, u64)>) -> FsResult<BlockStore> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("block-store")
@@ -178,7 +294,11 @@ impl BlockStore {
             ));
         };
         let cache = Cache { blocks: LruCache::unbounded(), bytes: 0, limit: cache_bytes, hits: 0, misses: 0 };
-        Ok(BlockStore { store, local, rt, cache: Mutex::new(cache), url: shown })
+        let disk = match disk {
+            Some((dir, size)) if size > 0 => Some(DiskCache::open(dir, size)?),
+            _ => None,
+        };
+        Ok(BlockStore { store, disk, local, rt, cache: Mutex::new(cache), url: shown })
     }
 
     /// Writes `data` as new blocks; returns them for the write's transaction to refer to.
@@ -232,11 +352,18 @@ impl BlockStore {
             }
             c.misses += 1;
         }
+        if let Some(b) = self.disk.as_ref().and_then(|d| d.get(key)) {
+            self.remember(key, b.clone());
+            return Ok(b);
+        }
         let path = block_path(key);
         let bytes = self
             .rt
             .block_on(async { self.store.get(&path).await?.bytes().await })
             .map_err(|e| store_err(&format!("read block {key} (is the store the one this metadata was written with?)"), e))?;
+        if let Some(d) = &self.disk {
+            d.put(key, &bytes);
+        }
         self.remember(key, bytes.clone());
         Ok(bytes)
     }
@@ -309,6 +436,9 @@ impl BlockStore {
             match self.rt.block_on(self.store.delete(&path)) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {
                     self.cache.lock().unwrap().blocks.pop(&key);
+                    if let Some(d) = &self.disk {
+                        d.forget(&key);
+                    }
                     report.deleted += 1;
                     report.deleted_bytes += size;
                 }
@@ -320,7 +450,12 @@ impl BlockStore {
 
     pub fn cache_stats(&self) -> CacheStats {
         let c = self.cache.lock().unwrap();
-        CacheStats { hits: c.hits, misses: c.misses, bytes: c.bytes }
+        let mut s = CacheStats { hits: c.hits, misses: c.misses, bytes: c.bytes, ..CacheStats::default() };
+        if let Some(d) = &self.disk {
+            let st = d.state.lock().unwrap();
+            (s.disk_hits, s.disk_misses, s.disk_bytes) = (st.hits, st.misses, st.bytes);
+        }
+        s
     }
 
     /// A small object of the store's own (`store-id`), or `None`.
@@ -373,7 +508,7 @@ mod tests {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let d = Dir(std::env::temp_dir().join(format!("volumefs-blocks-{}-{n}", std::process::id())));
-        let s = BlockStore::open(&format!("file://{}", d.0.display()), cache).unwrap();
+        let s = BlockStore::open(&format!("file://{}", d.0.display()), cache, None).unwrap();
         (d, s)
     }
 
@@ -410,6 +545,39 @@ mod tests {
         assert_eq!(read(&s, &slices_of(0, &staged), BLOCK_MAX as u64 - 10, 20), data[BLOCK_MAX - 10..BLOCK_MAX + 10].to_vec());
         assert_eq!(s.cache_stats().bytes, 0);
         assert_eq!(s.cache_stats().misses, 2);
+    }
+
+    /// Blocks read are kept on local disk up to its size, least recently used out first, and
+    /// served from there (the test removes a block from the store: it still reads); what the
+    /// cache directory holds survives a restart, and a fill cut short is cleaned up.
+    #[test]
+    fn the_disk_cache_serves_what_was_read_within_its_size() {
+        let (d, s0) = store(0);
+        let cache_dir = d.0.join("cache");
+        let s = BlockStore::open(&format!("file://{}", d.0.display()), 0, Some((&cache_dir, 250 << 10))).unwrap();
+        drop(s0);
+        let data = |c: u8| vec![c; 100 << 10];
+        let keys: Vec<Vec<SliceRow>> = [b'a', b'b', b'c'].iter().map(|c| slices_of(0, &s.stage(&data(*c)).unwrap())).collect();
+        let remove = |sl: &[SliceRow]| {
+            let key = sl[0].block.clone().unwrap();
+            std::fs::remove_file(d.0.join("blocks").join(&key[..2]).join(&key)).unwrap();
+        };
+        assert_eq!(read(&s, &keys[0], 0, 10), vec![b'a'; 10]);
+        remove(&keys[0]);
+        assert_eq!(read(&s, &keys[0], 0, 10), vec![b'a'; 10], "served from the disk cache");
+        let st = s.cache_stats();
+        assert_eq!((st.disk_hits, st.disk_misses, st.disk_bytes), (1, 1, 100 << 10));
+        assert_eq!(read(&s, &keys[1], 0, 10), vec![b'b'; 10]);
+        assert_eq!(read(&s, &keys[2], 0, 10), vec![b'c'; 10]);
+        assert_eq!(s.cache_stats().disk_bytes, 200 << 10, "within its size: the least recently used went");
+        let mut buf = vec![0u8; 10];
+        assert_eq!(s.read(&keys[0], 0, &mut buf).unwrap_err().errno, libc::EIO, "a is gone from both");
+        drop(s);
+        std::fs::write(cache_dir.join("0123.tmp"), b"half").unwrap();
+        let s = BlockStore::open(&format!("file://{}", d.0.display()), 0, Some((&cache_dir, 250 << 10))).unwrap();
+        assert!(!cache_dir.join("0123.tmp").exists(), "an unfinished fill is removed");
+        remove(&keys[1]);
+        assert_eq!(read(&s, &keys[1], 0, 10), vec![b'b'; 10], "the cache outlives a restart");
     }
 
     #[test]

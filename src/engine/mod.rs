@@ -551,6 +551,12 @@ impl Engine {
     /// (`postgres://...`, see [`pg`]); file data under `dir` (`blocks` `None`) or as blocks in
     /// the object store at `blocks` (`file:///dir`, `s3://bucket?...`, see [`blocks`]).
     pub fn open_store(dir: &Path, meta: Option<&str>, blocks: Option<&str>) -> FsResult<Engine> {
+        Engine::open_store_cached(dir, meta, blocks, blocks::DISK_CACHE_DEFAULT)
+    }
+
+    /// [`Engine::open_store`] with an on-disk cache of `disk_cache` bytes (under
+    /// `dir/block-cache`; 0: none) for the blocks of a remote (S3) store.
+    pub fn open_store_cached(dir: &Path, meta: Option<&str>, blocks: Option<&str>, disk_cache: u64) -> FsResult<Engine> {
         std::fs::create_dir_all(dir)
             .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", dir.display())))?;
         let local_meta = meta.is_none();
@@ -566,7 +572,10 @@ impl Engine {
         };
         let data = match blocks {
             None => Data::Bytes(Box::new(small::SmallFirst::open(&dir.join("blobs"), &dir.join("blobs.db"))?)),
-            Some(url) => Data::Blocks(Box::new(blocks::BlockStore::open(url, blocks::CACHE_DEFAULT)?)),
+            Some(url) => {
+                let disk = (!url.starts_with("file://")).then(|| dir.join("block-cache"));
+                Data::Blocks(Box::new(blocks::BlockStore::open(url, blocks::CACHE_DEFAULT, disk.as_deref().map(|d| (d, disk_cache)))?))
+            }
         };
         check_layout(&*meta, if matches!(data, Data::Blocks(_)) { "blocks" } else { "files" })?;
         // Metadata and data kept apart must be the two halves of one store.

@@ -59,6 +59,8 @@ pub struct Config {
     pub meta: Option<String>,
     /// Where file data lives when not under `data` (a block store URL, see [`crate::engine::blocks`]).
     pub blocks: Option<String>,
+    /// Bytes of blocks of a remote block store kept on local disk (DATA/block-cache; 0: none).
+    pub block_cache: u64,
     /// How long a session may go without its guest before its lease lapses.
     pub lease_ttl: Duration,
     /// Where the guest image is (for `sandbox run`); found automatically when `None`.
@@ -374,7 +376,7 @@ impl Server {
             .map_err(|e| FsError::new(libc::EIO, format!("cannot create data directory {}: {e}", config.data.display())))?;
         let data_lock = lock_data_dir(&config.data)?;
         raise_fd_limit();
-        let engine = Engine::open_store(&config.data, config.meta.as_deref(), config.blocks.as_deref())?;
+        let engine = Engine::open_store_cached(&config.data, config.meta.as_deref(), config.blocks.as_deref(), config.block_cache)?;
         let token = load_secret(&config.data, "api-token")?;
         let url_key = load_secret(&config.data, "url-key")?;
         let uploads = tus::Uploads::open(&config.data, config.upload_expiry)?;
