@@ -137,12 +137,12 @@ impl Timespec {
         }
     }
 
-    /// Packed as nanoseconds in an i64 for storage (covers 1678–2262).
     /// The instant `d` before this one.
     pub fn minus(self, d: std::time::Duration) -> Timespec {
         Timespec::from_nanos(self.to_nanos().saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64))
     }
 
+    /// Packed as nanoseconds in an i64 for storage (covers 1678–2262).
     pub fn to_nanos(self) -> i64 {
         self.sec.saturating_mul(1_000_000_000).saturating_add(self.nsec as i64)
     }

@@ -54,6 +54,8 @@ pub struct DiskCache {
     dir: std::path::PathBuf,
     limit: u64,
     state: Mutex<DiskState>,
+    /// Numbers each fill's temporary file (two threads may fill one block at once).
+    fills: std::sync::atomic::AtomicU64,
 }
 
 struct DiskState {
@@ -83,7 +85,7 @@ impl DiskCache {
             state.bytes += len;
             state.lru.put(name, len);
         }
-        let cache = DiskCache { dir: dir.to_path_buf(), limit, state: Mutex::new(state) };
+        let cache = DiskCache { dir: dir.to_path_buf(), limit, state: Mutex::new(state), fills: Default::default() };
         cache.trim(&mut cache.state.lock().unwrap());
         Ok(cache)
     }
@@ -97,20 +99,29 @@ impl DiskCache {
     }
 
     fn get(&self, key: &str) -> Option<Bytes> {
+        let want = {
+            let mut st = self.state.lock().unwrap();
+            match st.lru.get(key).copied() {
+                Some(len) => len,
+                None => {
+                    st.misses += 1;
+                    return None;
+                }
+            }
+        };
+        // Read outside the lock (hits do not wait for each other); whole or not at all.
+        let got = std::fs::read(self.dir.join(key)).ok().filter(|b| b.len() as u64 == want);
         let mut st = self.state.lock().unwrap();
-        if st.lru.get(key).is_none() {
-            st.misses += 1;
-            return None;
-        }
-        match std::fs::read(self.dir.join(key)) {
-            Ok(b) => {
+        match got {
+            Some(b) => {
                 st.hits += 1;
                 Some(Bytes::from(b))
             }
-            Err(_) => {
-                // Removed behind our back: forget it.
-                if let Some(len) = st.lru.pop(key) {
-                    st.bytes -= len;
+            None => {
+                // Removed or damaged behind our back: forget it.
+                if st.lru.peek(key) == Some(&want) {
+                    st.lru.pop(key);
+                    st.bytes -= want;
                 }
                 st.misses += 1;
                 None
@@ -121,11 +132,12 @@ impl DiskCache {
     /// Keeps a copy of block `key`; a failure (a full disk) only means it is not cached.
     fn put(&self, key: &str, bytes: &[u8]) {
         use std::io::Write;
-        if bytes.len() as u64 > self.limit {
+        if bytes.len() as u64 > self.limit || self.state.lock().unwrap().lru.contains(key) {
             return;
         }
-        let (tmp, path) = (self.dir.join(format!("{key}.tmp")), self.dir.join(key));
-        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        let n = self.fills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tmp, path) = (self.dir.join(format!("{key}.{n}.tmp")), self.dir.join(key));
+        let written = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).and_then(|mut f| {
             f.write_all(bytes)?;
             f.sync_all()
         });
@@ -578,6 +590,32 @@ mod tests {
         assert!(!cache_dir.join("0123.tmp").exists(), "an unfinished fill is removed");
         remove(&keys[1]);
         assert_eq!(read(&s, &keys[1], 0, 10), vec![b'b'; 10], "the cache outlives a restart");
+    }
+
+    /// Threads that miss the same block at once each fill the disk cache with it: every read
+    /// still gets the whole block (fills do not share a temporary file).
+    #[test]
+    fn concurrent_fills_of_one_block_read_whole() {
+        let (d, _s) = store(0);
+        let cache_dir = d.0.join("cache");
+        let s = Arc::new(BlockStore::open(&format!("file://{}", d.0.display()), 0, Some((&cache_dir, 64 << 20))).unwrap());
+        for round in 0..10u8 {
+            let data: Vec<u8> = (0..(1 << 20)).map(|i| (i as u8).wrapping_mul(31).wrapping_add(round)).collect();
+            let sl = Arc::new(slices_of(0, &s.stage(&data).unwrap()));
+            let data = Arc::new(data);
+            let readers: Vec<_> = (0..6)
+                .map(|_| {
+                    let (s, sl, data) = (s.clone(), sl.clone(), data.clone());
+                    std::thread::spawn(move || {
+                        for _ in 0..5 {
+                            assert!(read(&s, &sl, 0, data.len()) == *data, "a short or mixed block was read");
+                        }
+                    })
+                })
+                .collect();
+            readers.into_iter().for_each(|r| r.join().unwrap());
+        }
+        assert!(std::fs::read_dir(&cache_dir).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().ends_with(".tmp")));
     }
 
     #[test]

@@ -316,6 +316,14 @@ impl Engine {
     ) -> FsResult<T> {
         let tag = super::replay_tag();
         let (out, logged) = self.tx(|t| {
+            if self.shared() {
+                // Ids come from a sequence at insert, not at commit: without this, two servers'
+                // transactions on one volume could commit their ids out of order, and a reader
+                // that had the later one would never see the earlier. Taken first, so that
+                // every mutation takes the volume's row before any other (no deadlock between
+                // servers locking an inode and the volume in opposite orders).
+                t.lock_volume(vol)?;
+            }
             let mut events = Vec::new();
             let out = f(t, &mut events)?;
             super::record_replay(t, tag, &out)?;
@@ -344,12 +352,6 @@ impl Engine {
     }
 
     fn log_events(&self, t: &mut dyn MetaTxn, vol: VolId, events: Vec<Event>) -> FsResult<Logged> {
-        if self.shared() {
-            // Ids come from a sequence at insert, not at commit: without this, two servers'
-            // transactions on one volume could commit their ids out of order, and a reader
-            // that had the later one would never see the earlier.
-            t.lock_volume(vol)?;
-        }
         let time = Timespec::now();
         let mut logged = Logged::default();
         let mut dirs = DirPaths::default();

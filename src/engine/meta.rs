@@ -291,6 +291,9 @@ pub trait MetaTxn {
     fn insert_slice(&mut self, vol: VolId, ino: Ino, s: &SliceRow) -> FsResult<()>;
     /// Cuts the file's slices at `size`: those past it go, one across it ends there.
     fn truncate_slices(&mut self, vol: VolId, ino: Ino, size: u64) -> FsResult<()>;
+    /// Deletes the file's slices with ids up to `max_id` that start below `end` (what a
+    /// compaction read and replaces).
+    fn drop_slices(&mut self, vol: VolId, ino: Ino, max_id: u64, end: u64) -> FsResult<()>;
     /// Every block some slice of some volume refers to (what garbage collection keeps).
     fn referenced_blocks(&mut self) -> FsResult<Vec<String>>;
     /// The blocks the volume's slices refer to, with the inode of one slice for each.

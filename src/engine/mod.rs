@@ -83,6 +83,10 @@ const X: u32 = 1;
 struct OpenTable {
     counts: HashMap<(VolId, Ino), u32>,
     unlinked: std::collections::HashSet<(VolId, Ino)>,
+    /// With a shared store, inodes this server no longer holds whose `open_files` rows are
+    /// still to go (at the next heartbeat, see [`Engine::flush_closed`]): a close costs no
+    /// transaction.
+    closed: std::collections::HashSet<(VolId, Ino)>,
 }
 
 pub struct Engine {
@@ -124,6 +128,11 @@ struct Compaction {
 const COMPACT_AFTER_WRITES: u32 = 64;
 /// ...and rewritten if it has more slices than this per [`blocks::BLOCK_MAX`] of its size.
 const COMPACT_SLICES_PER_BLOCK: usize = 4;
+/// The most bytes one compaction rewrites (a larger file in small pieces is left as it is)...
+const COMPACT_MAX_BYTES: u64 = 256 << 20;
+/// ...and the longest it may take: its new blocks must not be older than gc's grace (an hour
+/// by default) when it swaps them in.
+const COMPACT_PASS_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 /// Files whose writes are counted at once (past that the counts start again: memory stays
 /// bounded however many files a server writes).
 const COMPACT_TRACKED: usize = 1 << 16;
@@ -642,6 +651,7 @@ impl Engine {
                 held.into_iter().try_for_each(|(vol, ino)| t.put_open(self.holder(), vol, ino))
             })?;
         }
+        self.flush_closed()?;
         if forgotten > 0 {
             self.purge_unheld_orphans()?;
         }
@@ -1588,9 +1598,14 @@ impl Engine {
             open.unlinked.insert((vol, child.ino));
             return Ok(false);
         }
+        if !self.shared() {
+            return Ok(true);
+        }
+        // With a shared store this server's row may linger (closed since its last heartbeat),
+        // and another server may hold the inode: then the last release anywhere frees it.
         drop(open);
-        // With a shared store, another server may hold it: the last release anywhere frees it.
-        Ok(!(self.shared() && t.held_open(vol, child.ino)?))
+        t.drop_open(self.holder(), vol, child.ino)?;
+        Ok(!t.held_open(vol, child.ino)?)
     }
 
     /// Deletes an inode that has neither names nor handles: its row, xattrs, data and usage.
@@ -1850,14 +1865,34 @@ impl Engine {
     /// shared store the handle is published in the store too (`open_files`: the inode is freed
     /// only once no server holds it).
     pub fn hold(&self, vol: VolId, ino: Ino) -> FsResult<()> {
-        *self.open.lock().unwrap().counts.entry((vol, ino)).or_insert(0) += 1;
         if self.shared() {
-            if let Err(e) = self.tx(|t| t.put_open(self.holder(), vol, ino)) {
-                let _ = self.release(vol, ino);
-                return Err(e);
-            }
+            return self.held(vol, ino, |_| Ok(()));
         }
+        *self.open.lock().unwrap().counts.entry((vol, ino)).or_insert(0) += 1;
         Ok(())
+    }
+
+    /// Takes a handle on an inode: counted here first (so that the flush of a closed handle
+    /// meanwhile cannot take the row away), then, with a shared store, published in the same
+    /// transaction as `check` (which reads the inode and may refuse) before the open answers,
+    /// so an unlink through another server from then on leaves the inode to this handle.
+    fn held<T>(&self, vol: VolId, ino: Ino, mut check: impl FnMut(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
+        {
+            let mut open = self.open.lock().unwrap();
+            *open.counts.entry((vol, ino)).or_insert(0) += 1;
+            open.closed.remove(&(vol, ino));
+        }
+        let out = self.tx(|t| {
+            let out = check(t)?;
+            if self.shared() {
+                t.put_open(self.holder(), vol, ino)?;
+            }
+            Ok(out)
+        });
+        if out.is_err() {
+            let _ = self.release(vol, ino);
+        }
+        out
     }
 
     /// One more handle on an inode this server already holds (a forked session's copy of its
@@ -1877,7 +1912,6 @@ impl Engine {
 
     /// Checks access for `flags` (as open(2)) and takes a handle on the inode.
     pub fn open(&self, vol: VolId, ino: Ino, flags: i32, c: &Caller) -> FsResult<Attr> {
-        let a = self.getattr(vol, ino)?;
         let want = match flags & libc::O_ACCMODE {
             // execve opens with `__FMODE_EXEC`: it needs execute permission, not read (a 0711
             // binary runs for everyone).
@@ -1886,17 +1920,28 @@ impl Engine {
             libc::O_WRONLY => W,
             _ => R | W,
         } | if flags & libc::O_TRUNC != 0 { W } else { 0 };
-        if a.kind == Kind::Dir && want & W != 0 {
-            return Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory")));
-        }
-        self.check(vol, &a, c, want)?;
+        let refuse_dir = |a: &Attr| match a.kind == Kind::Dir && want & W != 0 {
+            true => Err(FsError::new(libc::EISDIR, format!("inode {ino} is a directory"))),
+            false => Ok(()),
+        };
         if self.shared() {
-            // Counted before it is published, so that a release of another handle meanwhile
-            // cannot take the row away; published before the open answers, so that an unlink
-            // through another server from then on leaves the inode to this handle.
-            self.hold(vol, ino)?;
+            // One transaction: the inode, the permission check and the published handle.
+            let a = self.held(vol, ino, |t| {
+                let a = Self::inode(t, vol, ino)?;
+                refuse_dir(&a)?;
+                Self::access(t, vol, &a, c, want)?;
+                Ok(a)
+            })?;
+            if a.nlink == 0 {
+                // An orphan reopened after a restart: its last release here frees it at once
+                // (unless another server holds it).
+                self.open.lock().unwrap().unlinked.insert((vol, ino));
+            }
             return Ok(a);
         }
+        let a = self.getattr(vol, ino)?;
+        refuse_dir(&a)?;
+        self.check(vol, &a, c, want)?;
         let mut open = self.open.lock().unwrap();
         *open.counts.entry((vol, ino)).or_insert(0) += 1;
         if a.nlink == 0 {
@@ -1908,6 +1953,13 @@ impl Engine {
 
     /// Opens a directory for listing.
     pub fn opendir(&self, vol: VolId, ino: Ino, c: &Caller) -> FsResult<Attr> {
+        if self.shared() {
+            return self.held(vol, ino, |t| {
+                let a = Self::dir(t, vol, ino)?;
+                Self::access(t, vol, &a, c, R)?;
+                Ok(a)
+            });
+        }
         let a = self.tx(|t| Self::dir(t, vol, ino))?;
         self.check(vol, &a, c, R)?;
         self.hold(vol, ino)?;
@@ -1931,22 +1983,54 @@ impl Engine {
                 None => (false, false),
             }
         };
-        if orphan {
-            self.purge(vol, ino)?;
+        match (orphan, last && self.shared()) {
+            (true, false) => drop(self.purge(vol, ino)?),
+            // An orphan this server unlinked: its row goes now, and the inode with it unless
+            // another server holds it.
+            (true, true) => self.flush(vec![(vol, ino)])?,
+            // This server's last handle: its row goes at the next heartbeat.
+            (false, true) => drop(self.open.lock().unwrap().closed.insert((vol, ino))),
+            (false, false) => {}
         }
-        if last && self.shared() {
-            // This server's last handle: its row goes (unless a handle was taken again
-            // meanwhile), and the inode with it if it has no name and no server holds it.
-            let gone = self.tx(|t| {
+        Ok(())
+    }
+
+    /// With a shared store, drops the rows of the inodes this server closed since the last
+    /// flush, and frees those of them that have no name and no other holder (unlinked through
+    /// another server while open here).
+    pub fn flush_closed(&self) -> FsResult<()> {
+        let closed: Vec<(VolId, Ino)> = std::mem::take(&mut self.open.lock().unwrap().closed).into_iter().collect();
+        self.flush(closed)
+    }
+
+    fn flush(&self, closed: Vec<(VolId, Ino)>) -> FsResult<()> {
+        if closed.is_empty() {
+            return Ok(());
+        }
+        let gone = self.tx(|t| {
+            let mut gone = Vec::new();
+            for &(vol, ino) in &closed {
+                // Taken again meanwhile: the row stays.
                 if self.open.lock().unwrap().counts.contains_key(&(vol, ino)) {
-                    return Ok(false);
+                    continue;
                 }
                 t.drop_open(self.holder(), vol, ino)?;
-                self.purge_in(t, vol, ino)
-            })?;
-            if gone {
-                self.remove_data(vol, ino)?;
+                if self.purge_in(t, vol, ino)? {
+                    gone.push((vol, ino));
+                }
             }
+            Ok(gone)
+        });
+        let gone = match gone {
+            Ok(g) => g,
+            Err(e) => {
+                // Tried again at the next flush.
+                self.open.lock().unwrap().closed.extend(closed);
+                return Err(e);
+            }
+        };
+        for (vol, ino) in gone {
+            self.remove_data(vol, ino)?;
         }
         Ok(())
     }
@@ -2071,14 +2155,25 @@ impl Engine {
                 false => Ok((0, Vec::new())),
             }
         })?;
+        let started = std::time::Instant::now();
         let chunk = blocks::BLOCK_MAX as u64;
-        if before.len() <= (size.div_ceil(chunk) as usize) * per_block {
+        let chunks = size.div_ceil(chunk) as usize;
+        if before.len() <= chunks * per_block {
             return Ok(None);
         }
+        // Each chunk's slices (a slice may lie across several).
+        let mut by_chunk: Vec<Vec<&meta::SliceRow>> = vec![Vec::new(); chunks];
+        for s in before.iter().filter(|s| s.len > 0) {
+            let last = ((s.off + s.len - 1) / chunk).min(chunks as u64 - 1);
+            for k in s.off / chunk..=last {
+                by_chunk[k as usize].push(s);
+            }
+        }
         let mut new = Vec::new();
-        for off in (0..size).step_by(blocks::BLOCK_MAX) {
+        let mut rewritten = 0u64;
+        for (k, covering) in by_chunk.iter().enumerate() {
+            let off = k as u64 * chunk;
             let len = (size - off).min(chunk);
-            let covering: Vec<&meta::SliceRow> = before.iter().filter(|s| s.off < off + len && s.off + s.len > off).collect();
             match covering[..] {
                 [] => {}
                 [s] if s.off == off && s.len == len => new.push(meta::SliceRow { id: 0, ..s.clone() }),
@@ -2088,16 +2183,26 @@ impl Engine {
                     let data = covering.iter().filter(|s| s.block.is_some());
                     let lo = data.clone().map(|s| s.off).min().unwrap_or(off).max(off);
                     let hi = data.map(|s| s.off + s.len).max().unwrap_or(off).min(off + len);
+                    rewritten += hi - lo;
+                    if rewritten > COMPACT_MAX_BYTES {
+                        tracing::info!(vol, ino, size, "file too large to compact in one pass: left as it is");
+                        return Ok(None);
+                    }
                     let mut buf = vec![0u8; (hi - lo) as usize];
-                    b.read(&before, lo, &mut buf)?;
+                    b.read(&covering.iter().map(|s| (*s).clone()).collect::<Vec<_>>(), lo, &mut buf)?;
                     new.extend(blocks::slices_of(lo, &b.stage(&buf)?));
                 }
             }
         }
+        // Swapped only if nothing changed below `size` meanwhile (appends past it may go on),
+        // and soon enough that gc cannot have taken the new blocks for garbage.
+        let max_id = before.iter().map(|s| s.id).max().unwrap_or(0);
         let swapped = self.tx(|t| {
-            let unchanged = t.get_inode(vol, ino)?.is_some_and(|a| a.size == size) && t.slices(vol, ino, 0, size)? == before;
+            let unchanged = started.elapsed() < COMPACT_PASS_MAX
+                && t.get_inode(vol, ino)?.is_some_and(|a| a.size >= size)
+                && t.slices(vol, ino, 0, size)? == before;
             if unchanged {
-                t.truncate_slices(vol, ino, 0)?;
+                t.drop_slices(vol, ino, max_id, size)?;
                 new.iter().try_for_each(|s| t.insert_slice(vol, ino, s))?;
             }
             Ok(unchanged)

@@ -578,6 +578,14 @@ impl MetaTxn for SqlTxn<'_> {
         Ok(())
     }
 
+    fn drop_slices(&mut self, vol: VolId, ino: Ino, max_id: u64, end: u64) -> FsResult<()> {
+        self.0.exec(
+            "DELETE FROM slices WHERE vol = ?1 AND ino = ?2 AND id <= ?3 AND off < ?4",
+            &[vol.into(), ino.into(), max_id.into(), end.into()],
+        )?;
+        Ok(())
+    }
+
     fn referenced_blocks(&mut self) -> FsResult<Vec<String>> {
         self.0.all("SELECT DISTINCT block FROM slices WHERE block IS NOT NULL", &[], |r| {
             Ok(String::from_utf8_lossy(&r.bytes(0)?).into_owned())

@@ -112,12 +112,12 @@ fn row(h: &Held) -> LockRow {
 }
 
 impl Remote<'_> {
-    /// Publishes the locks now held on a file (after bytes were freed: the other servers are
-    /// told); a failure is logged (the next change of the
+    /// Publishes the locks now held on a file (with `freed`, bytes were freed: the other
+    /// servers are told); a failure is logged (the next change of the
     /// file's locks publishes them again, and a dead server's go with it).
-    fn publish(&self, vol: VolId, ino: Ino, held: Option<&Vec<Held>>) {
+    fn publish(&self, vol: VolId, ino: Ino, held: Option<&Vec<Held>>, freed: bool) {
         let rows: Vec<LockRow> = held.map(|h| h.iter().map(row).collect()).unwrap_or_default();
-        if let Err(e) = self.engine.publish_locks(self.server, self.ttl, vol, ino, &rows, None, true) {
+        if let Err(e) = self.engine.publish_locks(self.server, self.ttl, vol, ino, &rows, None, freed) {
             tracing::error!(vol, ino, "publishing locks to the shared store: {e}");
         }
     }
@@ -137,7 +137,7 @@ impl LockTable {
         // by an older picture.
         let t = self.tables.lock().unwrap();
         for ((vol, ino), held) in &t.files {
-            remote.publish(*vol, *ino, Some(held));
+            remote.publish(*vol, *ino, Some(held), false);
         }
     }
 
@@ -259,7 +259,7 @@ impl LockTable {
             }
         }
         if let (Some(r), true) = (remote, freed) {
-            r.publish(vol, ino, files.get(&(vol, ino)));
+            r.publish(vol, ino, files.get(&(vol, ino)), true);
         }
         if freed {
             t.take_waiters((vol, ino))
@@ -283,7 +283,7 @@ impl LockTable {
         });
         if let Some(r) = remote {
             for key in &freed {
-                r.publish(key.0, key.1, t.files.get(key));
+                r.publish(key.0, key.1, t.files.get(key), true);
             }
         }
         t.per_session.remove(&session);
