@@ -1985,14 +1985,24 @@ impl Engine {
         };
         match (orphan, last && self.shared()) {
             (true, false) => drop(self.purge(vol, ino)?),
-            // An orphan this server unlinked: its row goes now, and the inode with it unless
-            // another server holds it.
+            // An orphan (unlinked here, or perhaps through another server: it announced a
+            // change): its row goes now, and the inode with it if it has no name and no holder.
             (true, true) => self.flush(vec![(vol, ino)])?,
             // This server's last handle: its row goes at the next heartbeat.
             (false, true) => drop(self.open.lock().unwrap().closed.insert((vol, ino))),
             (false, false) => {}
         }
         Ok(())
+    }
+
+    /// Another server announced a change of `ino` (it may have taken its last name): if this
+    /// server holds it open, its last release here checks at once whether to free it, instead
+    /// of at the next heartbeat.
+    pub fn changed_elsewhere(&self, vol: VolId, ino: Ino) {
+        let mut open = self.open.lock().unwrap();
+        if open.counts.contains_key(&(vol, ino)) {
+            open.unlinked.insert((vol, ino));
+        }
     }
 
     /// With a shared store, drops the rows of the inodes this server closed since the last

@@ -176,6 +176,7 @@ impl Server {
             Some(a) if a.origin != self.server_id => {
                 self.invalidate(a.vol, &a.names);
                 for ino in a.inodes {
+                    self.engine.changed_elsewhere(a.vol, ino);
                     self.invalidate_inode(a.vol, ino);
                 }
                 for ino in a.locks {
