@@ -727,10 +727,11 @@ impl MetaTxn for SqlTxn<'_> {
     }
 
     fn lock_volume(&mut self, vol: VolId) -> FsResult<()> {
-        // A write that changes nothing still takes the row (and conflicts with every other
-        // transaction that writes it: PostgreSQL runs one, the other waits and retries).
-        self.0.exec("UPDATE volumes SET used = used WHERE id = ?1", &[vol.into()])?;
-        Ok(())
+        // PostgreSQL only (called with a shared store; SQLite has one writer and no FOR
+        // UPDATE): a row lock without a new row version (an `UPDATE ... SET used = used`
+        // would leave a dead tuple and WAL at every mutation). A second transaction waits for
+        // the first to end, then goes on.
+        self.0.query("SELECT id FROM volumes WHERE id = ?1 FOR UPDATE", &[vol.into()], &mut |_| Ok(()))
     }
 
     fn insert_change(&mut self, vol: VolId, c: &ChangeRow) -> FsResult<u64> {
