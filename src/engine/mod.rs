@@ -253,6 +253,35 @@ impl Drop for TagGuard {
     }
 }
 
+/// Runs `f` in one transaction of `store` and returns what it produced (the last run's, if the
+/// store ran it again).
+fn transact<T>(store: &dyn MetaStore, mut f: impl FnMut(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
+    let mut out = None;
+    store.transact(&mut |t| {
+        out = Some(f(t)?);
+        Ok(())
+    })?;
+    Ok(out.expect("committed transaction produced a value"))
+}
+
+/// The one stored range that `[start, end)` and the ranges `old` it touches become, and how many
+/// bytes that adds to them.
+fn merged_extent(old: &[(u64, u64)], start: u64, end: u64) -> ((u64, u64), u64) {
+    let lo = old.first().map_or(start, |r| r.0.min(start));
+    let hi = old.last().map_or(end, |r| r.1.max(end));
+    ((lo, hi), (hi - lo) - old.iter().map(|(s, e)| e - s).sum::<u64>())
+}
+
+/// `EDQUOT` unless volume `v` has room for `grow` more bytes.
+fn room(v: &meta::VolumeRow, grow: u64) -> FsResult<()> {
+    match v.used.saturating_add(grow) > v.cap {
+        true => {
+            Err(FsError::new(libc::EDQUOT, format!("volume `{}` is full: {} of {} bytes used, {grow} more needed", v.name, v.used, v.cap)))
+        }
+        false => Ok(()),
+    }
+}
+
 fn enoent(what: impl std::fmt::Display) -> FsError {
     FsError::new(libc::ENOENT, format!("{what} does not exist"))
 }
@@ -660,7 +689,7 @@ impl Engine {
 
     /// A transaction on the heartbeat's own connection (the main one where the store has no
     /// second).
-    fn beat_tx<T>(&self, mut f: impl FnMut(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
+    fn beat_tx<T>(&self, f: impl FnMut(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
         if self.beat.get().is_none() {
             match self.meta.side()? {
                 Some(side) => {
@@ -669,12 +698,7 @@ impl Engine {
                 None => return self.tx(f),
             }
         }
-        let mut out = None;
-        self.beat.get().expect("set above").transact(&mut |t| {
-            out = Some(f(t)?);
-            Ok(())
-        })?;
-        Ok(out.expect("committed transaction produced a value"))
+        transact(&**self.beat.get().expect("set above"), f)
     }
 
     /// In one transaction: the first lock held through another live server (seen within `ttl`)
@@ -851,13 +875,8 @@ impl Engine {
 
     /// Runs `f` in one metadata transaction. Nothing done here reaches the change log: files
     /// change through the engine's operations, which log what they do.
-    fn tx<T>(&self, mut f: impl FnMut(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
-        let mut out = None;
-        self.meta.transact(&mut |t| {
-            out = Some(f(t)?);
-            Ok(())
-        })?;
-        Ok(out.expect("committed transaction produced a value"))
+    fn tx<T>(&self, f: impl FnMut(&mut dyn MetaTxn) -> FsResult<T>) -> FsResult<T> {
+        transact(&*self.meta, f)
     }
 
     /// Runs `f` (one guest request) so that the first mutation it makes records its result under
@@ -1335,14 +1354,8 @@ impl Engine {
     /// Moves the volume's usage from `old` to `new` bytes, refusing to pass the cap.
     fn charge(t: &mut dyn MetaTxn, vol: VolId, old: u64, new: u64) -> FsResult<()> {
         if new > old {
-            let v = t.volume_by_id(vol)?.ok_or_else(|| stale(ROOT_INO))?;
             let grow = new - old;
-            if v.used.saturating_add(grow) > v.cap {
-                return Err(FsError::new(
-                    libc::EDQUOT,
-                    format!("volume `{}` is full: {} of {} bytes used, {grow} more needed", v.name, v.used, v.cap),
-                ));
-            }
+            room(&t.volume_by_id(vol)?.ok_or_else(|| stale(ROOT_INO))?, grow)?;
             t.add_used(vol, grow as i64)
         } else if new < old {
             t.add_used(vol, -((old - new) as i64))
@@ -1363,11 +1376,8 @@ impl Engine {
                 return Ok(0);
             }
         }
-        let lo = old.first().map_or(start, |r| r.0.min(start));
-        let hi = old.last().map_or(end, |r| r.1.max(end));
-        let had: u64 = old.iter().map(|(s, e)| e - s).sum();
-        t.replace_extents(vol, a.ino, &old, &[(lo, hi)])?;
-        let added = (hi - lo) - had;
+        let (merged, added) = merged_extent(&old, start, end);
+        t.replace_extents(vol, a.ino, &old, &[merged])?;
         a.alloc += added;
         Ok(added)
     }
@@ -2078,17 +2088,8 @@ impl Engine {
                 let a = Self::inode(t, vol, ino)?;
                 let start = if append { a.size } else { offset };
                 let end = start.saturating_add(data.len() as u64);
-                let (old, v) = (t.extents(vol, ino, start, end)?, t.volume_by_id(vol)?.ok_or_else(|| stale(ROOT_INO))?);
-                let lo = old.first().map_or(start, |r| r.0.min(start));
-                let hi = old.last().map_or(end, |r| r.1.max(end));
-                let grow = (hi - lo) - old.iter().map(|(s, e)| e - s).sum::<u64>();
-                match v.used.saturating_add(grow) > v.cap {
-                    true => Err(FsError::new(
-                        libc::EDQUOT,
-                        format!("volume `{}` is full: {} of {} bytes used, {grow} more needed", v.name, v.used, v.cap),
-                    )),
-                    false => Ok(()),
-                }
+                let (_, added) = merged_extent(&t.extents(vol, ino, start, end)?, start, end);
+                room(&t.volume_by_id(vol)?.ok_or_else(|| stale(ROOT_INO))?, added)
             })?;
         }
         let staged = self.stage(data)?;
