@@ -1403,6 +1403,35 @@ fn open_files_survive_a_server_restart() {
     assert_eq!(read(&s.p("after")), b"after the restart");
 }
 
+#[test]
+fn descriptors_opened_before_and_after_a_server_restart_reach_their_own_files() {
+    // A restarted server numbers its handles from 1 again. The guest once handed the kernel the
+    // session's numbers, so a file opened after the restart could get the number of one opened
+    // before it: writes through the old descriptor then reached the new file, or failed with
+    // EBADF (seen once in CI as `write h abc` in open_files_survive_a_server_restart).
+    require_fuse!();
+    let mut s = Single::new();
+    let mut app = App::start();
+    for i in 0..3 {
+        write(&s.p(&format!("old{i}")), b"");
+        app.ok(&format!("open old{i} {} rw", s.p(&format!("old{i}")).display()));
+    }
+    s.c.restart_server();
+    for i in 0..3 {
+        write(&s.p(&format!("new{i}")), b"");
+        app.ok(&format!("open new{i} {} rw", s.p(&format!("new{i}")).display()));
+    }
+    for round in 0..2 {
+        for name in ["old0", "old1", "old2", "new0", "new1", "new2"] {
+            assert_eq!(app.ok(&format!("write {name} {name}.{round};")), (name.len() + 3).to_string(), "write through {name}");
+        }
+    }
+    for name in ["old0", "old1", "old2", "new0", "new1", "new2"] {
+        app.ok(&format!("close {name}"));
+        assert_eq!(String::from_utf8_lossy(&read(&s.p(name))), format!("{name}.0;{name}.1;"), "{name} after the restart");
+    }
+}
+
 /// SIGCONTs a process on drop: a frozen agent must run again before the cluster cleans up, or
 /// the cleanup waits on its mount.
 struct Frozen(libc::pid_t);

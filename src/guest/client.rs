@@ -12,7 +12,10 @@
 //!
 //! If the server no longer has the session (it restarted), the client gets a fresh one and opens
 //! every handle the kernel holds again before resending; requests name handles by the number the
-//! kernel knows, translated to the current session's number as they are sent.
+//! kernel knows, translated to the current session's number as they are sent. The kernel's
+//! numbers are this client's own, never a session's: a restarted server numbers its handles from
+//! 1 again, and a handle opened after the restart must not take the number of one opened before
+//! it (its writes would reach the other file).
 
 use crate::fs::{Caller, FsError, FsResult};
 use crate::proto::Lock;
@@ -110,6 +113,8 @@ pub struct MountClient {
     granted: Mutex<Granted>,
     pending: Mutex<BTreeMap<u64, Pending>>,
     handles: Mutex<std::collections::HashMap<u64, OpenHandle>>,
+    /// The next handle number handed to the kernel.
+    next_fh: AtomicU64,
     next_id: AtomicU64,
     /// Connections made after the first (a push sent while none was up is lost).
     links: AtomicU64,
@@ -271,6 +276,7 @@ impl MountClient {
             granted: Mutex::new(granted),
             pending: Mutex::new(BTreeMap::new()),
             handles: Mutex::new(std::collections::HashMap::new()),
+            next_fh: AtomicU64::new(1),
             next_id: AtomicU64::new(1),
             links: AtomicU64::new(0),
             next_seq: AtomicU64::new(1),
@@ -415,13 +421,18 @@ impl MountClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let seq = if op.is_sequenced() { self.next_seq.fetch_add(1, Ordering::Relaxed) } else { 0 };
         let req = Request { id, seq, caller, op };
+        // Encoded, registered and written under the link lock, so a reconnect's resend (which
+        // holds it too) sends each request exactly once, and never with a handle number of the
+        // session before: a reconnect that reopened the handles between the encoding and the
+        // write would otherwise let the old number through (EBADF from a restarted server).
+        let mut link = self.link.lock().unwrap();
         let frame = match self.encode(&req) {
             Ok(f) => f,
-            Err(e) => return cb(Err(FsError::new(libc::EINVAL, format!("request cannot be encoded: {e}")))),
+            Err(e) => {
+                drop(link);
+                return cb(Err(FsError::new(libc::EINVAL, format!("request cannot be encoded: {e}"))));
+            }
         };
-        // Registered and written under the link lock, so a reconnect's resend (which holds it
-        // too) sends each request exactly once.
-        let mut link = self.link.lock().unwrap();
         self.pending.lock().unwrap().insert(id, Pending { req, cb, since: Instant::now() });
         if let Some(w) = link.writer.as_mut() {
             if std::io::Write::write_all(w, &frame).is_err() {
@@ -507,14 +518,17 @@ impl MountClient {
         };
         // Reopening must neither truncate nor create again.
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        Box::new(move |r: FsResult<Reply>| {
-            let opened = match &r {
-                Ok(Reply::Opened { fh } | Reply::OpenedWith { fh, .. }) => Some((*fh, ino)),
-                Ok(Reply::Created { attr, fh }) => Some((*fh, attr.ino)),
+        Box::new(move |mut r: FsResult<Reply>| {
+            let opened = match &mut r {
+                Ok(Reply::Opened { fh } | Reply::OpenedWith { fh, .. }) => Some((fh, ino)),
+                Ok(Reply::Created { attr, fh }) => Some((fh, attr.ino)),
                 _ => None,
             };
             if let Some((fh, ino)) = opened {
-                me.handles.lock().unwrap().insert(fh, OpenHandle { ino, flags, dir, current: fh });
+                // The kernel gets a number of this client's; the session's is kept for sending.
+                let kernel = me.next_fh.fetch_add(1, Ordering::Relaxed);
+                me.handles.lock().unwrap().insert(kernel, OpenHandle { ino, flags, dir, current: *fh });
+                *fh = kernel;
             }
             cb(r)
         })
