@@ -327,7 +327,7 @@ impl Engine {
             let mut events = Vec::new();
             let out = f(t, &mut events)?;
             super::record_replay(t, tag, &out)?;
-            super::tell_observer(t, vol, &events)?;
+            super::tell_observer(t, vol, &events, &|a| self.with_held(vol, a))?;
             if let Some(origin) = self.origin() {
                 if !events.is_empty() {
                     t.announce(&announcement(origin, vol, &events))?;

@@ -28,6 +28,7 @@
 pub mod acl;
 pub mod blob;
 pub mod blocks;
+pub mod buffer;
 pub mod changelog;
 pub mod meta;
 pub mod pg;
@@ -115,6 +116,9 @@ pub struct Engine {
     /// With a block store, the volumes where a write was refused for want of space lately:
     /// their writes are checked before their blocks are uploaded (see [`Engine::write`]).
     full: Mutex<std::collections::HashSet<VolId>>,
+    /// With a block store and a server, guests' writes held back per open file (see
+    /// [`buffer`]).
+    buffers: buffer::Buffers,
 }
 
 /// Files written since they were last considered for compaction (see [`Engine::compact`]).
@@ -198,7 +202,7 @@ impl Recorded for Option<Ino> {
 
 /// Inside a mutation's transaction: records its result if a guest request is being recorded.
 /// Tells this thread's observer (if any) the attributes after of the inodes `events` changed.
-fn tell_observer(t: &mut dyn MetaTxn, vol: VolId, events: &[changelog::Event]) -> FsResult<()> {
+fn tell_observer(t: &mut dyn MetaTxn, vol: VolId, events: &[changelog::Event], held: &dyn Fn(Attr) -> Attr) -> FsResult<()> {
     let Some(o) = observer() else { return Ok(()) };
     let mut inodes: Vec<Ino> = Vec::with_capacity(4);
     for ev in events {
@@ -213,7 +217,7 @@ fn tell_observer(t: &mut dyn MetaTxn, vol: VolId, events: &[changelog::Event]) -
     for ino in inodes {
         // A removed inode has nothing to tell.
         if let Some(a) = t.get_inode(vol, ino)? {
-            o.changed(&a);
+            o.changed(&held(a));
         }
     }
     Ok(())
@@ -233,6 +237,17 @@ fn replay_tag() -> Option<(u64, u64)> {
 
 fn consume_replay_tag() {
     REPLAY_TAG.with(|c| c.set(None));
+}
+
+/// Runs `f` with no request recorded by its mutations (a flush of held-back writes made during
+/// another request: that request's own mutation is the one recorded).
+fn unrecorded<T>(f: impl FnOnce() -> T) -> T {
+    let tag = REPLAY_TAG.with(|c| c.take());
+    let out = f();
+    if tag.is_some() {
+        REPLAY_TAG.with(|c| c.set(tag));
+    }
+    out
 }
 
 fn record_replay(t: &mut dyn MetaTxn, tag: Option<(u64, u64)>, out: &impl Recorded) -> FsResult<()> {
@@ -573,6 +588,7 @@ impl Engine {
             origin: std::sync::OnceLock::new(),
             beat: std::sync::OnceLock::new(),
             full: Mutex::default(),
+            buffers: Default::default(),
             compaction: Mutex::default(),
             open: Mutex::new(OpenTable::default()),
             scope_epochs: Mutex::default(),
@@ -801,11 +817,11 @@ impl Engine {
     fn get_data(&self, vol: VolId, ino: Ino, offset: u64, buf: &mut [u8]) -> FsResult<()> {
         match &self.data {
             Data::Bytes(b) => b.read(vol, ino, offset, buf),
-            Data::Blocks(b) => {
+            Data::Blocks(b) => self.read_held(vol, ino, offset, buf, |buf| {
                 let end = offset + buf.len() as u64;
                 let slices = self.tx(|t| t.slices(vol, ino, offset, end))?;
                 b.read(&slices, offset, buf)
-            }
+            }),
         }
     }
 
@@ -861,7 +877,10 @@ impl Engine {
         match &self.data {
             Data::Bytes(b) => b.remove(vol, ino),
             // The slices went with the inode's rows; the blocks are garbage collection's.
-            Data::Blocks(_) => Ok(()),
+            Data::Blocks(_) => {
+                self.discard_held(vol, ino);
+                Ok(())
+            }
         }
     }
 
@@ -973,6 +992,11 @@ impl Engine {
                 "volume clone needs file data in a block store (volumefs server --blocks URL): the embedded store keeps a \
                  file per inode, which a clone would have to copy",
             ));
+        }
+        // The copy has what guests wrote through this server up to now (other servers' held
+        // writes are theirs to send; they do within a second).
+        if let Ok(s) = self.volume(src) {
+            self.settle_volume(s.id)?;
         }
         let now = Timespec::now();
         let id = self.tx(|t| {
@@ -1167,7 +1191,7 @@ impl Engine {
     }
 
     pub fn getattr(&self, vol: VolId, ino: Ino) -> FsResult<Attr> {
-        self.tx(|t| Self::inode(t, vol, ino))
+        self.tx(|t| Self::inode(t, vol, ino)).map(|a| self.with_held(vol, a))
     }
 
     pub fn lookup(&self, vol: VolId, parent: Ino, name: &[u8], c: &Caller) -> FsResult<Attr> {
@@ -1178,6 +1202,7 @@ impl Engine {
             let (ino, _) = t.get_dentry(vol, parent, name)?.ok_or_else(|| enoent(format!("`{}`", lossy(name))))?;
             Self::inode(t, vol, ino)
         })
+        .map(|a| self.with_held(vol, a))
     }
 
     /// The directory containing directory `ino` (the root is its own parent).
@@ -1248,6 +1273,9 @@ impl Engine {
     }
 
     pub fn setattr(&self, vol: VolId, ino: Ino, set: &SetAttr, c: &Caller) -> FsResult<Attr> {
+        // Held-back bytes go first, so that a truncate cuts them, an extension after it reads
+        // zeros, and the attributes answered are the committed ones.
+        self.settle(vol, ino)?;
         let now = Timespec::now();
         self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
@@ -1562,6 +1590,7 @@ impl Engine {
 
     pub fn link(&self, vol: VolId, ino: Ino, new_parent: Ino, new_name: &[u8], c: &Caller) -> FsResult<Attr> {
         check_name(new_name)?;
+        self.settle(vol, ino)?;
         let now = Timespec::now();
         self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
@@ -1947,7 +1976,7 @@ impl Engine {
                 // (unless another server holds it).
                 self.open.lock().unwrap().unlinked.insert((vol, ino));
             }
-            return Ok(a);
+            return Ok(self.with_held(vol, a));
         }
         let a = self.getattr(vol, ino)?;
         refuse_dir(&a)?;
@@ -1993,6 +2022,13 @@ impl Engine {
                 None => (false, false),
             }
         };
+        if last {
+            // This server's last handle: what it holds back goes up now (an orphan's too:
+            // another server may hold it open). A failure leaves it to the periodic flush.
+            if let Err(e) = self.settle(vol, ino) {
+                tracing::warn!(vol, ino, "flushing held-back writes at the last close: {e}");
+            }
+        }
         match (orphan, last && self.shared()) {
             (true, false) => drop(self.purge(vol, ino)?),
             // An orphan (unlinked here, or perhaps through another server: it announced a
@@ -2078,9 +2114,16 @@ impl Engine {
 
     /// Writes `data` at `offset`, or, when `append`, at the end of file as it stands inside this
     /// transaction (so concurrent appenders never overwrite one another); returns the offset
-    /// written at and the attributes after the write.
+    /// written at and the attributes after the write. Writes held back for the file
+    /// ([`Engine::write_behind`]) go first.
     pub fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<(u64, Attr)> {
-        let now = Timespec::now();
+        self.settle(vol, ino)?;
+        self.write_through(vol, ino, offset, data, append, c)
+    }
+
+    /// [`Engine::write`] once nothing is held back for the file: a block store uploads the data
+    /// as new blocks, then the transaction records them.
+    fn write_through(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<(u64, Attr)> {
         if self.has_blocks() && self.full.lock().unwrap().contains(&vol) {
             // The volume refused a write lately: check this one fits before its blocks go up
             // (a guest looping on a full volume would otherwise leave garbage at every try).
@@ -2093,28 +2136,7 @@ impl Engine {
             })?;
         }
         let staged = self.stage(data)?;
-        let out = self.mutate(vol, |t, log| {
-            let mut a = Self::inode(t, vol, ino)?;
-            regular(&a)?;
-            let offset = if append { a.size } else { offset };
-            let end = offset
-                .checked_add(data.len() as u64)
-                .filter(|e| *e <= MAX_FILE_SIZE)
-                .ok_or_else(|| FsError::new(libc::EFBIG, format!("a write ending past {MAX_FILE_SIZE} bytes")))?;
-            let added = Self::allocate(t, vol, &mut a, offset, end)?;
-            Self::charge(t, vol, 0, added)?;
-            a.size = a.size.max(end);
-            a.mtime = now;
-            a.ctime = now;
-            if !c.is_root() {
-                drop_setid(&mut a);
-            }
-            // Data first, inside the transaction: if it fails, the size change is rolled back.
-            self.put_data(t, vol, ino, offset, data, &staged)?;
-            t.put_inode(vol, &a)?;
-            log.push(Event::Modify { node: a.kind, ino });
-            Ok((offset, a))
-        });
+        let out = self.write_tx(vol, ino, offset, data, append, c, Some(&staged));
         if self.has_blocks() {
             match &out {
                 Err(e) if e.errno == libc::EDQUOT => self.full.lock().unwrap().insert(vol),
@@ -2122,19 +2144,71 @@ impl Engine {
                 Err(_) => false,
             };
             if out.is_ok() {
-                let mut c = self.compaction.lock().unwrap();
-                if c.writes.len() >= COMPACT_TRACKED {
-                    c.writes.clear();
-                }
-                let n = c.writes.entry((vol, ino)).or_insert(0);
-                *n += 1;
-                if *n >= COMPACT_AFTER_WRITES {
-                    c.writes.remove(&(vol, ino));
-                    c.due.insert((vol, ino));
-                }
+                self.wrote_slices(vol, ino);
             }
         }
         out
+    }
+
+    /// A write's transaction: the space, size and times, and (given `staged`, the data's blocks
+    /// or nothing for a byte store) the data; without `staged` the data is held back by
+    /// [`Engine::write_behind`] and recorded later.
+    #[allow(clippy::too_many_arguments)]
+    fn write_tx(
+        &self,
+        vol: VolId,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        append: bool,
+        c: &Caller,
+        staged: Option<&[blocks::Staged]>,
+    ) -> FsResult<(u64, Attr)> {
+        let now = Timespec::now();
+        self.mutate(vol, |t, log| {
+            let mut a = Self::inode(t, vol, ino)?;
+            regular(&a)?;
+            // A held-back write leaves the committed size alone (it moves when its bytes go
+            // up, see `buffer`): what this server holds may reach further.
+            let held = if staged.is_none() { self.held_size(vol, ino).unwrap_or(0) } else { 0 };
+            let offset = if append { a.size.max(held) } else { offset };
+            let end = offset
+                .checked_add(data.len() as u64)
+                .filter(|e| *e <= MAX_FILE_SIZE)
+                .ok_or_else(|| FsError::new(libc::EFBIG, format!("a write ending past {MAX_FILE_SIZE} bytes")))?;
+            let added = Self::allocate(t, vol, &mut a, offset, end)?;
+            Self::charge(t, vol, 0, added)?;
+            a.mtime = now;
+            a.ctime = now;
+            if !c.is_root() {
+                drop_setid(&mut a);
+            }
+            // Data first, inside the transaction: if it fails, the size change is rolled back.
+            match staged {
+                Some(staged) => {
+                    a.size = a.size.max(end);
+                    self.put_data(t, vol, ino, offset, data, staged)?;
+                }
+                None => self.hold_size(vol, ino, end),
+            }
+            t.put_inode(vol, &a)?;
+            log.push(Event::Modify { node: a.kind, ino });
+            Ok((offset, Attr { size: a.size.max(held).max(end), ..a }))
+        })
+    }
+
+    /// With a block store, counts a write of new slices to `ino` towards its compaction.
+    fn wrote_slices(&self, vol: VolId, ino: Ino) {
+        let mut c = self.compaction.lock().unwrap();
+        if c.writes.len() >= COMPACT_TRACKED {
+            c.writes.clear();
+        }
+        let n = c.writes.entry((vol, ino)).or_insert(0);
+        *n += 1;
+        if *n >= COMPACT_AFTER_WRITES {
+            c.writes.remove(&(vol, ino));
+            c.due.insert((vol, ino));
+        }
     }
 
     /// The files written often enough since they were last considered to be worth a
@@ -2230,6 +2304,7 @@ impl Engine {
         if length == 0 {
             return Err(FsError::new(libc::EINVAL, "fallocate of 0 bytes"));
         }
+        self.settle(vol, ino)?;
         let end = offset
             .checked_add(length)
             .filter(|e| *e <= MAX_FILE_SIZE)
@@ -2288,6 +2363,7 @@ impl Engine {
     /// (the first byte of a hole at or after it; the end of file counts as one). `ENXIO` at or
     /// past the end of file.
     pub fn lseek(&self, vol: VolId, ino: Ino, offset: u64, whence: i32) -> FsResult<u64> {
+        self.settle(vol, ino)?;
         self.tx(|t| {
             let a = Self::inode(t, vol, ino)?;
             regular(&a)?;
@@ -2315,6 +2391,9 @@ impl Engine {
     /// returns the bytes copied and the destination's attributes.
     #[allow(clippy::too_many_arguments)]
     pub fn copy_range(&self, vol: VolId, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64, c: &Caller) -> FsResult<(u64, Attr)> {
+        // A block store copies slices: held-back bytes of either file must be slices first.
+        self.settle(vol, src)?;
+        self.settle(vol, dst)?;
         let now = Timespec::now();
         self.mutate(vol, |t, log| {
             let sa = Self::inode(t, vol, src)?;
@@ -2391,6 +2470,7 @@ impl Engine {
 
     /// Makes the inode's data and all committed metadata durable on the host.
     pub fn fsync(&self, vol: VolId, ino: Ino, datasync: bool) -> FsResult<()> {
+        self.settle(vol, ino)?;
         let a = self.getattr(vol, ino)?;
         if a.kind == Kind::File {
             self.sync_data(vol, ino)?;
@@ -2427,7 +2507,7 @@ impl Engine {
             for r in rows {
                 let attr = if plus {
                     match t.get_inode(vol, r.ino)? {
-                        Some(a) => Some(a),
+                        Some(a) => Some(self.with_held(vol, a)),
                         None => continue,
                     }
                 } else {
@@ -2645,7 +2725,10 @@ impl Engine {
 /// `dir` gets a new, empty one.
 #[cfg(test)]
 pub(crate) fn test_engine(dir: &Path) -> Engine {
-    Engine::open_store(dir, test_store(dir).as_deref(), test_blocks(dir).as_deref()).unwrap()
+    let e = Engine::open_store(dir, test_store(dir).as_deref(), test_blocks(dir).as_deref()).unwrap();
+    // As a server runs it (only guests' writes through `write_behind` are held back).
+    e.write_behind_in(&dir.join("write-behind")).unwrap();
+    e
 }
 
 /// A name of its own for the stores of test directory `dir` (the same for the same `dir` within
