@@ -428,7 +428,10 @@ fn serve(a: ServerArgs) -> Result<(), String> {
     std::fs::write(data.join("http-addr"), addr.to_string())
         .map_err(|e| format!("cannot write {}: {e}", data.join("http-addr").display()))?;
     tracing::info!(api = %format!("http://{addr}"), token = %data.join("api-token").display(), "HTTP API listening");
+    let engine_of = server.clone();
     rt.block_on(crate::server::http::run(server, listener)).map_err(|e| format!("HTTP API: {e}"))?;
+    // Writes held back for guests go up before the process ends.
+    engine_of.engine.settle_all().map_err(|e| format!("flushing held-back writes: {e}"))?;
     Ok(())
 }
 

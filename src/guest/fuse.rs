@@ -44,6 +44,13 @@ pub struct VolumeFs {
     /// kernel does not tell us (it releases OFD locks only in its own lock table, which FUSE
     /// bypasses), so without this an OFD lock outlived its file and blocked everyone forever.
     owners: Mutex<HashMap<u64, HashSet<u64>>>,
+    /// Files written through this mount since their last close, with the thread that wrote: a
+    /// host that holds writes back sends them to the store when that thread closes the file
+    /// (the `Flush` it is then sent), so that another sandbox opening the file afterwards,
+    /// through any server, reads them. Only the writer's close asks: a child closing inherited
+    /// descriptors at exec (a fork of a writer) must not wait on the host, and others' closes
+    /// are covered by the release and the host's own flush within a second.
+    written: Mutex<HashSet<(u64, u32)>>,
     /// Forgets not sent to the host yet (see [`VolumeFs::forget_all`]).
     forgets: Mutex<Forgets>,
     /// Runs when the FUSE session ends, whoever ended it (see [`VolumeFs::on_end`]).
@@ -84,6 +91,7 @@ impl VolumeFs {
             invalidator,
             locked: Arc::default(),
             owners: Mutex::default(),
+            written: Mutex::default(),
             forgets: Mutex::default(),
             on_end: OnEnd::default(),
         }
@@ -1079,6 +1087,7 @@ impl Filesystem for VolumeFs {
         // stale (another sandbox appended since); the host places it at its own end of file.
         let append = flags.0 & libc::O_APPEND != 0;
         let inval = append.then(|| self.invalidator.clone());
+        self.written.lock().unwrap().insert((ino.0, req.pid()));
         self.send(req, Op::Write { ino: ino.0, fh: fh.0, offset, append, data: data.to_vec() }, move |r| match r {
             Ok(Reply::Written(n)) => reply.written(n),
             Ok(Reply::Appended { written, .. }) => {
@@ -1129,12 +1138,14 @@ impl Filesystem for VolumeFs {
     }
 
     fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
-        // Data needs nothing here (writes reach the host synchronously and the kernel has
-        // written back dirty pages); closing a descriptor drops its process's POSIX locks.
+        // Closing a descriptor drops its process's POSIX locks, and has the host send up what
+        // it held back of the file's writes (they reached the host synchronously).
         if let Some(owners) = self.owners.lock().unwrap().get_mut(&fh.0) {
             owners.remove(&lock_owner.0);
         }
-        if !self.locked.lock().unwrap().remove(&(ino.0, lock_owner.0)) {
+        let locked = self.locked.lock().unwrap().remove(&(ino.0, lock_owner.0));
+        let written = self.written.lock().unwrap().remove(&(ino.0, req.pid()));
+        if !locked && !written {
             return reply.ok();
         }
         self.send(req, Op::Flush { ino: ino.0, fh: fh.0, lock_owner: lock_owner.0 }, empty_reply(reply));
@@ -1154,6 +1165,7 @@ impl Filesystem for VolumeFs {
         // owner is the same and comes as `lock` too). Sent before the release, which ends
         // the handle they name.
         self.invalidator.released(fh.0);
+        self.written.lock().unwrap().retain(|(i, _)| *i != ino.0);
         let owners = self.owners.lock().unwrap().remove(&fh.0).unwrap_or_default();
         let locked = !owners.is_empty() || lock.is_some_and(|l| self.locked.lock().unwrap().contains(&(ino.0, l.0)));
         for owner in owners.into_iter().filter(|o| Some(*o) != lock.map(|l| l.0)) {

@@ -286,6 +286,10 @@ fn start_gc(server: &Arc<Server>) {
         Ok(r) => tracing::info!(blocks = r.blocks, deleted = r.deleted, freed = r.deleted_bytes, "block garbage collected"),
         Err(e) => tracing::error!("block garbage collection: {e}"),
     });
+    // Held-back writes go up once they are a second old.
+    every(server, "write-behind", WRITE_BEHIND_EVERY, |server| {
+        let _ = server.engine.settle_older(crate::engine::buffer::FLUSH_AGE);
+    });
     // Files written in many small pieces are rewritten as whole blocks in the background.
     every(server, "compaction", COMPACT_EVERY, |server| {
         for (vol, ino) in server.engine.compaction_due() {
@@ -301,6 +305,8 @@ fn start_gc(server: &Arc<Server>) {
 }
 
 const COMPACT_EVERY: Duration = Duration::from_secs(5);
+
+const WRITE_BEHIND_EVERY: Duration = Duration::from_millis(250);
 
 const GC_EVERY: Duration = Duration::from_secs(3600);
 
@@ -387,6 +393,9 @@ impl Server {
         // Before any guest or API call: with a shared store, changes are announced under this
         // id and open handles recorded under it.
         engine.set_origin(&server_id);
+        // Guests' writes to a block store are held back per file (journaled here); a previous
+        // run's journals are replayed first.
+        engine.write_behind_in(&config.data.join("write-behind"))?;
         let server = Arc::new(Server {
             _data_lock: data_lock,
             engine,

@@ -819,7 +819,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::Write { ino, fh, offset, append, data } => {
             let real = s.to_real(e, *ino)?;
             s.handle(*fh, real, true)?;
-            let (at, attr) = e.write(v, real, *offset, data, *append, c)?;
+            let (at, attr) = e.write_behind(v, real, *offset, data, *append, c)?;
             let written = data.len() as u32;
             let reply = if *append { Reply::Appended { written, offset: at, attr: s.wire_attr(attr) } } else { Reply::Written(written) };
             (reply, Changed::Inode(real))
@@ -850,6 +850,8 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             let real = s.to_real(e, *ino)?;
             s.take_handle(*fh, real)?;
             if let Some(owner) = lock_owner {
+                // Whoever takes these locks next reads what was written under them.
+                e.settle(v, real)?;
                 server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *owner, server.remote_locks().as_ref()));
             }
             e.release(v, real)?;
@@ -863,6 +865,9 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         }
         Op::Flush { ino, fh: _, lock_owner } => {
             let real = s.to_real(e, *ino)?;
+            // A close: what this file's writes left held back goes up before close() returns
+            // (close-to-open for other servers' guests), and before its locks are freed.
+            e.settle(v, real)?;
             server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *lock_owner, server.remote_locks().as_ref()));
             (Reply::Empty, Changed::Nothing)
         }
@@ -875,6 +880,11 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
                 return Err(FsError::new(libc::EAGAIN, "the server restarted: locks held before are being reclaimed (grace period)"));
             }
             let wait = matches!(req.op, Op::SetLkW { .. });
+            if lock.typ == libc::F_UNLCK {
+                // Whoever takes the lock next (through any server) reads what was written
+                // under it.
+                e.settle(v, real)?;
+            }
             server.lock_freed(real, &server.locks.set_or_wait(v, real, s.id, lock, wait, server.remote_locks().as_ref())?);
             (Reply::Empty, Changed::Nothing)
         }
@@ -908,6 +918,8 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
         Op::ReleaseLease => {
             tracing::info!(sandbox = %s.sandbox, session = s.id, "lease released by the guest");
             s.set_lease(LeaseState::Released);
+            // Hibernating: nothing this server held back for the volume waits for the resume.
+            e.settle_volume(v)?;
             server.lock_freed_all(server.locks.release_session(s.id, server.remote_locks().as_ref()));
             let _ = e.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)");
             (Reply::Empty, Changed::Nothing)
