@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Protocol version spoken by this build. The server accepts exactly the versions it knows.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest read or write carried by one request (the FUSE max_write / max_read).
 pub const MAX_IO: u32 = 1 << 20;
@@ -63,8 +63,20 @@ pub struct AttachmentSpec {
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Welcome {
-    Control { sandbox: String, attachments: Vec<AttachmentSpec> },
-    Mount { session: u64, attachment: u64, read_only: bool, volume: String, lease_ttl_ms: u64 },
+    Control {
+        sandbox: String,
+        attachments: Vec<AttachmentSpec>,
+    },
+    /// `holds_writes`: the server holds this mount's writes back (a block store, see
+    /// `engine::buffer`), so the guest asks for them to go up when the writer closes the file.
+    Mount {
+        session: u64,
+        attachment: u64,
+        read_only: bool,
+        volume: String,
+        lease_ttl_ms: u64,
+        holds_writes: bool,
+    },
     Refused(FsError),
 }
 

@@ -216,6 +216,11 @@ impl Engine {
         Ok(replayed)
     }
 
+    /// Whether guests' writes are held back (write-behind is on).
+    pub fn holds_writes(&self) -> bool {
+        self.buffers.dir.get().is_some()
+    }
+
     /// A guest's write (made inside [`Engine::recording`]) to a file this server holds open:
     /// with write-behind on, its bytes are held back (see the module's text), otherwise as
     /// [`Engine::write`].

@@ -99,6 +99,7 @@ pub struct Granted {
     pub read_only: bool,
     pub volume: String,
     pub lease_ttl: Duration,
+    pub holds_writes: bool,
 }
 
 #[derive(Default)]
@@ -186,9 +187,10 @@ fn handshake(endpoint: &Endpoint, path: &str, resume: Option<u64>) -> Result<(St
     let io = |e: std::io::Error| FsError::new(libc::ENOTCONN, format!("handshake with {endpoint}: {e}"));
     proto::write_frame(&mut s, &Hello { version: PROTOCOL_VERSION, role: Role::Mount { path: path.to_string(), resume } }).map_err(io)?;
     match proto::read_frame::<Welcome>(&mut s).map_err(io)? {
-        Some(Welcome::Mount { session, attachment, read_only, volume, lease_ttl_ms, .. }) => {
-            Ok((s, Granted { session, attachment, read_only, volume, lease_ttl: Duration::from_millis(lease_ttl_ms.max(300)) }))
-        }
+        Some(Welcome::Mount { session, attachment, read_only, volume, lease_ttl_ms, holds_writes }) => Ok((
+            s,
+            Granted { session, attachment, read_only, volume, lease_ttl: Duration::from_millis(lease_ttl_ms.max(300)), holds_writes },
+        )),
         Some(Welcome::Refused(e)) => Err(e),
         Some(other) => Err(FsError::new(libc::EPROTO, format!("unexpected answer to a mount hello: {other:?}"))),
         None => Err(FsError::new(libc::ENOTCONN, format!("{endpoint} closed the connection during the handshake"))),
@@ -367,6 +369,11 @@ impl MountClient {
     /// missed a push (see the guest's page-cache rule in `fuse.rs`).
     pub fn link_generation(&self) -> u64 {
         self.links.load(Ordering::SeqCst)
+    }
+
+    /// Whether the server holds this mount's writes back (see [`Welcome::Mount`]).
+    pub fn holds_writes(&self) -> bool {
+        self.granted.lock().unwrap().holds_writes
     }
 
     pub fn granted(&self) -> Granted {

@@ -1087,7 +1087,9 @@ impl Filesystem for VolumeFs {
         // stale (another sandbox appended since); the host places it at its own end of file.
         let append = flags.0 & libc::O_APPEND != 0;
         let inval = append.then(|| self.invalidator.clone());
-        self.written.lock().unwrap().insert((ino.0, req.pid()));
+        if self.client.holds_writes() {
+            self.written.lock().unwrap().insert((ino.0, req.pid()));
+        }
         self.send(req, Op::Write { ino: ino.0, fh: fh.0, offset, append, data: data.to_vec() }, move |r| match r {
             Ok(Reply::Written(n)) => reply.written(n),
             Ok(Reply::Appended { written, .. }) => {

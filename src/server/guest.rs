@@ -132,6 +132,7 @@ async fn serve(server: &Arc<Server>, rt: &Arc<SandboxRt>, mut stream: UnixStream
                 read_only: s.read_only,
                 volume,
                 lease_ttl_ms: server.config.lease_ttl.as_millis() as u64,
+                holds_writes: server.engine.holds_writes(),
             };
             write_welcome(&mut stream, &welcome).await?;
             mount_loop(server, rt, &s, stream, closer.try_clone()?).await
