@@ -348,6 +348,14 @@ impl Engine {
     /// Sends the buffer's bytes up (as few blocks as the runs allow), records them as slices
     /// (cut to the file's size now: another server may have truncated it) and forgets it.
     fn drain(&self, vol: VolId, ino: Ino, b: &mut WriteBuffer) -> FsResult<()> {
+        self.send_up(vol, ino, b)?;
+        self.forget_buffer(vol, ino, b);
+        Ok(())
+    }
+
+    /// [`Engine::drain`] but for forgetting the buffer: the caller still holds it (locked) and
+    /// forgets it when done.
+    fn send_up(&self, vol: VolId, ino: Ino, b: &mut WriteBuffer) -> FsResult<()> {
         if let (Data::Blocks(store), false) = (&self.data, b.runs.is_empty()) {
             let mut slices = Vec::new();
             for (off, run) in &b.runs {
@@ -378,8 +386,23 @@ impl Engine {
             })?;
             self.wrote_slices(vol, ino);
         }
-        self.forget_buffer(vol, ino, b);
         Ok(())
+    }
+
+    /// A write that is not held back (through the API, or too long to hold): what is held for
+    /// the file goes up first, and the file's buffer stays locked until the write committed,
+    /// so that no held-back append can land meanwhile where this one is about to.
+    pub(super) fn write_after_held(&self, vol: VolId, ino: Ino, write: impl FnOnce() -> FsResult<(u64, Attr)>) -> FsResult<(u64, Attr)> {
+        if self.buffers.dir.get().is_none() {
+            return write();
+        }
+        self.with_buffer(vol, ino, true, |b| {
+            let b = b.expect("a buffer is made when asked for");
+            self.send_up(vol, ino, b)?;
+            let out = write();
+            self.forget_buffer(vol, ino, b);
+            out
+        })
     }
 
     fn forget_buffer(&self, vol: VolId, ino: Ino, b: &mut WriteBuffer) {

@@ -2117,8 +2117,7 @@ impl Engine {
     /// written at and the attributes after the write. Writes held back for the file
     /// ([`Engine::write_behind`]) go first.
     pub fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<(u64, Attr)> {
-        self.settle(vol, ino)?;
-        self.write_through(vol, ino, offset, data, append, c)
+        self.write_after_held(vol, ino, || self.write_through(vol, ino, offset, data, append, c))
     }
 
     /// [`Engine::write`] once nothing is held back for the file: a block store uploads the data
@@ -2460,7 +2459,9 @@ impl Engine {
                 cur.atime = now;
                 t.put_inode(vol, &cur)?;
                 if let Some(o) = observer() {
-                    o.changed(&cur);
+                    // As this server's guests see it: with the size of writes it holds back
+                    // (the committed one would cut their cached size short).
+                    o.changed(&self.with_held(vol, cur));
                 }
                 Ok(())
             }
