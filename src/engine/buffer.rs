@@ -37,11 +37,12 @@ pub const FLUSH_AGE: Duration = Duration::from_secs(1);
 /// The most bytes a server holds back over all files: past it, each write flushes its file.
 const BUFFERS_MAX: usize = 256 << 20;
 
-/// A journal record: a write (`W`, then session, seq, offset, append flag, length, bytes)...
+/// A journal record: a write (`W`, then session, seq, offset, append flag, the mtime its
+/// transaction gives the file (seconds, nanoseconds), length, bytes)...
 const RECORD_WRITE: u8 = b'W';
 /// ... and its commit (`C`, then the offset it landed at).
 const RECORD_COMMIT: u8 = b'C';
-const WRITE_HEADER: usize = 1 + 8 + 8 + 8 + 1 + 4;
+const WRITE_HEADER: usize = 1 + 8 + 8 + 8 + 1 + 8 + 4 + 4;
 const COMMIT_LEN: usize = 1 + 8;
 
 /// The bytes held back for one file.
@@ -105,9 +106,9 @@ impl WriteBuffer {
 /// One file's buffer, as writers, readers and flushers share it.
 type Shared = Arc<Mutex<WriteBuffer>>;
 
-/// What a journal holds: its committed writes as (offset landed at, bytes), and the length of
-/// the journal they take.
-type Replay<'a> = (Vec<(u64, &'a [u8])>, usize);
+/// What a journal holds: its committed writes as (offset landed at, bytes), the length of the
+/// journal they take, and the mtime the last of them gave the file.
+type Replay<'a> = (Vec<(u64, &'a [u8])>, usize, Option<Timespec>);
 
 /// The held-back writes of every file, with their journals' directory.
 #[derive(Default)]
@@ -136,17 +137,20 @@ fn journal_err(what: &str, e: std::io::Error) -> FsError {
 /// committed (the record of its request says so).
 fn read_journal(raw: &[u8], committed: impl Fn(u64, u64) -> FsResult<Option<u64>>) -> FsResult<Replay<'_>> {
     let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().unwrap());
-    let (mut writes, mut at) = (Vec::new(), 0);
+    let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().unwrap());
+    let (mut writes, mut at, mut mtime) = (Vec::new(), 0, None);
     while raw.len() >= at + WRITE_HEADER && raw[at] == RECORD_WRITE {
         // (The offset asked for, at +17, and the append flag, at +25, are for reading the
         // journal by hand: where a write landed is in its commit mark or its request's record.)
         let (session, seq) = (u64_at(at + 1), u64_at(at + 9));
-        let len = u32::from_le_bytes(raw[at + 26..at + 30].try_into().unwrap()) as usize;
+        let when = Timespec { sec: u64_at(at + 26) as i64, nsec: u32_at(at + 34) };
+        let len = u32_at(at + 38) as usize;
         let data_at = at + WRITE_HEADER;
         let Some(data) = raw.get(data_at..data_at + len) else { break };
         let commit_at = data_at + len;
         if raw.len() >= commit_at + COMMIT_LEN && raw[commit_at] == RECORD_COMMIT {
             writes.push((u64_at(commit_at + 1), data));
+            mtime = Some(when);
             at = commit_at + COMMIT_LEN;
             continue;
         }
@@ -156,12 +160,13 @@ fn read_journal(raw: &[u8], committed: impl Fn(u64, u64) -> FsResult<Option<u64>
         if raw.len() == commit_at {
             if let Some(landed) = committed(session, seq)? {
                 writes.push((landed, data));
+                mtime = Some(when);
                 at = commit_at;
             }
         }
         break;
     }
-    Ok((writes, at))
+    Ok((writes, at, mtime))
 }
 
 impl Engine {
@@ -187,9 +192,26 @@ impl Engine {
             std::fs::File::open(&path)
                 .and_then(|mut f| f.read_to_end(&mut raw))
                 .map_err(|e| journal_err(&format!("read {}", path.display()), e))?;
-            let (writes, valid) = read_journal(&raw, |session, seq| Ok(self.replayed(session, seq)?.map(|(_, landed)| landed)))?;
+            let (writes, valid, mtime) = read_journal(&raw, |session, seq| Ok(self.replayed(session, seq)?.map(|(_, landed)| landed)))?;
             if writes.is_empty() {
                 let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            // Each held write gave the file its own mtime. Another one now means the file's
+            // data changed since, through another server (the sandbox moved on while this one
+            // was down): painting these older bytes over it would undo that change, so they
+            // are set aside for an operator instead.
+            let now_mtime = self.tx(|t| t.get_inode(vol, ino))?.map(|a| a.mtime);
+            if now_mtime != mtime {
+                let aside = path.with_extension("log.stale");
+                let _ = std::fs::rename(&path, &aside);
+                tracing::error!(
+                    vol,
+                    ino,
+                    writes = writes.len(),
+                    journal = %aside.display(),
+                    "held-back writes of the previous run not replayed: the file changed since (or is gone); their bytes are kept in the journal"
+                );
                 continue;
             }
             replayed += 1;
@@ -233,16 +255,21 @@ impl Engine {
         }
         self.with_buffer(vol, ino, true, |b| {
             let b = b.expect("a buffer is made when asked for");
-            let marked = match Self::journal_write(dir, vol, ino, b, session, seq, offset, append, data) {
+            let now = Timespec::now();
+            let marked = match Self::journal_write(dir, vol, ino, b, (session, seq, now), offset, append, data) {
                 Ok(m) => m,
                 Err(e) => {
                     // No journal (the server's disk is full): this write goes up on its own.
                     tracing::warn!(vol, ino, "{e}: writing through");
-                    self.drain(vol, ino, b)?;
-                    return self.write_through(vol, ino, offset, data, append, c);
+                    // As `after_held` does: the buffer stays locked until this write committed.
+                    self.send_up(vol, ino, b)?;
+                    self.clear_buffer(vol, ino, b);
+                    let out = self.write_through(vol, ino, offset, data, append, c);
+                    self.forget_buffer(vol, ino, b);
+                    return out;
                 }
             };
-            let out = self.write_tx(vol, ino, offset, data, append, c, None);
+            let out = self.write_tx(vol, ino, offset, data, append, c, None, now);
             let journal = b.journal.as_mut().expect("opened by journal_write");
             let (at, a) = match out {
                 Ok(out) => out,
@@ -288,8 +315,7 @@ impl Engine {
         vol: VolId,
         ino: Ino,
         b: &mut WriteBuffer,
-        session: u64,
-        seq: u64,
+        (session, seq, now): (u64, u64, Timespec),
         offset: u64,
         append: bool,
         data: &[u8],
@@ -312,6 +338,8 @@ impl Engine {
         rec.extend_from_slice(&seq.to_le_bytes());
         rec.extend_from_slice(&offset.to_le_bytes());
         rec.push(append as u8);
+        rec.extend_from_slice(&(now.sec as u64).to_le_bytes());
+        rec.extend_from_slice(&now.nsec.to_le_bytes());
         rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
         rec.extend_from_slice(data);
         use std::io::Seek;
@@ -353,8 +381,8 @@ impl Engine {
         Ok(())
     }
 
-    /// [`Engine::drain`] but for forgetting the buffer: the caller still holds it (locked) and
-    /// forgets it when done.
+    /// [`Engine::drain`] but for emptying and forgetting the buffer: the caller still holds it
+    /// (locked) and does that when done.
     fn send_up(&self, vol: VolId, ino: Ino, b: &mut WriteBuffer) -> FsResult<()> {
         if let (Data::Blocks(store), false) = (&self.data, b.runs.is_empty()) {
             let mut slices = Vec::new();
@@ -389,33 +417,45 @@ impl Engine {
         Ok(())
     }
 
-    /// A write that is not held back (through the API, or too long to hold): what is held for
-    /// the file goes up first, and the file's buffer stays locked until the write committed,
-    /// so that no held-back append can land meanwhile where this one is about to.
-    pub(super) fn write_after_held(&self, vol: VolId, ino: Ino, write: impl FnOnce() -> FsResult<(u64, Attr)>) -> FsResult<(u64, Attr)> {
+    /// Runs `change`, a change to the file other than a held-back write (a write through the
+    /// API or too long to hold, a truncate, fallocate, link, the destination of a copy): what
+    /// is held for the file goes up first, and the file's buffer stays locked until the change
+    /// committed, so that no held-back write lands in between (an append taking the end of
+    /// file this write takes, bytes painted later over a punched hole or a copy). `change`
+    /// must not touch the file's buffer itself.
+    pub(super) fn after_held<T>(&self, vol: VolId, ino: Ino, change: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
         if self.buffers.dir.get().is_none() {
-            return write();
+            return change();
         }
         self.with_buffer(vol, ino, true, |b| {
             let b = b.expect("a buffer is made when asked for");
             self.send_up(vol, ino, b)?;
-            let out = write();
+            // Up: its journal goes before the change, which a replay must never paint over.
+            self.clear_buffer(vol, ino, b);
+            let out = change();
             self.forget_buffer(vol, ino, b);
             out
         })
     }
 
-    fn forget_buffer(&self, vol: VolId, ino: Ino, b: &mut WriteBuffer) {
+    /// Empties the buffer (bytes, held size, journal), which stays in the table.
+    fn clear_buffer(&self, vol: VolId, ino: Ino, b: &mut WriteBuffer) {
         self.buffers.bytes.fetch_sub(b.bytes, Ordering::Relaxed);
         b.runs.clear();
         b.bytes = 0;
-        b.gone = true;
+        b.since = None;
         self.buffers.sizes.lock().unwrap().remove(&(vol, ino));
         if b.journal.take().is_some() {
             if let Some(dir) = self.buffers.dir.get() {
                 let _ = std::fs::remove_file(journal_path(dir, vol, ino));
             }
         }
+    }
+
+    /// Empties the buffer and takes it out of the table.
+    fn forget_buffer(&self, vol: VolId, ino: Ino, b: &mut WriteBuffer) {
+        self.clear_buffer(vol, ino, b);
+        b.gone = true;
         self.buffers.files.lock().unwrap().remove(&(vol, ino));
     }
 
@@ -595,6 +635,8 @@ mod tests {
             r.extend_from_slice(&seq.to_le_bytes());
             r.extend_from_slice(&off.to_le_bytes());
             r.push(0);
+            r.extend_from_slice(&(seq * 10).to_le_bytes());
+            r.extend_from_slice(&7u32.to_le_bytes());
             r.extend_from_slice(&(data.len() as u32).to_le_bytes());
             r.extend_from_slice(data);
             if let Some(at) = landed {
@@ -608,14 +650,15 @@ mod tests {
         let whole = raw.len();
         raw.extend(rec(1, 3, 20, b"three", None));
         let never = |_: u64, _: u64| Ok(None);
-        let (w, valid) = read_journal(&raw, never).unwrap();
+        let (w, valid, mtime) = read_journal(&raw, never).unwrap();
         assert_eq!(w, vec![(0, &b"one"[..]), (12, &b"two"[..])], "the commit mark says where a write landed");
         assert_eq!(valid, whole, "an unrecorded last write is cut off");
-        let (w, valid) = read_journal(&raw, |s, q| Ok((s, q) == (1, 3)).map(|yes| yes.then_some(40))).unwrap();
+        assert_eq!(mtime, Some(Timespec { sec: 20, nsec: 7 }), "the mtime the last kept write gave the file");
+        let (w, valid, mtime) = read_journal(&raw, |s, q| Ok((s, q) == (1, 3)).map(|yes| yes.then_some(40))).unwrap();
         assert_eq!(w.last(), Some(&(40, &b"three"[..])), "a recorded last write is kept, where it landed");
-        assert_eq!(valid, raw.len());
+        assert_eq!((valid, mtime), (raw.len(), Some(Timespec { sec: 30, nsec: 7 })));
         // A torn tail (the process died inside the append) is no write.
-        let (w, valid) = read_journal(&raw[..raw.len() - 2], |_, _| Ok(Some(0))).unwrap();
+        let (w, valid, _) = read_journal(&raw[..raw.len() - 2], |_, _| Ok(Some(0))).unwrap();
         assert_eq!((w.len(), valid), (2, whole));
     }
 }

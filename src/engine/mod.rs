@@ -1275,7 +1275,10 @@ impl Engine {
     pub fn setattr(&self, vol: VolId, ino: Ino, set: &SetAttr, c: &Caller) -> FsResult<Attr> {
         // Held-back bytes go first, so that a truncate cuts them, an extension after it reads
         // zeros, and the attributes answered are the committed ones.
-        self.settle(vol, ino)?;
+        self.after_held(vol, ino, || self.setattr_now(vol, ino, set, c))
+    }
+
+    fn setattr_now(&self, vol: VolId, ino: Ino, set: &SetAttr, c: &Caller) -> FsResult<Attr> {
         let now = Timespec::now();
         self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
@@ -1590,33 +1593,34 @@ impl Engine {
 
     pub fn link(&self, vol: VolId, ino: Ino, new_parent: Ino, new_name: &[u8], c: &Caller) -> FsResult<Attr> {
         check_name(new_name)?;
-        self.settle(vol, ino)?;
         let now = Timespec::now();
-        self.mutate(vol, |t, log| {
-            let mut a = Self::inode(t, vol, ino)?;
-            if a.kind == Kind::Dir {
-                return Err(FsError::new(libc::EPERM, "hard links to directories are not allowed"));
-            }
-            if a.nlink == 0 {
-                return Err(FsError::new(libc::ENOENT, format!("inode {ino} has been removed")));
-            }
-            if a.nlink >= MAX_LINKS {
-                return Err(FsError::new(libc::EMLINK, format!("inode {ino} has {MAX_LINKS} links already")));
-            }
-            let mut p = Self::dir(t, vol, new_parent)?;
-            Self::access(t, vol, &p, c, W | X)?;
-            if t.get_dentry(vol, new_parent, new_name)?.is_some() {
-                return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(new_name))));
-            }
-            t.insert_dentry(vol, new_parent, new_name, ino, a.kind)?;
-            a.nlink += 1;
-            a.ctime = now;
-            t.put_inode(vol, &a)?;
-            p.mtime = now;
-            p.ctime = now;
-            t.put_inode(vol, &p)?;
-            log.push(Event::name(ChangeKind::Create, a.kind, ino, new_parent, new_name));
-            Ok(a)
+        self.after_held(vol, ino, || {
+            self.mutate(vol, |t, log| {
+                let mut a = Self::inode(t, vol, ino)?;
+                if a.kind == Kind::Dir {
+                    return Err(FsError::new(libc::EPERM, "hard links to directories are not allowed"));
+                }
+                if a.nlink == 0 {
+                    return Err(FsError::new(libc::ENOENT, format!("inode {ino} has been removed")));
+                }
+                if a.nlink >= MAX_LINKS {
+                    return Err(FsError::new(libc::EMLINK, format!("inode {ino} has {MAX_LINKS} links already")));
+                }
+                let mut p = Self::dir(t, vol, new_parent)?;
+                Self::access(t, vol, &p, c, W | X)?;
+                if t.get_dentry(vol, new_parent, new_name)?.is_some() {
+                    return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(new_name))));
+                }
+                t.insert_dentry(vol, new_parent, new_name, ino, a.kind)?;
+                a.nlink += 1;
+                a.ctime = now;
+                t.put_inode(vol, &a)?;
+                p.mtime = now;
+                p.ctime = now;
+                t.put_inode(vol, &p)?;
+                log.push(Event::name(ChangeKind::Create, a.kind, ino, new_parent, new_name));
+                Ok(a)
+            })
         })
     }
 
@@ -2117,7 +2121,7 @@ impl Engine {
     /// written at and the attributes after the write. Writes held back for the file
     /// ([`Engine::write_behind`]) go first.
     pub fn write(&self, vol: VolId, ino: Ino, offset: u64, data: &[u8], append: bool, c: &Caller) -> FsResult<(u64, Attr)> {
-        self.write_after_held(vol, ino, || self.write_through(vol, ino, offset, data, append, c))
+        self.after_held(vol, ino, || self.write_through(vol, ino, offset, data, append, c))
     }
 
     /// [`Engine::write`] once nothing is held back for the file: a block store uploads the data
@@ -2135,7 +2139,7 @@ impl Engine {
             })?;
         }
         let staged = self.stage(data)?;
-        let out = self.write_tx(vol, ino, offset, data, append, c, Some(&staged));
+        let out = self.write_tx(vol, ino, offset, data, append, c, Some(&staged), Timespec::now());
         if self.has_blocks() {
             match &out {
                 Err(e) if e.errno == libc::EDQUOT => self.full.lock().unwrap().insert(vol),
@@ -2149,9 +2153,9 @@ impl Engine {
         out
     }
 
-    /// A write's transaction: the space, size and times, and (given `staged`, the data's blocks
-    /// or nothing for a byte store) the data; without `staged` the data is held back by
-    /// [`Engine::write_behind`] and recorded later.
+    /// A write's transaction: the space, size and times (`now` becomes the file's mtime and
+    /// ctime), and (given `staged`, the data's blocks or nothing for a byte store) the data;
+    /// without `staged` the data is held back by [`Engine::write_behind`] and recorded later.
     #[allow(clippy::too_many_arguments)]
     fn write_tx(
         &self,
@@ -2162,14 +2166,16 @@ impl Engine {
         append: bool,
         c: &Caller,
         staged: Option<&[blocks::Staged]>,
+        now: Timespec,
     ) -> FsResult<(u64, Attr)> {
-        let now = Timespec::now();
+        // A held-back write leaves the committed size alone (it moves when its bytes go up, see
+        // `buffer`): what this server holds may reach further. Read before the transaction (the
+        // caller holds the file's buffer, so nothing else moves it): a transaction run again
+        // after a serialization failure must not find its own first run's end there.
+        let held = if staged.is_none() { self.held_size(vol, ino).unwrap_or(0) } else { 0 };
         self.mutate(vol, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             regular(&a)?;
-            // A held-back write leaves the committed size alone (it moves when its bytes go
-            // up, see `buffer`): what this server holds may reach further.
-            let held = if staged.is_none() { self.held_size(vol, ino).unwrap_or(0) } else { 0 };
             let offset = if append { a.size.max(held) } else { offset };
             let end = offset
                 .checked_add(data.len() as u64)
@@ -2303,58 +2309,59 @@ impl Engine {
         if length == 0 {
             return Err(FsError::new(libc::EINVAL, "fallocate of 0 bytes"));
         }
-        self.settle(vol, ino)?;
         let end = offset
             .checked_add(length)
             .filter(|e| *e <= MAX_FILE_SIZE)
             .ok_or_else(|| FsError::new(libc::EFBIG, format!("a range ending past {MAX_FILE_SIZE} bytes")))?;
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let now = Timespec::now();
-        self.mutate(vol, |t, log| {
-            let mut a = Self::inode(t, vol, ino)?;
-            regular(&a)?;
-            let old_size = a.size;
-            match mode & !libc::FALLOC_FL_KEEP_SIZE {
-                0 => {
-                    let added = Self::allocate(t, vol, &mut a, offset, end)?;
-                    Self::charge(t, vol, 0, added)?;
-                }
-                libc::FALLOC_FL_PUNCH_HOLE if keep => {
-                    let freed = Self::deallocate(t, vol, &mut a, offset, end)?;
-                    Self::charge(t, vol, freed, 0)?;
-                    if offset < a.size {
-                        self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
+        self.after_held(vol, ino, || {
+            self.mutate(vol, |t, log| {
+                let mut a = Self::inode(t, vol, ino)?;
+                regular(&a)?;
+                let old_size = a.size;
+                match mode & !libc::FALLOC_FL_KEEP_SIZE {
+                    0 => {
+                        let added = Self::allocate(t, vol, &mut a, offset, end)?;
+                        Self::charge(t, vol, 0, added)?;
                     }
+                    libc::FALLOC_FL_PUNCH_HOLE if keep => {
+                        let freed = Self::deallocate(t, vol, &mut a, offset, end)?;
+                        Self::charge(t, vol, freed, 0)?;
+                        if offset < a.size {
+                            self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
+                        }
+                        a.mtime = now;
+                    }
+                    libc::FALLOC_FL_ZERO_RANGE => {
+                        let added = Self::allocate(t, vol, &mut a, offset, end)?;
+                        Self::charge(t, vol, 0, added)?;
+                        if offset < a.size {
+                            self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
+                        }
+                        a.mtime = now;
+                    }
+                    other => {
+                        return Err(FsError::new(
+                            libc::EOPNOTSUPP,
+                            format!("fallocate mode {other:#x} is not supported (preallocate, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE are)"),
+                        ))
+                    }
+                }
+                if !keep && end > old_size {
+                    // Bytes past the old end (left by a crash) must read as zeros.
+                    self.truncate_data(t, vol, ino, old_size)?;
+                    a.size = end;
                     a.mtime = now;
                 }
-                libc::FALLOC_FL_ZERO_RANGE => {
-                    let added = Self::allocate(t, vol, &mut a, offset, end)?;
-                    Self::charge(t, vol, 0, added)?;
-                    if offset < a.size {
-                        self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
-                    }
-                    a.mtime = now;
+                a.ctime = now;
+                if !c.is_root() {
+                    drop_setid(&mut a);
                 }
-                other => {
-                    return Err(FsError::new(
-                        libc::EOPNOTSUPP,
-                        format!("fallocate mode {other:#x} is not supported (preallocate, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE are)"),
-                    ))
-                }
-            }
-            if !keep && end > old_size {
-                // Bytes past the old end (left by a crash) must read as zeros.
-                self.truncate_data(t, vol, ino, old_size)?;
-                a.size = end;
-                a.mtime = now;
-            }
-            a.ctime = now;
-            if !c.is_root() {
-                drop_setid(&mut a);
-            }
-            t.put_inode(vol, &a)?;
-            log.push(Event::Modify { node: a.kind, ino });
-            Ok(a)
+                t.put_inode(vol, &a)?;
+                log.push(Event::Modify { node: a.kind, ino });
+                Ok(a)
+            })
         })
     }
 
@@ -2392,54 +2399,55 @@ impl Engine {
     pub fn copy_range(&self, vol: VolId, src: Ino, src_off: u64, dst: Ino, dst_off: u64, len: u64, c: &Caller) -> FsResult<(u64, Attr)> {
         // A block store copies slices: held-back bytes of either file must be slices first.
         self.settle(vol, src)?;
-        self.settle(vol, dst)?;
         let now = Timespec::now();
-        self.mutate(vol, |t, log| {
-            let sa = Self::inode(t, vol, src)?;
-            regular(&sa)?;
-            let mut d = Self::inode(t, vol, dst)?;
-            regular(&d)?;
-            let n = len.min(COPY_MAX).min(sa.size.saturating_sub(src_off));
-            if n == 0 {
-                return Ok((0, d));
-            }
-            if src == dst && src_off < dst_off + n && dst_off < src_off + n {
-                return Err(FsError::new(libc::EINVAL, "copy_file_range within one file with overlapping ranges"));
-            }
-            let dst_end = dst_off
-                .checked_add(n)
-                .filter(|e| *e <= MAX_FILE_SIZE)
-                .ok_or_else(|| FsError::new(libc::EFBIG, format!("a copy ending past {MAX_FILE_SIZE} bytes")))?;
-            let data: Vec<(u64, u64)> = t
-                .extents(vol, src, src_off, src_off + n)?
-                .into_iter()
-                .map(|(s, e)| (s.max(src_off), e.min(src_off + n)))
-                .filter(|(s, e)| s < e)
-                .collect();
-            // The destination range becomes what the source range is: its holes as holes.
-            let freed = Self::deallocate(t, vol, &mut d, dst_off, dst_end)?;
-            let mut added = 0;
-            for &(s, e) in &data {
-                added += Self::allocate(t, vol, &mut d, dst_off + (s - src_off), dst_off + (e - src_off))?;
-            }
-            Self::charge(t, vol, freed, added)?;
-            if dst_off < d.size {
-                self.zero_data(t, vol, dst, dst_off, dst_end.min(d.size) - dst_off)?;
-            }
-            if dst_end > d.size {
-                // Bytes past the old end (left by a crash) must read as zeros.
-                self.truncate_data(t, vol, dst, d.size)?;
-                d.size = dst_end;
-            }
-            self.copy_data(t, vol, src, src_off, dst, dst_off, &data)?;
-            d.mtime = now;
-            d.ctime = now;
-            if !c.is_root() {
-                drop_setid(&mut d);
-            }
-            t.put_inode(vol, &d)?;
-            log.push(Event::Modify { node: d.kind, ino: dst });
-            Ok((n, d))
+        self.after_held(vol, dst, || {
+            self.mutate(vol, |t, log| {
+                let sa = Self::inode(t, vol, src)?;
+                regular(&sa)?;
+                let mut d = Self::inode(t, vol, dst)?;
+                regular(&d)?;
+                let n = len.min(COPY_MAX).min(sa.size.saturating_sub(src_off));
+                if n == 0 {
+                    return Ok((0, d));
+                }
+                if src == dst && src_off < dst_off + n && dst_off < src_off + n {
+                    return Err(FsError::new(libc::EINVAL, "copy_file_range within one file with overlapping ranges"));
+                }
+                let dst_end = dst_off
+                    .checked_add(n)
+                    .filter(|e| *e <= MAX_FILE_SIZE)
+                    .ok_or_else(|| FsError::new(libc::EFBIG, format!("a copy ending past {MAX_FILE_SIZE} bytes")))?;
+                let data: Vec<(u64, u64)> = t
+                    .extents(vol, src, src_off, src_off + n)?
+                    .into_iter()
+                    .map(|(s, e)| (s.max(src_off), e.min(src_off + n)))
+                    .filter(|(s, e)| s < e)
+                    .collect();
+                // The destination range becomes what the source range is: its holes as holes.
+                let freed = Self::deallocate(t, vol, &mut d, dst_off, dst_end)?;
+                let mut added = 0;
+                for &(s, e) in &data {
+                    added += Self::allocate(t, vol, &mut d, dst_off + (s - src_off), dst_off + (e - src_off))?;
+                }
+                Self::charge(t, vol, freed, added)?;
+                if dst_off < d.size {
+                    self.zero_data(t, vol, dst, dst_off, dst_end.min(d.size) - dst_off)?;
+                }
+                if dst_end > d.size {
+                    // Bytes past the old end (left by a crash) must read as zeros.
+                    self.truncate_data(t, vol, dst, d.size)?;
+                    d.size = dst_end;
+                }
+                self.copy_data(t, vol, src, src_off, dst, dst_off, &data)?;
+                d.mtime = now;
+                d.ctime = now;
+                if !c.is_root() {
+                    drop_setid(&mut d);
+                }
+                t.put_inode(vol, &d)?;
+                log.push(Event::Modify { node: d.kind, ino: dst });
+                Ok((n, d))
+            })
         })
     }
 

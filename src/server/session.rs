@@ -657,6 +657,15 @@ fn replay_reply(server: &Server, s: &Session, req: &Request, (ino, n): (u64, u64
     })
 }
 
+/// Sends up what is held back for `real` before a close, an unlock or a release. A failure
+/// (the store unreachable) fails none of them: the writes stay held and journaled, the periodic
+/// flush tries again, and the handle, lock or lease still goes (an fsync reports it instead).
+fn settle_or_warn(s: &Session, e: &Engine, v: VolId, real: Ino, at: &str) {
+    if let Err(err) = e.settle(v, real) {
+        tracing::warn!(sandbox = %s.sandbox, session = s.id, ino = real, "held-back writes not sent up at the {at} (the periodic flush tries again): {err}");
+    }
+}
+
 /// The read-only rule, in one place: a read-only attachment refuses every mutation (the
 /// exhaustive [`Op::class`]), every open for writing or truncating, and write locks.
 fn check_read_only(s: &Session, op: &Op) -> FsResult<()> {
@@ -851,7 +860,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             s.take_handle(*fh, real)?;
             if let Some(owner) = lock_owner {
                 // Whoever takes these locks next reads what was written under them.
-                e.settle(v, real)?;
+                settle_or_warn(s, e, v, real, "release");
                 server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *owner, server.remote_locks().as_ref()));
             }
             e.release(v, real)?;
@@ -867,7 +876,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             let real = s.to_real(e, *ino)?;
             // A close: what this file's writes left held back goes up before close() returns
             // (close-to-open for other servers' guests), and before its locks are freed.
-            e.settle(v, real)?;
+            settle_or_warn(s, e, v, real, "close");
             server.lock_freed(real, &server.locks.release_owner(v, real, s.id, *lock_owner, server.remote_locks().as_ref()));
             (Reply::Empty, Changed::Nothing)
         }
@@ -883,7 +892,7 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             if lock.typ == libc::F_UNLCK {
                 // Whoever takes the lock next (through any server) reads what was written
                 // under it.
-                e.settle(v, real)?;
+                settle_or_warn(s, e, v, real, "unlock");
             }
             server.lock_freed(real, &server.locks.set_or_wait(v, real, s.id, lock, wait, server.remote_locks().as_ref())?);
             (Reply::Empty, Changed::Nothing)
@@ -919,7 +928,9 @@ fn execute(server: &Server, s: &Session, req: &Request) -> FsResult<(Reply, Chan
             tracing::info!(sandbox = %s.sandbox, session = s.id, "lease released by the guest");
             s.set_lease(LeaseState::Released);
             // Hibernating: nothing this server held back for the volume waits for the resume.
-            e.settle_volume(v)?;
+            if let Err(err) = e.settle_volume(v) {
+                tracing::warn!(sandbox = %s.sandbox, session = s.id, "held-back writes not sent up at the lease release (the periodic flush tries again): {err}");
+            }
             server.lock_freed_all(server.locks.release_session(s.id, server.remote_locks().as_ref()));
             let _ = e.set_attachment_state(s.attachment, AttachState::Released, "lease released by the guest (hibernated or unmounted)");
             (Reply::Empty, Changed::Nothing)
