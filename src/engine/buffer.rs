@@ -133,8 +133,8 @@ fn journal_err(what: &str, e: std::io::Error) -> FsError {
 
 /// A journal's committed writes, in order, as (offset landed at, bytes), and how many bytes of
 /// the file they take (what follows is a write that may not have committed, or torn).
-/// `committed(session, seq)` says where an unmarked last write landed if its transaction
-/// committed (the record of its request says so).
+/// `committed(session, seq)` says where an unmarked write landed if its transaction committed
+/// (the record of its request says so).
 fn read_journal(raw: &[u8], committed: impl Fn(u64, u64) -> FsResult<Option<u64>>) -> FsResult<Replay<'_>> {
     let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().unwrap());
     let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().unwrap());
@@ -154,17 +154,25 @@ fn read_journal(raw: &[u8], committed: impl Fn(u64, u64) -> FsResult<Option<u64>
             at = commit_at + COMMIT_LEN;
             continue;
         }
-        // Unmarked: the server died between the write's transaction and its mark, or before
-        // the transaction committed (then the guest sends the write again, or never had an
-        // answer). Only the request's own record can tell.
-        if raw.len() == commit_at {
-            if let Some(landed) = committed(session, seq)? {
+        // Unmarked. Last: the server died between the write's transaction and its mark, or
+        // before the transaction committed (then the guest sends the write again, or never had
+        // an answer). Followed by more writes: the mark could not be written (the server's
+        // disk was full), or the write was refused and its record could not be cut. Only the
+        // request's own record can tell.
+        let last = raw.get(commit_at) != Some(&RECORD_WRITE);
+        match committed(session, seq)? {
+            Some(landed) => {
                 writes.push((landed, data));
                 mtime = Some(when);
                 at = commit_at;
             }
+            // Refused: never acknowledged, so nothing to replay (a last one is cut off).
+            None if last => {}
+            None => at = commit_at,
         }
-        break;
+        if last {
+            break;
+        }
     }
     Ok((writes, at, mtime))
 }
@@ -660,5 +668,16 @@ mod tests {
         // A torn tail (the process died inside the append) is no write.
         let (w, valid, _) = read_journal(&raw[..raw.len() - 2], |_, _| Ok(Some(0))).unwrap();
         assert_eq!((w.len(), valid), (2, whole));
+        // An unmarked write followed by more (its mark could not be written): kept if its
+        // request's record committed, skipped if not, and the writes after it are read on.
+        let mut raw = rec(1, 1, 0, b"one", Some(0));
+        raw.extend(rec(1, 2, 3, b"two", None));
+        raw.extend(rec(1, 3, 6, b"six", Some(6)));
+        let (w, valid, mtime) = read_journal(&raw, |s, q| Ok(((s, q) == (1, 2)).then_some(3))).unwrap();
+        assert_eq!(w, vec![(0, &b"one"[..]), (3, &b"two"[..]), (6, &b"six"[..])]);
+        assert_eq!((valid, mtime), (raw.len(), Some(Timespec { sec: 30, nsec: 7 })));
+        let (w, valid, _) = read_journal(&raw, never).unwrap();
+        assert_eq!(w, vec![(0, &b"one"[..]), (6, &b"six"[..])], "a refused write in the middle is skipped");
+        assert_eq!(valid, raw.len());
     }
 }
