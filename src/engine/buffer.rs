@@ -269,12 +269,7 @@ impl Engine {
                 Err(e) => {
                     // No journal (the server's disk is full): this write goes up on its own.
                     tracing::warn!(vol, ino, "{e}: writing through");
-                    // As `after_held` does: the buffer stays locked until this write committed.
-                    self.send_up(vol, ino, b)?;
-                    self.clear_buffer(vol, ino, b);
-                    let out = self.write_through(vol, ino, offset, data, append, c);
-                    self.forget_buffer(vol, ino, b);
-                    return out;
+                    return self.up_then(vol, ino, b, || self.write_through(vol, ino, offset, data, append, c));
                 }
             };
             let out = self.write_tx(vol, ino, offset, data, append, c, None, now);
@@ -435,15 +430,27 @@ impl Engine {
         if self.buffers.dir.get().is_none() {
             return change();
         }
-        self.with_buffer(vol, ino, true, |b| {
-            let b = b.expect("a buffer is made when asked for");
-            self.send_up(vol, ino, b)?;
-            // Up: its journal goes before the change, which a replay must never paint over.
-            self.clear_buffer(vol, ino, b);
-            let out = change();
-            self.forget_buffer(vol, ino, b);
-            out
-        })
+        self.with_buffer(vol, ino, true, |b| self.up_then(vol, ino, b.expect("a buffer is made when asked for"), change))
+    }
+
+    /// The body of [`Engine::after_held`], on the file's buffer, locked.
+    fn up_then<T>(&self, vol: VolId, ino: Ino, b: &mut WriteBuffer, change: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
+        self.send_up(vol, ino, b)?;
+        // Up: its journal goes before the change, which a replay must never paint over.
+        self.clear_buffer(vol, ino, b);
+        let out = change();
+        self.forget_buffer(vol, ino, b);
+        out
+    }
+
+    /// [`Engine::mutate`] of volume `vol` as a change to file `ino` (see [`Engine::after_held`]).
+    pub(super) fn mutate_after_held<T: super::Recorded>(
+        &self,
+        vol: VolId,
+        ino: Ino,
+        f: impl FnMut(&mut dyn MetaTxn, &mut Vec<Event>) -> FsResult<T>,
+    ) -> FsResult<T> {
+        self.after_held(vol, ino, || self.mutate(vol, f))
     }
 
     /// Empties the buffer (bytes, held size, journal), which stays in the table.

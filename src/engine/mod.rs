@@ -1275,12 +1275,8 @@ impl Engine {
     pub fn setattr(&self, vol: VolId, ino: Ino, set: &SetAttr, c: &Caller) -> FsResult<Attr> {
         // Held-back bytes go first, so that a truncate cuts them, an extension after it reads
         // zeros, and the attributes answered are the committed ones.
-        self.after_held(vol, ino, || self.setattr_now(vol, ino, set, c))
-    }
-
-    fn setattr_now(&self, vol: VolId, ino: Ino, set: &SetAttr, c: &Caller) -> FsResult<Attr> {
         let now = Timespec::now();
-        self.mutate(vol, |t, log| {
+        self.mutate_after_held(vol, ino, |t, log| {
             let mut a = Self::inode(t, vol, ino)?;
             let old_size = a.size;
             let owner = c.is_root() || c.uid == a.uid;
@@ -1594,33 +1590,31 @@ impl Engine {
     pub fn link(&self, vol: VolId, ino: Ino, new_parent: Ino, new_name: &[u8], c: &Caller) -> FsResult<Attr> {
         check_name(new_name)?;
         let now = Timespec::now();
-        self.after_held(vol, ino, || {
-            self.mutate(vol, |t, log| {
-                let mut a = Self::inode(t, vol, ino)?;
-                if a.kind == Kind::Dir {
-                    return Err(FsError::new(libc::EPERM, "hard links to directories are not allowed"));
-                }
-                if a.nlink == 0 {
-                    return Err(FsError::new(libc::ENOENT, format!("inode {ino} has been removed")));
-                }
-                if a.nlink >= MAX_LINKS {
-                    return Err(FsError::new(libc::EMLINK, format!("inode {ino} has {MAX_LINKS} links already")));
-                }
-                let mut p = Self::dir(t, vol, new_parent)?;
-                Self::access(t, vol, &p, c, W | X)?;
-                if t.get_dentry(vol, new_parent, new_name)?.is_some() {
-                    return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(new_name))));
-                }
-                t.insert_dentry(vol, new_parent, new_name, ino, a.kind)?;
-                a.nlink += 1;
-                a.ctime = now;
-                t.put_inode(vol, &a)?;
-                p.mtime = now;
-                p.ctime = now;
-                t.put_inode(vol, &p)?;
-                log.push(Event::name(ChangeKind::Create, a.kind, ino, new_parent, new_name));
-                Ok(a)
-            })
+        self.mutate_after_held(vol, ino, |t, log| {
+            let mut a = Self::inode(t, vol, ino)?;
+            if a.kind == Kind::Dir {
+                return Err(FsError::new(libc::EPERM, "hard links to directories are not allowed"));
+            }
+            if a.nlink == 0 {
+                return Err(FsError::new(libc::ENOENT, format!("inode {ino} has been removed")));
+            }
+            if a.nlink >= MAX_LINKS {
+                return Err(FsError::new(libc::EMLINK, format!("inode {ino} has {MAX_LINKS} links already")));
+            }
+            let mut p = Self::dir(t, vol, new_parent)?;
+            Self::access(t, vol, &p, c, W | X)?;
+            if t.get_dentry(vol, new_parent, new_name)?.is_some() {
+                return Err(FsError::new(libc::EEXIST, format!("`{}` already exists", lossy(new_name))));
+            }
+            t.insert_dentry(vol, new_parent, new_name, ino, a.kind)?;
+            a.nlink += 1;
+            a.ctime = now;
+            t.put_inode(vol, &a)?;
+            p.mtime = now;
+            p.ctime = now;
+            t.put_inode(vol, &p)?;
+            log.push(Event::name(ChangeKind::Create, a.kind, ino, new_parent, new_name));
+            Ok(a)
         })
     }
 
@@ -2315,53 +2309,51 @@ impl Engine {
             .ok_or_else(|| FsError::new(libc::EFBIG, format!("a range ending past {MAX_FILE_SIZE} bytes")))?;
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let now = Timespec::now();
-        self.after_held(vol, ino, || {
-            self.mutate(vol, |t, log| {
-                let mut a = Self::inode(t, vol, ino)?;
-                regular(&a)?;
-                let old_size = a.size;
-                match mode & !libc::FALLOC_FL_KEEP_SIZE {
-                    0 => {
-                        let added = Self::allocate(t, vol, &mut a, offset, end)?;
-                        Self::charge(t, vol, 0, added)?;
-                    }
-                    libc::FALLOC_FL_PUNCH_HOLE if keep => {
-                        let freed = Self::deallocate(t, vol, &mut a, offset, end)?;
-                        Self::charge(t, vol, freed, 0)?;
-                        if offset < a.size {
-                            self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
-                        }
-                        a.mtime = now;
-                    }
-                    libc::FALLOC_FL_ZERO_RANGE => {
-                        let added = Self::allocate(t, vol, &mut a, offset, end)?;
-                        Self::charge(t, vol, 0, added)?;
-                        if offset < a.size {
-                            self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
-                        }
-                        a.mtime = now;
-                    }
-                    other => {
-                        return Err(FsError::new(
-                            libc::EOPNOTSUPP,
-                            format!("fallocate mode {other:#x} is not supported (preallocate, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE are)"),
-                        ))
-                    }
+        self.mutate_after_held(vol, ino, |t, log| {
+            let mut a = Self::inode(t, vol, ino)?;
+            regular(&a)?;
+            let old_size = a.size;
+            match mode & !libc::FALLOC_FL_KEEP_SIZE {
+                0 => {
+                    let added = Self::allocate(t, vol, &mut a, offset, end)?;
+                    Self::charge(t, vol, 0, added)?;
                 }
-                if !keep && end > old_size {
-                    // Bytes past the old end (left by a crash) must read as zeros.
-                    self.truncate_data(t, vol, ino, old_size)?;
-                    a.size = end;
+                libc::FALLOC_FL_PUNCH_HOLE if keep => {
+                    let freed = Self::deallocate(t, vol, &mut a, offset, end)?;
+                    Self::charge(t, vol, freed, 0)?;
+                    if offset < a.size {
+                        self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
+                    }
                     a.mtime = now;
                 }
-                a.ctime = now;
-                if !c.is_root() {
-                    drop_setid(&mut a);
+                libc::FALLOC_FL_ZERO_RANGE => {
+                    let added = Self::allocate(t, vol, &mut a, offset, end)?;
+                    Self::charge(t, vol, 0, added)?;
+                    if offset < a.size {
+                        self.zero_data(t, vol, ino, offset, end.min(a.size) - offset)?;
+                    }
+                    a.mtime = now;
                 }
-                t.put_inode(vol, &a)?;
-                log.push(Event::Modify { node: a.kind, ino });
-                Ok(a)
-            })
+                other => {
+                    return Err(FsError::new(
+                        libc::EOPNOTSUPP,
+                        format!("fallocate mode {other:#x} is not supported (preallocate, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE are)"),
+                    ))
+                }
+            }
+            if !keep && end > old_size {
+                // Bytes past the old end (left by a crash) must read as zeros.
+                self.truncate_data(t, vol, ino, old_size)?;
+                a.size = end;
+                a.mtime = now;
+            }
+            a.ctime = now;
+            if !c.is_root() {
+                drop_setid(&mut a);
+            }
+            t.put_inode(vol, &a)?;
+            log.push(Event::Modify { node: a.kind, ino });
+            Ok(a)
         })
     }
 
@@ -2400,54 +2392,52 @@ impl Engine {
         // A block store copies slices: held-back bytes of either file must be slices first.
         self.settle(vol, src)?;
         let now = Timespec::now();
-        self.after_held(vol, dst, || {
-            self.mutate(vol, |t, log| {
-                let sa = Self::inode(t, vol, src)?;
-                regular(&sa)?;
-                let mut d = Self::inode(t, vol, dst)?;
-                regular(&d)?;
-                let n = len.min(COPY_MAX).min(sa.size.saturating_sub(src_off));
-                if n == 0 {
-                    return Ok((0, d));
-                }
-                if src == dst && src_off < dst_off + n && dst_off < src_off + n {
-                    return Err(FsError::new(libc::EINVAL, "copy_file_range within one file with overlapping ranges"));
-                }
-                let dst_end = dst_off
-                    .checked_add(n)
-                    .filter(|e| *e <= MAX_FILE_SIZE)
-                    .ok_or_else(|| FsError::new(libc::EFBIG, format!("a copy ending past {MAX_FILE_SIZE} bytes")))?;
-                let data: Vec<(u64, u64)> = t
-                    .extents(vol, src, src_off, src_off + n)?
-                    .into_iter()
-                    .map(|(s, e)| (s.max(src_off), e.min(src_off + n)))
-                    .filter(|(s, e)| s < e)
-                    .collect();
-                // The destination range becomes what the source range is: its holes as holes.
-                let freed = Self::deallocate(t, vol, &mut d, dst_off, dst_end)?;
-                let mut added = 0;
-                for &(s, e) in &data {
-                    added += Self::allocate(t, vol, &mut d, dst_off + (s - src_off), dst_off + (e - src_off))?;
-                }
-                Self::charge(t, vol, freed, added)?;
-                if dst_off < d.size {
-                    self.zero_data(t, vol, dst, dst_off, dst_end.min(d.size) - dst_off)?;
-                }
-                if dst_end > d.size {
-                    // Bytes past the old end (left by a crash) must read as zeros.
-                    self.truncate_data(t, vol, dst, d.size)?;
-                    d.size = dst_end;
-                }
-                self.copy_data(t, vol, src, src_off, dst, dst_off, &data)?;
-                d.mtime = now;
-                d.ctime = now;
-                if !c.is_root() {
-                    drop_setid(&mut d);
-                }
-                t.put_inode(vol, &d)?;
-                log.push(Event::Modify { node: d.kind, ino: dst });
-                Ok((n, d))
-            })
+        self.mutate_after_held(vol, dst, |t, log| {
+            let sa = Self::inode(t, vol, src)?;
+            regular(&sa)?;
+            let mut d = Self::inode(t, vol, dst)?;
+            regular(&d)?;
+            let n = len.min(COPY_MAX).min(sa.size.saturating_sub(src_off));
+            if n == 0 {
+                return Ok((0, d));
+            }
+            if src == dst && src_off < dst_off + n && dst_off < src_off + n {
+                return Err(FsError::new(libc::EINVAL, "copy_file_range within one file with overlapping ranges"));
+            }
+            let dst_end = dst_off
+                .checked_add(n)
+                .filter(|e| *e <= MAX_FILE_SIZE)
+                .ok_or_else(|| FsError::new(libc::EFBIG, format!("a copy ending past {MAX_FILE_SIZE} bytes")))?;
+            let data: Vec<(u64, u64)> = t
+                .extents(vol, src, src_off, src_off + n)?
+                .into_iter()
+                .map(|(s, e)| (s.max(src_off), e.min(src_off + n)))
+                .filter(|(s, e)| s < e)
+                .collect();
+            // The destination range becomes what the source range is: its holes as holes.
+            let freed = Self::deallocate(t, vol, &mut d, dst_off, dst_end)?;
+            let mut added = 0;
+            for &(s, e) in &data {
+                added += Self::allocate(t, vol, &mut d, dst_off + (s - src_off), dst_off + (e - src_off))?;
+            }
+            Self::charge(t, vol, freed, added)?;
+            if dst_off < d.size {
+                self.zero_data(t, vol, dst, dst_off, dst_end.min(d.size) - dst_off)?;
+            }
+            if dst_end > d.size {
+                // Bytes past the old end (left by a crash) must read as zeros.
+                self.truncate_data(t, vol, dst, d.size)?;
+                d.size = dst_end;
+            }
+            self.copy_data(t, vol, src, src_off, dst, dst_off, &data)?;
+            d.mtime = now;
+            d.ctime = now;
+            if !c.is_root() {
+                drop_setid(&mut d);
+            }
+            t.put_inode(vol, &d)?;
+            log.push(Event::Modify { node: d.kind, ino: dst });
+            Ok((n, d))
         })
     }
 
